@@ -1,0 +1,19 @@
+"""Stores that hold image bytes. Each backend is synchronous (called from worker threads) and knows
+nothing of FUSE, trio or the cache; failures are raised as ``imgfs.errors`` classes."""
+
+from __future__ import annotations
+
+from ..config import FileStoreConfig, ImgfsOptions, S3StoreConfig, StoreConfig
+from .base import Backend
+
+
+def build(store: StoreConfig, options: ImgfsOptions) -> Backend:
+    if isinstance(store, S3StoreConfig):
+        from .s3 import S3Backend  # boto3 is imported only when an S3 store is configured
+
+        return S3Backend(store, options)
+    if isinstance(store, FileStoreConfig):
+        from .file import FileBackend
+
+        return FileBackend(store)
+    raise TypeError(f"no backend for {store!r}")

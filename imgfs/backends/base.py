@@ -1,0 +1,35 @@
+"""The interface every store implements."""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+from ..model import Location
+
+
+class Backend(Protocol):
+    name: str
+    kind: str
+
+    def list_images(self) -> list[Location]:
+        """Every image in the store. Raises BackendError if the store cannot be listed."""
+
+    def stat(self, image_id: str) -> Location | None:
+        """The image's current location, or None if the store does not hold it."""
+
+    def read(self, location: Location, offset: int, length: int) -> bytes:
+        """Exactly ``length`` bytes of ``location`` at ``offset``, of exactly ``location.version``.
+
+        Raises StaleImage if the stored bytes are no longer that version, ShortRead/BackendError otherwise;
+        never returns fewer bytes than asked.
+        """
+
+    def describe(self) -> dict[str, str]:
+        """What an operator may see about the store (endpoint, bucket...): never a credential."""
+
+    def close(self) -> None: ...
+
+
+def valid_image_name(name: str) -> bool:
+    """Whether a store entry can be shown as a file name: Glance keys images by id, never by paths."""
+    return bool(name) and "/" not in name and "\x00" not in name and name not in (".", "..") and len(name.encode()) <= 255

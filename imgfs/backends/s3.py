@@ -1,0 +1,174 @@
+"""Glance's S3 store: one object per image, keyed by image id, in s3_store_bucket.
+
+Every ranged GET is pinned to the ETag the catalog saw (``IfMatch``) and the answer's ETag is checked
+too, because some S3 servers ignore If-Match: a replaced object can never hand us bytes of another
+version. Error messages name the store, endpoint and bucket -- never a key.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import boto3
+import botocore.config
+import botocore.exceptions
+import urllib3.exceptions
+
+from ..config import ImgfsOptions, S3StoreConfig
+from ..errors import BackendAccessDenied, BackendError, BackendUnavailable, ImgfsError, ShortRead, StaleImage
+from ..model import Location
+from .base import valid_image_name
+
+log = logging.getLogger(__name__)
+
+_DENIED = {"AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch", "403", "AllAccessDisabled"}
+_MISSING = {"NoSuchKey", "404", "NotFound"}
+_CHANGED = {"PreconditionFailed", "412"}
+
+# Errors while streaming a body are not retried by botocore (it retries only the request itself).
+_STREAM_ERRORS = (
+    botocore.exceptions.IncompleteReadError,
+    botocore.exceptions.ResponseStreamingError,
+    botocore.exceptions.ReadTimeoutError,
+    botocore.exceptions.ConnectionClosedError,
+    urllib3.exceptions.ProtocolError,
+    urllib3.exceptions.ReadTimeoutError,
+    ConnectionError,
+    TimeoutError,
+)
+
+
+class S3Backend:
+    kind = "s3"
+
+    def __init__(self, cfg: S3StoreConfig, options: ImgfsOptions) -> None:
+        self.name = cfg.name
+        self.endpoint = cfg.endpoint_url
+        self.bucket = cfg.bucket
+        self.max_attempts = options.s3_max_attempts
+        self._where = f"store '{cfg.name}' ({cfg.endpoint_url}, bucket '{cfg.bucket}')"
+        session = boto3.session.Session()
+        self.client = session.client(
+            "s3",
+            endpoint_url=cfg.endpoint_url,
+            aws_access_key_id=cfg.access_key,
+            aws_secret_access_key=cfg.secret_key,
+            region_name=cfg.region_name or "us-east-1",
+            verify=cfg.cacert if cfg.cacert else True,
+            config=botocore.config.Config(
+                s3={"addressing_style": cfg.addressing_style},
+                signature_version="s3v4",
+                # demand + prefetch fetches run concurrently; a pool smaller than that would churn sockets
+                max_pool_connections=options.backend_max_connections * 2,
+                connect_timeout=options.s3_connect_timeout,
+                read_timeout=options.s3_read_timeout,
+                retries={"max_attempts": options.s3_max_attempts, "mode": "standard"},
+                tcp_keepalive=True,
+                # responses are checked by length and ETag; botocore's whole-object CRC checks do not
+                # apply to ranged reads and only cost CPU
+                response_checksum_validation="when_required",
+                request_checksum_calculation="when_required",
+            ),
+        )
+
+    def _error(self, e: Exception, what: str) -> BackendError:
+        """One line naming the store and what failed; never a credential or a signed URL."""
+        if isinstance(e, botocore.exceptions.ClientError):
+            code = str(e.response.get("Error", {}).get("Code", ""))
+            status = e.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+            if code in _DENIED or status == 403:
+                return BackendAccessDenied(
+                    f"{self._where}: access denied while {what} (HTTP 403 {code}); "
+                    "check s3_store_access_key / s3_store_secret_key and the bucket policy"
+                )
+            if code == "NoSuchBucket":
+                return BackendError(f"{self._where}: bucket does not exist; check s3_store_bucket")
+            return BackendError(f"{self._where}: {what} failed: HTTP {status} {code}")
+        if isinstance(e, (botocore.exceptions.EndpointConnectionError, botocore.exceptions.ConnectTimeoutError)):
+            return BackendUnavailable(f"{self._where}: cannot connect while {what}; check s3_store_host and the network")
+        if isinstance(e, botocore.exceptions.SSLError):
+            return BackendUnavailable(f"{self._where}: TLS failure while {what}; check s3_store_cacert")
+        if isinstance(e, botocore.exceptions.NoCredentialsError):
+            return BackendAccessDenied(f"{self._where}: no credentials; set s3_store_access_key and s3_store_secret_key")
+        return BackendError(f"{self._where}: {what} failed: {type(e).__name__}")
+
+    def _location(self, key: str, size: int, etag: str, mtime: float) -> Location:
+        return Location(self.name, key, int(size), etag.strip('"'), mtime)
+
+    def list_images(self) -> list[Location]:
+        result = []
+        try:
+            for page in self.client.get_paginator("list_objects_v2").paginate(Bucket=self.bucket):
+                for obj in page.get("Contents", ()):
+                    key = obj["Key"]
+                    if valid_image_name(key):
+                        result.append(self._location(key, obj["Size"], obj["ETag"], obj["LastModified"].timestamp()))
+        except Exception as e:
+            raise self._error(e, "listing the bucket") from None
+        return result
+
+    def stat(self, image_id: str) -> Location | None:
+        if not valid_image_name(image_id):
+            return None
+        try:
+            head = self.client.head_object(Bucket=self.bucket, Key=image_id)
+        except botocore.exceptions.ClientError as e:
+            if str(e.response.get("Error", {}).get("Code", "")) in _MISSING:
+                return None
+            raise self._error(e, f"looking up image {image_id}") from None
+        except Exception as e:
+            raise self._error(e, f"looking up image {image_id}") from None
+        return self._location(image_id, head["ContentLength"], head["ETag"], head["LastModified"].timestamp())
+
+    def read(self, location: Location, offset: int, length: int) -> bytes:
+        what = f"reading image {location.image_id} at {offset}+{length}"
+        for attempt in range(1, self.max_attempts + 1):
+            try:
+                return self._read_once(location, offset, length)
+            except ShortRead as e:
+                error: BackendError = e
+            except ImgfsError:
+                raise
+            except _STREAM_ERRORS as e:
+                error = BackendError(f"{self._where}: {what} failed mid-body: {type(e).__name__}")
+            except botocore.exceptions.ClientError as e:
+                code = str(e.response.get("Error", {}).get("Code", ""))
+                if code in _CHANGED:
+                    raise StaleImage(f"{self._where}: image {location.image_id} changed (ETag no longer {location.version})") from None
+                if code in _MISSING:
+                    raise StaleImage(f"{self._where}: image {location.image_id} was deleted") from None
+                raise self._error(e, what) from None  # botocore already retried what is retryable
+            except Exception as e:
+                raise self._error(e, what) from None
+            if attempt < self.max_attempts:
+                log.debug("%s (attempt %d of %d); retrying", error, attempt, self.max_attempts)
+                time.sleep(min(0.1 * 2**attempt, 2.0))
+        raise error
+
+    def _read_once(self, location: Location, offset: int, length: int) -> bytes:
+        resp = self.client.get_object(
+            Bucket=self.bucket,
+            Key=location.image_id,
+            Range=f"bytes={offset}-{offset + length - 1}",
+            IfMatch=f'"{location.version}"',
+        )
+        body = resp["Body"]
+        try:
+            if resp.get("ETag", "").strip('"') != location.version:
+                raise StaleImage(f"{self._where}: image {location.image_id} changed (server ignored If-Match)")
+            expected_range = f"bytes {offset}-{offset + length - 1}/"
+            if not str(resp.get("ContentRange", "")).startswith(expected_range):
+                raise BackendError(f"{self._where}: server answered range {resp.get('ContentRange')!r}, asked {expected_range}")
+            data = body.read()
+        finally:
+            body.close()
+        if len(data) != length:
+            raise ShortRead(f"{self._where}: image {location.image_id}: got {len(data)} bytes at {offset}, expected {length}")
+        return data
+
+    def describe(self) -> dict[str, str]:
+        return {"type": "s3", "endpoint": self.endpoint, "bucket": self.bucket}
+
+    def close(self) -> None:
+        self.client.close()

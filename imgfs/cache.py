@@ -1,0 +1,398 @@
+"""The chunk cache: verified chunks on local disk, with a small in-memory tier in front.
+
+Plain storage that can never fail a read: a miss, a corrupt or vanished file, a full or unwritable disk
+all end as "not cached" (and a log line), and the reader goes to the store.
+
+On disk, each chunk is one file ``chunks/<image tag>/<version tag>.<chunk size>.<index>`` holding a header
+(magic, key length, data length, xxh3-64 of the data), the full key as JSON (so a hash collision of the
+tags can never serve another image's bytes) and the data. Fills are atomic: written to ``tmp/``,
+fsynced, renamed. Every read from disk re-checks length, key and xxh3; a mismatch deletes the file.
+The directory *is* the index: a restart rescans it (file mtimes give the LRU order, refreshed on every
+hit), so there is no separate index file that could disagree with the data.
+
+All bookkeeping runs on the trio loop; worker threads only move bytes between memory and files.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import logging
+import os
+import shutil
+import struct
+import time
+from collections import OrderedDict
+from dataclasses import dataclass, field
+
+import trio
+import xxhash
+
+from .model import ChunkKey
+
+log = logging.getLogger(__name__)
+
+_MAGIC = b"IMGFSCK1"
+_HEADER = struct.Struct("<8sIQQ")  # magic, key length, data length, xxh3_64(data)
+_CORRUPT = object()
+
+
+def _image_tag(store: str, image_id: str) -> str:
+    return xxhash.xxh3_128_hexdigest(f"{store}\0{image_id}".encode())
+
+
+def _version_tag(version: str) -> str:
+    return xxhash.xxh3_64_hexdigest(version.encode())
+
+
+def _key_bytes(key: ChunkKey) -> bytes:
+    return json.dumps([key.store, key.image_id, key.version, key.chunk_size, key.index]).encode()
+
+
+@dataclass
+class CacheStats:
+    hits: int = 0
+    memory_hits: int = 0
+    misses: int = 0
+    corrupt: int = 0
+    evictions: int = 0
+    fills: int = 0
+    fill_failures: int = 0
+
+
+@dataclass(slots=True)
+class _Entry:
+    size: int
+    ready: bool  # False while its fill is being written: counted against the limits, never read
+
+
+@dataclass
+class _RateLimit:
+    interval: float
+    last: dict[str, float] = field(default_factory=dict)
+
+    def allow(self, what: str) -> bool:
+        now = time.monotonic()
+        if now - self.last.get(what, -1e9) >= self.interval:
+            self.last[what] = now
+            return True
+        return False
+
+
+class ChunkCache:
+    def __init__(self, root: str, *, max_bytes: int, max_count: int, memory_bytes: int, io_threads: int = 8) -> None:
+        self.root = root
+        self.chunks_dir = os.path.join(root, "chunks")
+        self.tmp_dir = os.path.join(root, "tmp")
+        self.max_bytes = max_bytes
+        self.max_count = max_count
+        self.memory_bytes = memory_bytes
+        self.stats = CacheStats()
+        self.disk_ok = False
+        self._entries: OrderedDict[str, _Entry] = OrderedDict()  # relative path -> entry, LRU first
+        self._by_image: dict[str, set[str]] = {}
+        self._bytes = 0
+        self._memory: OrderedDict[ChunkKey, memoryview] = OrderedDict()
+        self._memory_used = 0
+        self._limiter = trio.CapacityLimiter(io_threads)
+        self._warn = _RateLimit(60.0)
+
+    # ---- startup -------------------------------------------------------------------------------------
+
+    async def open(self) -> None:
+        """Create the directories and index what a previous run left (never fails: a broken cache dir
+        means running without a disk cache, said once in the log)."""
+        try:
+            found = await trio.to_thread.run_sync(self._scan)
+        except OSError as e:
+            log.error(
+                "cache directory %s is unusable (%s); serving without a disk cache -- fix its permissions or "
+                "cache_dir",
+                self.root,
+                os.strerror(e.errno or errno.EIO),
+            )
+            return
+        for rel, size, _mtime in sorted(found, key=lambda f: f[2]):
+            self._add(rel, size, ready=True)
+        self.disk_ok = True
+        victims = self._make_room(0)
+        await self._unlink(victims)
+        log.info(
+            "cache %s: %d chunks, %.1f MiB of %.1f MiB (limit %d chunks)",
+            self.root, len(self._entries), self._bytes / 2**20, self.max_bytes / 2**20, self.max_count,
+        )
+
+    def _scan(self) -> list[tuple[str, int, float]]:
+        os.makedirs(self.chunks_dir, exist_ok=True)
+        shutil.rmtree(self.tmp_dir, ignore_errors=True)  # fills a crash interrupted: never renamed, never valid
+        os.makedirs(self.tmp_dir, exist_ok=True)
+        probe = os.path.join(self.tmp_dir, ".probe")
+        with open(probe, "wb"):
+            pass
+        os.unlink(probe)
+        found = []
+        for image_dir in os.scandir(self.chunks_dir):
+            if not image_dir.is_dir(follow_symlinks=False):
+                _unlink_quiet(image_dir.path)
+                continue
+            for f in os.scandir(image_dir.path):
+                parts = f.name.split(".")
+                try:
+                    st = f.stat(follow_symlinks=False)
+                    ok = len(parts) == 3 and all(parts) and parts[1].isdigit() and parts[2].isdigit() and f.is_file(follow_symlinks=False)
+                except OSError:
+                    continue
+                if ok:
+                    found.append((f"{image_dir.name}/{f.name}", st.st_size, st.st_mtime))
+                else:
+                    _unlink_quiet(f.path)
+        return found
+
+    # ---- bookkeeping (trio loop only) ---------------------------------------------------------------
+
+    @staticmethod
+    def _rel(key: ChunkKey) -> str:
+        return f"{_image_tag(key.store, key.image_id)}/{_version_tag(key.version)}.{key.chunk_size}.{key.index}"
+
+    def _add(self, rel: str, size: int, *, ready: bool) -> None:
+        self._entries[rel] = _Entry(size, ready)
+        self._by_image.setdefault(rel.partition("/")[0], set()).add(rel)
+        self._bytes += size
+
+    def _remove(self, rel: str) -> None:
+        entry = self._entries.pop(rel, None)
+        if entry is None:
+            return
+        self._bytes -= entry.size
+        tag = rel.partition("/")[0]
+        names = self._by_image.get(tag)
+        if names is not None:
+            names.discard(rel)
+            if not names:
+                del self._by_image[tag]
+
+    def _make_room(self, size: int) -> list[str]:
+        """Evict least recently used ready chunks until ``size`` more bytes (and one more chunk) fit."""
+        over_bytes = self._bytes + size - self.max_bytes
+        over_count = len(self._entries) + (1 if size else 0) - self.max_count
+        if over_bytes <= 0 and over_count <= 0:
+            return []
+        victims = []
+        for rel, entry in self._entries.items():
+            if over_bytes <= 0 and over_count <= 0:
+                break
+            if entry.ready:
+                victims.append(rel)
+                over_bytes -= entry.size
+                over_count -= 1
+        for rel in victims:
+            self._remove(rel)
+        self.stats.evictions += len(victims)
+        return victims
+
+    async def _unlink(self, rels: list[str]) -> None:
+        if rels:
+            paths = [os.path.join(self.chunks_dir, rel) for rel in rels]
+            async with self._limiter:
+                await trio.to_thread.run_sync(_unlink_all, paths)
+
+    # ---- the memory tier ----------------------------------------------------------------------------
+
+    def get_memory(self, key: ChunkKey) -> memoryview | None:
+        data = self._memory.get(key)
+        if data is not None:
+            self._memory.move_to_end(key)
+            self.stats.memory_hits += 1
+        return data
+
+    def remember(self, key: ChunkKey, data: bytes | memoryview) -> None:
+        view = memoryview(data)
+        if view.nbytes > self.memory_bytes:
+            return
+        old = self._memory.pop(key, None)
+        if old is not None:
+            self._memory_used -= old.nbytes
+        self._memory[key] = view
+        self._memory_used += view.nbytes
+        while self._memory_used > self.memory_bytes:
+            _, evicted = self._memory.popitem(last=False)
+            self._memory_used -= evicted.nbytes
+
+    # ---- the public interface -----------------------------------------------------------------------
+
+    def contains(self, key: ChunkKey) -> bool:
+        if key in self._memory:
+            return True
+        entry = self._entries.get(self._rel(key))
+        return entry is not None and entry.ready
+
+    async def get(self, key: ChunkKey) -> memoryview | None:
+        """The chunk's verified bytes, or None (miss, or a bad file that is now deleted)."""
+        data = self.get_memory(key)
+        if data is not None:
+            return data
+        rel = self._rel(key)
+        entry = self._entries.get(rel)
+        if entry is None or not entry.ready:
+            self.stats.misses += 1
+            return None
+        self._entries.move_to_end(rel)
+        path = os.path.join(self.chunks_dir, rel)
+        async with self._limiter:
+            result = await trio.to_thread.run_sync(_read_verified, path, _key_bytes(key))
+        if result is None or result is _CORRUPT:
+            if self._entries.get(rel) is entry:
+                self._remove(rel)
+            if result is _CORRUPT:
+                self.stats.corrupt += 1
+                log.warning("cache: chunk %d of image %s failed verification; dropped it, refetching", key.index, key.image_id)
+                await self._unlink([rel])
+            self.stats.misses += 1
+            return None
+        assert isinstance(result, memoryview)
+        self.stats.hits += 1
+        self.remember(key, result)
+        return result
+
+    async def willneed(self, key: ChunkKey) -> None:
+        """Have the kernel read an on-disk chunk ahead into the page cache: the prefetch of a warm chunk,
+        costing no memory of ours (the read that follows still verifies it)."""
+        entry = self._entries.get(self._rel(key))
+        if entry is not None and entry.ready:
+            async with self._limiter:
+                await trio.to_thread.run_sync(_advise_willneed, os.path.join(self.chunks_dir, self._rel(key)))
+
+    async def put(self, key: ChunkKey, data: bytes | memoryview) -> None:
+        """Store a chunk; failure is logged and swallowed (the reader already has its bytes)."""
+        self.remember(key, data)
+        if not self.disk_ok:
+            return
+        rel = self._rel(key)
+        if rel in self._entries:
+            return
+        size = _HEADER.size + len(_key_bytes(key)) + memoryview(data).nbytes
+        if size > self.max_bytes:
+            return
+        victims = self._make_room(size)
+        self._add(rel, size, ready=False)
+        entry = self._entries[rel]
+        await self._unlink(victims)
+        try:
+            async with self._limiter:
+                await trio.to_thread.run_sync(_write_atomic, self.tmp_dir, os.path.join(self.chunks_dir, rel), _key_bytes(key), data)
+        except OSError as e:
+            if self._entries.get(rel) is entry:
+                self._remove(rel)
+            self.stats.fill_failures += 1
+            reason = os.strerror(e.errno or errno.EIO)
+            if self._warn.allow(reason):
+                hint = "free space or lower cache_max_size_gb" if e.errno in (errno.ENOSPC, errno.EDQUOT) else "check cache_dir"
+                log.warning("cache: cannot store chunks in %s (%s); serving from the store without caching -- %s", self.root, reason, hint)
+            return
+        if self._entries.get(rel) is entry:
+            entry.ready = True
+            self.stats.fills += 1
+        else:
+            # dropped (image invalidated) while we were writing: the file must not outlive its entry
+            await self._unlink([rel])
+
+    async def drop(self, store: str, image_id: str, keep_version: str | None = None) -> int:
+        """Forget every cached chunk of one image except those of ``keep_version``; returns the count."""
+        keep = None if keep_version is None else _version_tag(keep_version) + "."
+        rels = [r for r in self._by_image.get(_image_tag(store, image_id), ()) if keep is None or not r.partition("/")[2].startswith(keep)]
+        for rel in rels:
+            self._remove(rel)
+        for key in [k for k in self._memory if k.store == store and k.image_id == image_id and k.version != keep_version]:
+            self._memory_used -= self._memory.pop(key).nbytes
+        await self._unlink(rels)
+        return len(rels)
+
+    def cached_chunks(self, store: str, image_id: str, version: str, chunk_size: int) -> int:
+        prefix = f"{_version_tag(version)}.{chunk_size}."
+        return sum(
+            1
+            for rel in self._by_image.get(_image_tag(store, image_id), ())
+            if rel.partition("/")[2].startswith(prefix) and self._entries[rel].ready
+        )
+
+    @property
+    def used_bytes(self) -> int:
+        return self._bytes
+
+    @property
+    def count(self) -> int:
+        return len(self._entries)
+
+
+# ---- worker-thread functions: bytes and files only -------------------------------------------------
+
+
+def _read_verified(path: str, key: bytes) -> memoryview | object | None:
+    try:
+        with open(path, "rb", buffering=0) as f:
+            blob = f.read()
+        os.utime(path)  # LRU order for the next start; a failure here costs nothing
+    except FileNotFoundError:
+        return None
+    except OSError:
+        return _CORRUPT
+    if len(blob) < _HEADER.size:
+        return _CORRUPT
+    magic, key_len, data_len, digest = _HEADER.unpack_from(blob)
+    start = _HEADER.size + key_len
+    if magic != _MAGIC or len(blob) != start + data_len or blob[_HEADER.size:start] != key:
+        return _CORRUPT
+    data = memoryview(blob)[start:]
+    if xxhash.xxh3_64_intdigest(data) != digest:
+        return _CORRUPT
+    return data
+
+
+def _advise_willneed(path: str) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        return
+    try:
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_WILLNEED)
+    finally:
+        os.close(fd)
+
+
+def _write_atomic(tmp_dir: str, path: str, key: bytes, data: bytes | memoryview) -> None:
+    header = _HEADER.pack(_MAGIC, len(key), memoryview(data).nbytes, xxhash.xxh3_64_intdigest(data))
+    tmp = os.path.join(tmp_dir, f"{os.getpid()}-{time.monotonic_ns()}-{os.path.basename(path)}")
+    try:
+        with open(tmp, "wb", buffering=0) as f:
+            for part in (header, key, data):
+                view = memoryview(part)
+                while view.nbytes:
+                    view = view[f.write(view):]
+            os.fsync(f.fileno())
+        for attempt in (1, 2):  # an eviction may remove the image's emptied directory between the two calls
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            try:
+                os.rename(tmp, path)
+                break
+            except FileNotFoundError:
+                if attempt == 2:
+                    raise
+    except BaseException:
+        _unlink_quiet(tmp)
+        raise
+
+
+def _unlink_quiet(path: str) -> None:
+    try:
+        os.unlink(path)
+    except OSError:
+        pass
+
+
+def _unlink_all(paths: list[str]) -> None:
+    for path in paths:
+        _unlink_quiet(path)
+        try:
+            os.rmdir(os.path.dirname(path))  # the image's directory, once empty
+        except OSError:
+            pass

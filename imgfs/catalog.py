@@ -1,0 +1,173 @@
+"""Which images exist and where: every store's listing, merged, refreshed on a timer.
+
+A store that fails to list keeps its last good listing (a network blip must not make images vanish
+under running VMs); the failure is logged once when it starts and once when it ends. A lookup of an id
+nobody has listed yet asks the stores directly before answering "no such image", with a short negative
+cache so shell completion cannot hammer the store.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from typing import Awaitable, Callable, Sequence
+
+import trio
+
+from .backends.base import Backend
+from .errors import ImgfsError
+from .model import Image, Location
+
+log = logging.getLogger(__name__)
+
+# (image id, the image before, the image now); None means absent
+ChangeListener = Callable[[str, Image | None, Image | None], Awaitable[None]]
+
+
+@dataclass
+class StoreState:
+    reachable: bool | None = None  # None until the first listing finished
+    error: str = ""
+    images: int = 0
+    last_listed: float = 0.0
+
+
+class Catalog:
+    def __init__(
+        self,
+        backends: Sequence[Backend],
+        *,
+        refresh_interval: float,
+        negative_ttl: float,
+        limiter: trio.CapacityLimiter,
+    ) -> None:
+        self.backends = list(backends)  # preference order: the default store first
+        self.refresh_interval = refresh_interval
+        self.negative_ttl = negative_ttl
+        self._limiter = limiter
+        self._listings: dict[str, dict[str, Location]] = {b.name: {} for b in self.backends}
+        self._images: dict[str, Image] = {}
+        self._missing: dict[str, float] = {}  # image id -> monotonic time it was found missing
+        self.stores: dict[str, StoreState] = {b.name: StoreState() for b in self.backends}
+        self.listeners: list[ChangeListener] = []
+
+    # ---- queries ------------------------------------------------------------------------------------
+
+    def image(self, image_id: str) -> Image | None:
+        return self._images.get(image_id)
+
+    def location(self, store: str | None, image_id: str) -> Location | None:
+        if store is None:
+            image = self._images.get(image_id)
+            return None if image is None else image.primary
+        return self._listings.get(store, {}).get(image_id)
+
+    def image_ids(self, store: str | None = None) -> list[str]:
+        source = self._images if store is None else self._listings.get(store, {})
+        return sorted(source)
+
+    @property
+    def store_names(self) -> list[str]:
+        return [b.name for b in self.backends]
+
+    # ---- updates ------------------------------------------------------------------------------------
+
+    async def _blocking(self, fn, *args):
+        return await trio.to_thread.run_sync(fn, *args, limiter=self._limiter)
+
+    async def refresh(self) -> None:
+        """List every store once (concurrently) and publish the changes."""
+        async with trio.open_nursery() as nursery:
+            for backend in self.backends:
+                nursery.start_soon(self._list_store, backend)
+        await self._publish()
+
+    async def _list_store(self, backend: Backend) -> None:
+        state = self.stores[backend.name]
+        try:
+            locations = await self._blocking(backend.list_images)
+        except ImgfsError as e:
+            if state.reachable is not False or state.error != str(e):
+                log.error("%s; keeping the last listing (%d images) and retrying every %gs", e, len(self._listings[backend.name]), self.refresh_interval)
+            state.reachable, state.error = False, str(e)
+            return
+        if state.reachable is False:
+            log.info("store '%s' is reachable again", backend.name)
+        state.reachable, state.error = True, ""
+        state.images, state.last_listed = len(locations), time.time()
+        self._listings[backend.name] = {loc.image_id: loc for loc in locations}
+
+    def _merge(self) -> dict[str, Image]:
+        merged: dict[str, list[Location]] = {}
+        for backend in self.backends:
+            for image_id, loc in self._listings[backend.name].items():
+                merged.setdefault(image_id, []).append(loc)
+        return {image_id: Image(image_id, tuple(locs)) for image_id, locs in merged.items()}
+
+    async def _publish(self) -> None:
+        before, after = self._images, self._merge()
+        self._images = after
+        for image_id in before.keys() | after.keys():
+            old, new = before.get(image_id), after.get(image_id)
+            if old != new:
+                if new is not None:
+                    self._missing.pop(image_id, None)
+                if old is not None and new is not None and old.locations != new.locations:
+                    log.info("image %s changed: %s", image_id, _describe(new))
+                elif old is not None and new is None:
+                    log.info("image %s is gone from every store", image_id)
+                for listener in self.listeners:
+                    await listener(image_id, old, new)
+
+    async def lookup(self, image_id: str) -> Image | None:
+        """The image, asking each store directly if no listing has it yet."""
+        image = self._images.get(image_id)
+        if image is not None:
+            return image
+        missing_since = self._missing.get(image_id)
+        if missing_since is not None and time.monotonic() - missing_since < self.negative_ttl:
+            return None
+        found = False
+        for backend in self.backends:
+            try:
+                loc = await self._blocking(backend.stat, image_id)
+            except ImgfsError as e:
+                log.warning("%s", e)
+                continue
+            if loc is not None:
+                self._listings[backend.name][image_id] = loc
+                found = True
+        if not found:
+            self._missing[image_id] = time.monotonic()
+            if len(self._missing) > 10_000:  # bound the negative cache against scans of random names
+                self._missing.clear()
+            return None
+        await self._publish()
+        return self._images.get(image_id)
+
+    async def recheck(self, loc: Location) -> None:
+        """A reader saw ``loc`` change: ask its store now rather than at the next refresh."""
+        backend = next(b for b in self.backends if b.name == loc.store)
+        try:
+            current = await self._blocking(backend.stat, loc.image_id)
+        except ImgfsError as e:
+            log.warning("%s", e)
+            return
+        if current is None:
+            self._listings[loc.store].pop(loc.image_id, None)
+        else:
+            self._listings[loc.store][loc.image_id] = current
+        await self._publish()
+
+    async def run(self, listed: trio.Event) -> None:
+        """Refresh forever; ``listed`` is set once the first listing is done."""
+        await self.refresh()
+        listed.set()
+        while True:
+            await trio.sleep(self.refresh_interval)
+            await self.refresh()
+
+
+def _describe(image: Image) -> str:
+    return ", ".join(f"{loc.store} size {loc.size} version {loc.version}" for loc in image.locations)

@@ -1,0 +1,191 @@
+"""Command line: argv -> config -> daemon, with one-line errors and exit codes systemd understands.
+
+Exit codes: 0 clean stop; 1 runtime failure (worth a restart); 2 bad configuration or usage (a restart
+would fail the same way: the unit sets RestartPreventExitStatus=2).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+
+from . import __version__
+from .config import Config, S3StoreConfig
+from .errors import ConfigError, ImgfsError
+
+EXIT_OK, EXIT_FAILURE, EXIT_CONFIG = 0, 1, 2
+DEFAULT_CONFIG = "/etc/imgfs/imgfs.conf"
+
+log = logging.getLogger("imgfs")
+
+# Their DEBUG output carries request headers (the access key id is in every Authorization header).
+_CHATTY_LIBRARIES = ("botocore", "boto3", "urllib3", "s3transfer")
+
+
+class RedactSecrets(logging.Filter):
+    """Last line of defence: whatever a message says, configured secrets are replaced by ***."""
+
+    def __init__(self, secrets: list[str]) -> None:
+        super().__init__()
+        self.secrets = sorted({s for s in secrets if s and len(s) >= 4}, key=len, reverse=True)
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if self.secrets:
+            message = record.getMessage()
+            cleaned = message
+            for secret in self.secrets:
+                cleaned = cleaned.replace(secret, "***")
+            if cleaned != message or record.exc_info:
+                record.msg, record.args = cleaned, None
+                if record.exc_info:  # tracebacks may quote locals: format and clean them too
+                    text = logging.Formatter().formatException(record.exc_info)
+                    for secret in self.secrets:
+                        text = text.replace(secret, "***")
+                    record.msg = f"{cleaned}\n{text}"
+                    record.exc_info, record.exc_text = None, None
+        return True
+
+
+def setup_logging(level: str) -> logging.Handler:
+    handler = logging.StreamHandler(sys.stderr)
+    # Under systemd the journal stamps each line itself.
+    fmt = "%(levelname)s %(name)s: %(message)s" if os.environ.get("JOURNAL_STREAM") else "%(asctime)s %(levelname)s %(name)s: %(message)s"
+    handler.setFormatter(logging.Formatter(fmt))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level)
+    for name in _CHATTY_LIBRARIES:
+        logging.getLogger(name).setLevel(logging.WARNING)
+    logging.getLogger("pyfuse3").setLevel(logging.INFO if level == "DEBUG" else logging.WARNING)
+    return handler
+
+
+def secrets_of(config: Config) -> list[str]:
+    found = []
+    for store in config.stores:
+        if isinstance(store, S3StoreConfig):
+            found += [store.access_key, store.secret_key]
+    return found
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="imgfs",
+        description="Serve cloud disk images (Glance S3 and file stores) as plain raw files in a read-only "
+        "FUSE mount, through a verified local chunk cache.",
+        epilog="Exit codes: 0 clean stop, 1 runtime failure, 2 configuration or usage error. "
+        "See 'imgfs COMMAND --help'.",
+    )
+    parser.add_argument("--version", action="version", version=f"imgfs {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def config_args(p: argparse.ArgumentParser) -> None:
+        p.add_argument(
+            "--config-file", action="append", dest="config_files", metavar="PATH",
+            help="INI file to read; repeat to merge several (later wins option by option), e.g. "
+            "glance-api.conf for the store stanzas and imgfs.conf for [imgfs]. Default: " + DEFAULT_CONFIG,
+        )
+        p.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"], help="default INFO")
+        p.add_argument("--debug", action="store_true", help="same as --log-level DEBUG")
+
+    mount = sub.add_parser(
+        "mount", help="mount the images and serve them (foreground)",
+        description="Mount MOUNTPOINT and serve in the foreground until SIGTERM/SIGINT, then unmount. "
+        "Logs go to stderr. Ready (and, under systemd, READY=1) once the mount answers. Layout: "
+        "MOUNTPOINT/images/<image id> (every image), MOUNTPOINT/stores/<store>/<image id> (each copy); "
+        "xattrs user.imgfs.* describe each file.",
+    )
+    mount.add_argument("mountpoint", metavar="MOUNTPOINT", help="an existing empty directory")
+    config_args(mount)
+    mount.add_argument("--allow-other", action="store_true", help="let users other than root read the mount "
+                       "(same as [imgfs] allow_other = true; needs user_allow_other in /etc/fuse.conf for non-root)")
+
+    check = sub.add_parser("check-config", help="validate the configuration and print what it declares",
+                           description="Read the config files as 'mount' would and print the stores and options "
+                           "(never a secret). With --probe, also list each store. Exit 0 if all is well, "
+                           "2 on a config error, 1 if a store cannot be listed.")
+    config_args(check)
+    check.add_argument("--probe", action="store_true", help="also list each store to prove it answers")
+
+    demo = sub.add_parser("demo", help="run a self-contained demonstration on loopback",
+                          description="Build a small ext4 disk image, serve it from a local S3 server (moto) on "
+                          "127.0.0.1 as a Glance-style object, mount it with imgfs, read it back and check its "
+                          "sha256, then wait for Ctrl-C.")
+    demo.add_argument("--workdir", default="/tmp/imgfs-demo", help="where to put everything (default /tmp/imgfs-demo)")
+    demo.add_argument("--size-mib", type=int, default=64, help="size of the demo disk image (default 64)")
+    demo.add_argument("--no-wait", action="store_true", help="stop right after the checks instead of waiting for Ctrl-C")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    level = "DEBUG" if getattr(args, "debug", False) else getattr(args, "log_level", "INFO")
+    handler = setup_logging(level)
+    try:
+        if args.command == "demo":
+            from .demo import run_demo
+
+            return run_demo(args.workdir, args.size_mib, wait=not args.no_wait)
+        from . import config as config_mod
+
+        files = args.config_files or [DEFAULT_CONFIG]
+        config = config_mod.load(files)
+        handler.addFilter(RedactSecrets(secrets_of(config)))
+        if args.command == "check-config":
+            return _check_config(config, probe=args.probe)
+        if args.allow_other:
+            from dataclasses import replace
+
+            config = replace(config, options=replace(config.options, allow_other=True))
+        return _mount(config, args.mountpoint)
+    except ConfigError as e:
+        log.error("config error: %s", e)
+        return EXIT_CONFIG
+    except ImgfsError as e:
+        log.error("%s", e)
+        return EXIT_FAILURE
+    except KeyboardInterrupt:
+        return EXIT_OK
+
+
+def _mount(config: Config, mountpoint: str) -> int:
+    import trio
+
+    from .daemon import serve
+
+    try:
+        trio.run(serve, config, mountpoint)
+    except ImgfsError:
+        raise
+    except Exception:
+        log.exception("imgfs stopped on an unexpected error")
+        return EXIT_FAILURE
+    return EXIT_OK
+
+
+def _check_config(config: Config, *, probe: bool) -> int:
+    from .backends import build
+
+    failures = 0
+    print(f"config files: {', '.join(config.files)}")
+    for store in config.stores:
+        backend = build(store, config.options)
+        described = " ".join(f"{k}={v}" for k, v in backend.describe().items())
+        line = f"store {store.name}: {described}"
+        if probe:
+            try:
+                line += f" -- {len(backend.list_images())} images"
+            except ImgfsError as e:
+                line += f" -- FAILED: {e}"
+                failures += 1
+        print(line)
+        backend.close()
+    for name, value in sorted(vars(config.options).items()):
+        print(f"[imgfs] {name} = {value}")
+    return EXIT_FAILURE if failures else EXIT_OK
+
+
+if __name__ == "__main__":
+    sys.exit(main())

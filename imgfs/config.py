@@ -1,0 +1,359 @@
+"""Configuration: glance-api.conf store stanzas plus imgfs's own ``[imgfs]`` section.
+
+Files are OpenStack-style INI, read in order; a later file wins option by option, exactly like
+``--config-file`` in every OpenStack service. Stores are declared the way Glance declares them
+(``[DEFAULT] enabled_backends = name:type, ...`` and one stanza per store using Glance's option names),
+so an operator can hand imgfs the glance-api.conf they already have. The legacy single-store layout
+(``[glance_store] default_store = s3`` with the options in ``[glance_store]``) is read too.
+
+Why not oslo.config: it attributes a bad value to the wrong file when several files are given (measured:
+a bad value in the first file was reported as coming from the second), and its messages are multi-line
+reprs. Every error here is one line naming the file, the section and the option, and never echoes a
+secret's value.
+"""
+
+from __future__ import annotations
+
+import configparser
+import logging
+import os
+from dataclasses import dataclass, field
+from typing import Callable, TypeVar
+
+from .errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+# configparser treats its default section specially (its keys leak into every section); OpenStack's
+# [DEFAULT] is an ordinary section, so give configparser a name nobody uses.
+_NO_DEFAULT_SECTION = "\x00imgfs-no-default\x00"
+
+
+@dataclass(frozen=True)
+class S3StoreConfig:
+    name: str
+    endpoint_url: str
+    bucket: str
+    access_key: str = field(repr=False)
+    secret_key: str = field(repr=False)
+    addressing_style: str = "auto"  # boto3's names: auto | virtual | path
+    region_name: str | None = None
+    cacert: str | None = None
+    kind: str = "s3"
+
+
+@dataclass(frozen=True)
+class FileStoreConfig:
+    name: str
+    datadir: str
+    kind: str = "file"
+
+
+StoreConfig = S3StoreConfig | FileStoreConfig
+
+
+@dataclass(frozen=True)
+class ImgfsOptions:
+    cache_dir: str = "/var/cache/imgfs"
+    cache_max_size_gb: float = 20.0
+    cache_max_count: int = 100_000
+    chunk_size_mb: int = 8
+    refresh_interval: float = 60.0
+    memory_cache_mb: int = 64
+    prefetch_max_mb: int = 128
+    backend_max_connections: int = 16
+    read_ahead_kb: int = 8192
+    allow_other: bool = False
+    negative_lookup_ttl: float = 5.0
+    s3_connect_timeout: float = 5.0
+    s3_read_timeout: float = 30.0
+    s3_max_attempts: int = 5
+
+    @property
+    def chunk_size(self) -> int:
+        return self.chunk_size_mb * 1024 * 1024
+
+
+@dataclass(frozen=True)
+class Config:
+    stores: tuple[StoreConfig, ...]  # in preference order: default backend first
+    options: ImgfsOptions
+    files: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class _Value:
+    text: str
+    path: str
+
+
+class _Merged:
+    """Every (section, option) of all files, later files winning, remembering where each came from."""
+
+    def __init__(self, paths: list[str]) -> None:
+        self.values: dict[tuple[str, str], _Value] = {}
+        self.section_files: dict[str, list[str]] = {}
+        for path in paths:
+            self._read(path)
+
+    def _read(self, path: str) -> None:
+        parser = configparser.RawConfigParser(
+            strict=False, default_section=_NO_DEFAULT_SECTION, interpolation=None
+        )
+        try:
+            with open(path, encoding="utf-8") as fh:
+                parser.read_file(fh, source=path)
+        except FileNotFoundError:
+            raise ConfigError(f"{path}: no such config file; check the --config-file path") from None
+        except PermissionError:
+            raise ConfigError(f"{path}: permission denied reading config file; run as root or fix its mode") from None
+        except IsADirectoryError:
+            raise ConfigError(f"{path}: is a directory, not a config file") from None
+        except UnicodeDecodeError as e:
+            raise ConfigError(f"{path}: not UTF-8 text (byte {e.start}); is this the right file?") from None
+        except configparser.Error as e:
+            raise ConfigError(f"{path}: cannot parse INI: {_one_line(e)}") from None
+        for section in parser.sections():
+            self.section_files.setdefault(section, []).append(path)
+            for option, text in parser.items(section):
+                self.values[(section, option)] = _Value(text.strip(), path)
+
+    def has_section(self, section: str) -> bool:
+        return section in self.section_files
+
+    def options_of(self, section: str) -> dict[str, _Value]:
+        return {opt: v for (sec, opt), v in self.values.items() if sec == section}
+
+
+def _one_line(e: BaseException) -> str:
+    return " ".join(str(e).split())
+
+
+class _Section:
+    """Typed access to one section; every failure names file, section and option."""
+
+    def __init__(self, merged: _Merged, section: str, secrets: frozenset[str] = frozenset()) -> None:
+        self.merged = merged
+        self.section = section
+        self.secrets = secrets
+
+    def _where(self, option: str) -> str:
+        value = self.merged.values.get((self.section, option))
+        if value is not None:
+            return value.path
+        files = self.merged.section_files.get(self.section)
+        return files[-1] if files else "config"
+
+    def _bad(self, option: str, text: str, why: str) -> ConfigError:
+        shown = "'***'" if option in self.secrets else repr(text)
+        return ConfigError(f"{self._where(option)}: [{self.section}] {option} = {shown}: {why}")
+
+    def raw(self, option: str) -> str | None:
+        value = self.merged.values.get((self.section, option))
+        return None if value is None else value.text
+
+    def required(self, option: str, why: str) -> str:
+        text = self.raw(option)
+        if not text:
+            raise ConfigError(
+                f"{self._where(option)}: [{self.section}] {option} is missing or empty: {why}; add it to that section"
+            )
+        return text
+
+    def get(self, option: str, default: T, parse: Callable[[str], T], expect: str) -> T:
+        text = self.raw(option)
+        if text is None or text == "":
+            return default
+        try:
+            return parse(text)
+        except ValueError:
+            raise self._bad(option, text, f"expected {expect}") from None
+
+    def number(self, option: str, default: float, *, minimum: float, maximum: float | None = None) -> float:
+        def parse(text: str) -> float:
+            v = float(text)
+            if not (v >= minimum and (maximum is None or v <= maximum)):
+                raise ValueError
+            return v
+
+        return self.get(option, default, parse, _range("a number", minimum, maximum))
+
+    def integer(self, option: str, default: int, *, minimum: int, maximum: int | None = None) -> int:
+        def parse(text: str) -> int:
+            v = int(text)
+            if v < minimum or (maximum is not None and v > maximum):
+                raise ValueError
+            return v
+
+        return self.get(option, default, parse, _range("a whole number", minimum, maximum))
+
+    def boolean(self, option: str, default: bool) -> bool:
+        return self.get(option, default, _parse_bool, "true or false")
+
+    def choice(self, option: str, default: str, choices: tuple[str, ...]) -> str:
+        def parse(text: str) -> str:
+            if text not in choices:
+                raise ValueError
+            return text
+
+        return self.get(option, default, parse, "one of " + ", ".join(choices))
+
+
+def _range(what: str, minimum: float, maximum: float | None) -> str:
+    return f"{what} >= {minimum:g}" + ("" if maximum is None else f" and <= {maximum:g}")
+
+
+def _parse_bool(text: str) -> bool:
+    lowered = text.lower()
+    if lowered in ("true", "yes", "on", "1"):
+        return True
+    if lowered in ("false", "no", "off", "0"):
+        return False
+    raise ValueError(text)
+
+
+_IMGFS_OPTIONS = frozenset(f.name for f in ImgfsOptions.__dataclass_fields__.values())
+
+
+def _imgfs_options(merged: _Merged) -> ImgfsOptions:
+    sec = _Section(merged, "imgfs")
+    for option in merged.options_of("imgfs"):
+        if option not in _IMGFS_OPTIONS:
+            # A typo must not silently fall back to a default (e.g. a cache limit that never applies).
+            raise ConfigError(
+                f"{merged.values[('imgfs', option)].path}: [imgfs] {option}: unknown option; "
+                f"known options: {', '.join(sorted(_IMGFS_OPTIONS))}"
+            )
+    d = ImgfsOptions()
+    opts = ImgfsOptions(
+        cache_dir=sec.get("cache_dir", d.cache_dir, _parse_abs_path, "an absolute path"),
+        cache_max_size_gb=sec.number("cache_max_size_gb", d.cache_max_size_gb, minimum=0.001),
+        cache_max_count=sec.integer("cache_max_count", d.cache_max_count, minimum=1),
+        chunk_size_mb=sec.integer("chunk_size_mb", d.chunk_size_mb, minimum=1, maximum=64),
+        refresh_interval=sec.number("refresh_interval", d.refresh_interval, minimum=1),
+        memory_cache_mb=sec.integer("memory_cache_mb", d.memory_cache_mb, minimum=0, maximum=65536),
+        prefetch_max_mb=sec.integer("prefetch_max_mb", d.prefetch_max_mb, minimum=0, maximum=65536),
+        backend_max_connections=sec.integer("backend_max_connections", d.backend_max_connections, minimum=1, maximum=256),
+        read_ahead_kb=sec.integer("read_ahead_kb", d.read_ahead_kb, minimum=0, maximum=1048576),
+        allow_other=sec.boolean("allow_other", d.allow_other),
+        negative_lookup_ttl=sec.number("negative_lookup_ttl", d.negative_lookup_ttl, minimum=0),
+        s3_connect_timeout=sec.number("s3_connect_timeout", d.s3_connect_timeout, minimum=0.1),
+        s3_read_timeout=sec.number("s3_read_timeout", d.s3_read_timeout, minimum=0.1),
+        s3_max_attempts=sec.integer("s3_max_attempts", d.s3_max_attempts, minimum=1, maximum=20),
+    )
+    if opts.cache_max_size_gb * 1024 < opts.chunk_size_mb:
+        raise sec._bad("cache_max_size_gb", str(opts.cache_max_size_gb), "smaller than one chunk (chunk_size_mb)")
+    return opts
+
+
+def _parse_abs_path(text: str) -> str:
+    if not os.path.isabs(text):
+        raise ValueError(text)
+    return os.path.normpath(text)
+
+
+def _parse_backends(sec: _Section) -> list[tuple[str, str]]:
+    text = sec.raw("enabled_backends")
+    if not text:
+        return []
+    result: list[tuple[str, str]] = []
+    for item in text.split(","):
+        item = item.strip()
+        if not item:
+            continue
+        name, sep, kind = item.partition(":")
+        name, kind = name.strip(), kind.strip()
+        if not sep or not name or not kind:
+            raise sec._bad("enabled_backends", text, f"entry {item!r} is not name:type (e.g. s3store:s3, filestore:file)")
+        if any(n == name for n, _ in result):
+            raise sec._bad("enabled_backends", text, f"store name {name!r} appears twice")
+        result.append((name, kind))
+    return result
+
+
+def _s3_store(merged: _Merged, name: str, section: str) -> S3StoreConfig:
+    sec = _Section(merged, section, secrets=frozenset({"s3_store_secret_key", "s3_store_access_key"}))
+    why = f"store '{name}' (type s3) needs it"
+    host = sec.required("s3_store_host", why)
+    # glance_store treats a host without a scheme as plain http (its location scheme 's3'); keep that.
+    endpoint = host if "://" in host else "http://" + host
+    if not endpoint.startswith(("http://", "https://")):
+        raise sec._bad("s3_store_host", host, "expected host[:port] or an http(s):// URL")
+    url_format = sec.choice("s3_store_bucket_url_format", "auto", ("auto", "virtual", "subdomain", "path"))
+    cacert = sec.raw("s3_store_cacert") or None
+    if cacert is not None and not os.path.isfile(cacert):
+        raise sec._bad("s3_store_cacert", cacert, "no such CA bundle file")
+    return S3StoreConfig(
+        name=name,
+        endpoint_url=endpoint.rstrip("/"),
+        bucket=sec.required("s3_store_bucket", why),
+        access_key=sec.required("s3_store_access_key", why),
+        secret_key=sec.required("s3_store_secret_key", why),
+        addressing_style="virtual" if url_format == "subdomain" else url_format,
+        region_name=sec.raw("s3_store_region_name") or None,
+        cacert=cacert,
+    )
+
+
+def _file_store(merged: _Merged, name: str, section: str) -> FileStoreConfig:
+    sec = _Section(merged, section)
+    if sec.raw("filesystem_store_datadirs") and not sec.raw("filesystem_store_datadir"):
+        raise ConfigError(
+            f"{sec._where('filesystem_store_datadirs')}: [{section}] filesystem_store_datadirs is not supported by "
+            "imgfs; set filesystem_store_datadir to the directory holding the images"
+        )
+    sec.required("filesystem_store_datadir", f"store '{name}' (type file) needs it")
+    datadir = sec.get("filesystem_store_datadir", "", _parse_abs_path, "an absolute path")
+    return FileStoreConfig(name=name, datadir=datadir)
+
+
+_STORE_BUILDERS: dict[str, Callable[[_Merged, str, str], StoreConfig]] = {"s3": _s3_store, "file": _file_store}
+
+
+def load(paths: list[str]) -> Config:
+    """Read and validate ``paths`` (later wins); raises ``ConfigError`` with one line on any problem."""
+    if not paths:
+        raise ConfigError("no configuration given; pass --config-file /etc/imgfs/imgfs.conf (and glance-api.conf)")
+    merged = _Merged(paths)
+    options = _imgfs_options(merged)
+    default_sec = _Section(merged, "DEFAULT")
+    backends = _parse_backends(default_sec)
+    glance_store = _Section(merged, "glance_store")
+
+    stores: list[StoreConfig] = []
+    if backends:
+        for name, kind in backends:
+            builder = _STORE_BUILDERS.get(kind)
+            if builder is None:
+                log.warning("store %r has type %r, which this imgfs does not serve; skipping it", name, kind)
+                continue
+            if not merged.has_section(name):
+                raise ConfigError(
+                    f"{merged.values[('DEFAULT', 'enabled_backends')].path}: [DEFAULT] enabled_backends names store "
+                    f"'{name}' but no [{name}] section exists in any config file; add the store's section"
+                )
+            stores.append(builder(merged, name, name))
+        default = glance_store.raw("default_backend")
+        if default:
+            names = [n for n, _ in backends]
+            if default not in names:
+                raise glance_store._bad("default_backend", default, "not one of enabled_backends: " + ", ".join(names))
+            stores.sort(key=lambda s: s.name != default)  # stable: the default store first, then declared order
+    else:
+        # Legacy single-store glance-api.conf: the store's options live in [glance_store].
+        kind = glance_store.raw("default_store")
+        if kind:
+            builder = _STORE_BUILDERS.get(kind)
+            if builder is None:
+                log.warning("[glance_store] default_store = %r is not a type imgfs serves; no store from it", kind)
+            else:
+                stores.append(builder(merged, kind, "glance_store"))
+
+    if not stores:
+        raise ConfigError(
+            f"{paths[-1]}: no S3 or file store configured; set [DEFAULT] enabled_backends = name:s3 (or name:file) "
+            "and add the store's section (glance-api.conf's own stanzas work as they are)"
+        )
+    return Config(stores=tuple(stores), options=options, files=tuple(paths))

@@ -1,0 +1,194 @@
+"""The composition root: builds every part, mounts, runs them in one nursery, unmounts.
+
+``serve()`` returns when the mount ends (SIGTERM/SIGINT, or ``shutdown`` set); every background task
+(FUSE workers, chunk fetches, catalog refresh) is a child of its nursery, so nothing outlives it.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import signal
+from dataclasses import dataclass
+
+import pyfuse3
+import trio
+
+from . import backends as backend_factory
+from .backends.base import Backend
+from .cache import ChunkCache
+from .catalog import Catalog
+from .config import Config
+from .errors import ConfigError, ImgfsError
+from .fs import Operations
+from .model import Image
+from .notify import notify
+from .reader import ChunkFetcher
+
+log = logging.getLogger(__name__)
+
+FIRST_LISTING_TIMEOUT = 20.0  # seconds to wait for the stores before mounting with what we have
+
+
+class MountError(ImgfsError):
+    """The mount itself failed (mountpoint missing, busy, no /dev/fuse...)."""
+
+
+class UsageError(ConfigError):
+    """Bad command-line input (exit code 2, like a config error)."""
+
+
+@dataclass
+class Daemon:
+    """Every part of a running mount; what status, metrics and tests look at."""
+
+    config: Config
+    mountpoint: str
+    backends: dict[str, Backend]
+    cache: ChunkCache
+    catalog: Catalog
+    fetcher: ChunkFetcher
+    ops: Operations
+
+
+def check_mountpoint(path: str) -> str:
+    path = os.path.abspath(path)
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        raise UsageError(f"mountpoint {path} does not exist; create it with: mkdir -p {path}") from None
+    except OSError as e:
+        if e.errno == errno.ENOTCONN:
+            raise UsageError(f"mountpoint {path} is a dead FUSE mount (a crashed daemon?); clear it with: fusermount3 -u {path}") from None
+        raise UsageError(f"mountpoint {path}: {os.strerror(e.errno or errno.EIO)}") from None
+    if not os.path.isdir(path):
+        raise UsageError(f"mountpoint {path} is not a directory")
+    if os.path.ismount(path):
+        raise UsageError(f"{path} is already a mount point; unmount it first or pick another directory")
+    if os.listdir(path):
+        raise UsageError(f"mountpoint {path} is not empty; imgfs mounts only on an empty directory")
+    return path
+
+
+def build(config: Config, mountpoint: str) -> Daemon:
+    options = config.options
+    backends: dict[str, Backend] = {}
+    for store in config.stores:
+        try:
+            backends[store.name] = backend_factory.build(store, options)
+        except ValueError as e:  # e.g. boto3 rejecting an endpoint URL
+            raise ConfigError(f"store '{store.name}': {e}") from None
+    cache = ChunkCache(
+        options.cache_dir,
+        max_bytes=int(options.cache_max_size_gb * 2**30),
+        max_count=options.cache_max_count,
+        memory_bytes=options.memory_cache_mb * 2**20,
+    )
+    catalog = Catalog(
+        list(backends.values()),
+        refresh_interval=options.refresh_interval,
+        negative_ttl=options.negative_lookup_ttl,
+        limiter=trio.CapacityLimiter(4),
+    )
+    fetcher = ChunkFetcher(cache, backends, chunk_size=options.chunk_size, max_connections=options.backend_max_connections)
+    ops = Operations(catalog, fetcher, prefetch_max=options.prefetch_max_mb * 2**20)
+
+    async def forget_old_versions(image_id: str, old: Image | None, new: Image | None) -> None:
+        for loc in old.locations if old else ():
+            current = new.at(loc.store) if new else None
+            if current is None or current.version != loc.version:
+                dropped = await cache.drop(loc.store, image_id, keep_version=None if current is None else current.version)
+                if dropped:
+                    log.info("cache: dropped %d chunks of image %s (store '%s', version %s)", dropped, image_id, loc.store, loc.version)
+
+    catalog.listeners.append(forget_old_versions)
+    return Daemon(config, mountpoint, backends, cache, catalog, fetcher, ops)
+
+
+def _fuse_options(config: Config) -> set[str]:
+    opts = set(pyfuse3.default_options)
+    opts |= {"fsname=imgfs", "subtype=imgfs", "ro"}
+    if config.options.allow_other:
+        opts.add("allow_other")
+    return opts
+
+
+def _tune_kernel(mountpoint: str, read_ahead_kb: int) -> None:
+    """Large kernel reads are what make a FUSE file fast: the kernel caps each READ by the mount's
+    readahead (128 KiB by default), and lets only max_background of them run at once."""
+    dev = os.stat(mountpoint).st_dev
+    settings = []
+    if read_ahead_kb:
+        settings.append((f"/sys/class/bdi/{os.major(dev)}:{os.minor(dev)}/read_ahead_kb", str(read_ahead_kb)))
+    settings.append((f"/sys/fs/fuse/connections/{os.minor(dev)}/max_background", "64"))
+    settings.append((f"/sys/fs/fuse/connections/{os.minor(dev)}/congestion_threshold", "48"))
+    for path, value in settings:
+        try:
+            with open(path, "w") as f:
+                f.write(value)
+        except OSError as e:
+            log.warning("cannot set %s to %s (%s); sequential reads will be slower", path, value, os.strerror(e.errno or errno.EIO))
+
+
+async def serve(
+    config: Config,
+    mountpoint: str,
+    *,
+    task_status=trio.TASK_STATUS_IGNORED,
+    handle_signals: bool = True,
+) -> None:
+    mountpoint = check_mountpoint(mountpoint)
+    daemon = build(config, mountpoint)
+    notify("STATUS=opening the chunk cache")
+    await daemon.cache.open()
+    mounted = False
+    try:
+        async with trio.open_nursery() as nursery:
+            daemon.fetcher.attach(nursery)
+            daemon.fetcher.on_stale = lambda loc: nursery.start_soon(daemon.catalog.recheck, loc)
+            notify("STATUS=listing stores")
+            listed = trio.Event()
+            nursery.start_soon(daemon.catalog.run, listed)
+            with trio.move_on_after(FIRST_LISTING_TIMEOUT) as waited:
+                await listed.wait()
+            if waited.cancelled_caught:
+                log.warning("stores did not answer within %gs; mounting now, images appear as listings arrive", FIRST_LISTING_TIMEOUT)
+            try:
+                pyfuse3.init(daemon.ops, mountpoint, _fuse_options(config))
+            except RuntimeError as e:
+                raise MountError(f"cannot mount {mountpoint}: {e}; is fuse3 installed and /dev/fuse present?") from None
+            mounted = True
+            nursery.start_soon(_fuse_main, nursery.cancel_scope)
+            if handle_signals:
+                nursery.start_soon(_stop_on_signal)
+            # Ready means the mount answers: ask it from a thread (this loop is the one serving it).
+            await trio.to_thread.run_sync(os.stat, os.path.join(mountpoint, "images"))
+            await trio.to_thread.run_sync(_tune_kernel, mountpoint, config.options.read_ahead_kb)
+            count = len(daemon.catalog.image_ids())
+            stores = ", ".join(f"{b.name} ({b.kind})" for b in daemon.backends.values())
+            log.info("mounted %s: %d images from %s", mountpoint, count, stores)
+            notify("READY=1", f"STATUS=serving {count} images at {mountpoint}")
+            task_status.started(daemon)
+    finally:
+        if mounted:
+            notify("STOPPING=1")
+            pyfuse3.close(unmount=True)
+            log.info("unmounted %s", mountpoint)
+        for backend in daemon.backends.values():
+            backend.close()
+
+
+async def _fuse_main(scope: trio.CancelScope) -> None:
+    try:
+        await pyfuse3.main(min_tasks=4, max_tasks=64)
+    finally:
+        scope.cancel()  # the mount is gone: so is everything that served it
+
+
+async def _stop_on_signal() -> None:
+    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+        async for signum in signals:
+            log.info("received %s: unmounting", signal.Signals(signum).name)
+            pyfuse3.terminate()
+            return

@@ -1,0 +1,301 @@
+"""The FUSE adapter: kernel requests in, calls on the catalog and readers out. No I/O of its own.
+
+Tree::
+
+    /images/<id>             every image, served from its preferred location
+    /stores/<store>/<id>     each store's own copy
+
+Everything is read-only: the mount is ``ro`` and every modifying request answers EROFS anyway.
+This is the only module that turns ``ImgfsError`` into ``FUSEError`` (their errno).
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import stat
+from dataclasses import dataclass
+from typing import Iterator
+
+import pyfuse3
+import trio
+
+from .catalog import Catalog
+from .errors import ImgfsError
+from .model import Image, Location
+from .reader import ChunkFetcher, ImageReader
+
+log = logging.getLogger(__name__)
+
+ROOT = pyfuse3.ROOT_INODE
+IMAGES = ROOT + 1
+STORES = ROOT + 2
+_FIRST_STORE = 16
+_FIRST_FILE = 1024
+_TIMEOUT = 1.0  # seconds the kernel may trust names and attributes before asking again
+
+XATTR_PREFIX = "user.imgfs."
+
+
+@dataclass(frozen=True, slots=True)
+class _File:
+    store: str | None  # None: the images/ view (preferred location)
+    image_id: str
+
+
+class Operations(pyfuse3.Operations):
+    supports_dot_lookup = False
+    enable_writeback_cache = False
+    enable_acl = False
+
+    def __init__(self, catalog: Catalog, fetcher: ChunkFetcher, *, prefetch_max: int, uid: int = 0, gid: int = 0) -> None:
+        super().__init__()
+        self.catalog = catalog
+        self.fetcher = fetcher
+        self.prefetch_max = prefetch_max
+        self.uid, self.gid = uid, gid
+        self._store_inodes = {name: _FIRST_STORE + i for i, name in enumerate(catalog.store_names)}
+        self._inode_stores = {ino: name for name, ino in self._store_inodes.items()}
+        self._file_inodes: dict[_File, int] = {}
+        self._files: dict[int, _File] = {}
+        self._next_inode = _FIRST_FILE
+        self._handles: dict[int, ImageReader] = {}
+        self._dirs: dict[int, list[tuple[bytes, int]]] = {}
+        self._next_fh = 1
+        self.invalidate = _invalidate_kernel_cache
+        catalog.listeners.append(self._on_change)
+
+    # ---- inodes -------------------------------------------------------------------------------------
+
+    def _file_inode(self, node: _File) -> int:
+        ino = self._file_inodes.get(node)
+        if ino is None:
+            ino = self._file_inodes[node] = self._next_inode
+            self._files[ino] = node
+            self._next_inode += 1
+        return ino
+
+    def _location(self, node: _File) -> Location | None:
+        return self.catalog.location(node.store, node.image_id)
+
+    def _dir_attr(self, ino: int) -> pyfuse3.EntryAttributes:
+        attr = self._attr(ino)
+        attr.st_mode = stat.S_IFDIR | 0o555
+        attr.st_nlink = 2
+        attr.st_size = 0
+        return attr
+
+    def _file_attr(self, ino: int, loc: Location) -> pyfuse3.EntryAttributes:
+        attr = self._attr(ino)
+        attr.st_mode = stat.S_IFREG | 0o444
+        attr.st_nlink = 1
+        attr.st_size = loc.size
+        # Full allocation on purpose: a smaller st_blocks makes cp/tar treat the file as sparse and skip
+        # reading parts of it.
+        attr.st_blocks = (loc.size + 511) // 512
+        attr.st_blksize = self.fetcher.chunk_size
+        ns = int(loc.mtime * 1e9)
+        attr.st_mtime_ns = attr.st_ctime_ns = attr.st_atime_ns = ns
+        return attr
+
+    def _attr(self, ino: int) -> pyfuse3.EntryAttributes:
+        attr = pyfuse3.EntryAttributes()
+        attr.st_ino = ino
+        attr.generation = 0
+        attr.entry_timeout = attr.attr_timeout = _TIMEOUT
+        attr.st_uid, attr.st_gid = self.uid, self.gid
+        return attr
+
+    # ---- lookups and attributes ---------------------------------------------------------------------
+
+    async def lookup(self, parent_inode: int, name: bytes, ctx=None) -> pyfuse3.EntryAttributes:
+        try:
+            text = name.decode("utf-8")
+        except UnicodeDecodeError:
+            raise pyfuse3.FUSEError(errno.ENOENT) from None
+        if parent_inode == ROOT:
+            if text == "images":
+                return self._dir_attr(IMAGES)
+            if text == "stores":
+                return self._dir_attr(STORES)
+            raise pyfuse3.FUSEError(errno.ENOENT)
+        if parent_inode == STORES:
+            ino = self._store_inodes.get(text)
+            if ino is None:
+                raise pyfuse3.FUSEError(errno.ENOENT)
+            return self._dir_attr(ino)
+        if parent_inode == IMAGES or parent_inode in self._inode_stores:
+            store = self._inode_stores.get(parent_inode)
+            node = _File(store, text)
+            loc = self._location(node)
+            if loc is None:
+                image = await self.catalog.lookup(text)
+                loc = None if image is None else (image.primary if store is None else image.at(store))
+            if loc is None:
+                raise pyfuse3.FUSEError(errno.ENOENT)
+            return self._file_attr(self._file_inode(node), loc)
+        if parent_inode in self._files:
+            raise pyfuse3.FUSEError(errno.ENOTDIR)
+        raise pyfuse3.FUSEError(errno.ENOENT)
+
+    async def getattr(self, inode: int, ctx=None) -> pyfuse3.EntryAttributes:
+        if inode in (ROOT, IMAGES, STORES) or inode in self._inode_stores:
+            return self._dir_attr(inode)
+        node = self._files.get(inode)
+        if node is None:
+            raise pyfuse3.FUSEError(errno.ENOENT)
+        loc = self._location(node)
+        if loc is None:
+            raise pyfuse3.FUSEError(errno.ENOENT)
+        return self._file_attr(inode, loc)
+
+    # ---- directories --------------------------------------------------------------------------------
+
+    def _children(self, inode: int) -> Iterator[tuple[str, int]]:
+        if inode == ROOT:
+            yield from (("images", IMAGES), ("stores", STORES))
+        elif inode == STORES:
+            yield from self._store_inodes.items()
+        elif inode == IMAGES or inode in self._inode_stores:
+            store = self._inode_stores.get(inode)
+            for image_id in self.catalog.image_ids(store):
+                yield image_id, self._file_inode(_File(store, image_id))
+        else:
+            raise pyfuse3.FUSEError(errno.ENOTDIR)
+
+    async def opendir(self, inode: int, ctx=None) -> int:
+        # A snapshot per open directory, so paging through it stays consistent while the catalog changes.
+        entries = [(name.encode(), ino) for name, ino in self._children(inode)]
+        fh = self._new_fh()
+        self._dirs[fh] = entries
+        return fh
+
+    async def readdir(self, fh: int, start_id: int, token) -> None:
+        entries = self._dirs[fh]
+        for i in range(start_id, len(entries)):
+            name, ino = entries[i]
+            try:
+                attr = await self.getattr(ino)
+            except pyfuse3.FUSEError:
+                continue  # vanished since opendir
+            if not pyfuse3.readdir_reply(token, name, attr, i + 1):
+                return
+
+    async def releasedir(self, fh: int) -> None:
+        self._dirs.pop(fh, None)
+
+    # ---- files --------------------------------------------------------------------------------------
+
+    def _new_fh(self) -> int:
+        fh = self._next_fh
+        self._next_fh += 1
+        return fh
+
+    async def open(self, inode: int, flags: int, ctx=None) -> pyfuse3.FileInfo:
+        if flags & os.O_ACCMODE != os.O_RDONLY or flags & (os.O_TRUNC | os.O_APPEND):
+            raise pyfuse3.FUSEError(errno.EROFS)
+        node = self._files.get(inode)
+        if node is None:
+            raise pyfuse3.FUSEError(errno.EISDIR if inode in (ROOT, IMAGES, STORES) or inode in self._inode_stores else errno.ENOENT)
+        loc = self._location(node)
+        if loc is None:
+            raise pyfuse3.FUSEError(errno.ENOENT)
+        fh = self._new_fh()
+        self._handles[fh] = ImageReader(self.fetcher, loc, prefetch_max=self.prefetch_max)
+        info = pyfuse3.FileInfo(fh=fh)
+        info.keep_cache = True  # an open pins one version; the kernel cache is dropped when it changes
+        return info
+
+    async def read(self, fh: int, off: int, size: int) -> bytes:
+        reader = self._handles.get(fh)
+        if reader is None:
+            raise pyfuse3.FUSEError(errno.EBADF)
+        try:
+            return await reader.read(off, size)
+        except ImgfsError as e:
+            raise pyfuse3.FUSEError(e.errno) from None
+
+    async def release(self, fh: int) -> None:
+        self._handles.pop(fh, None)
+
+    async def flush(self, fh: int) -> None:
+        pass
+
+    # ---- extended attributes ------------------------------------------------------------------------
+
+    def _xattrs(self, inode: int) -> dict[str, str]:
+        node = self._files.get(inode)
+        if node is None:
+            return {}
+        loc = self._location(node)
+        if loc is None:
+            return {}
+        image: Image | None = self.catalog.image(node.image_id)
+        stores = [l.store for l in image.locations] if image is not None else [loc.store]
+        return {
+            "image_id": node.image_id,
+            "size": str(loc.size),
+            "store": loc.store,
+            "stores": ",".join(stores),
+            "version": loc.version,
+            "chunk_size": str(self.fetcher.chunk_size),
+            "cached_fraction": f"{self.fetcher.cached_fraction(loc):.4f}",
+        }
+
+    async def listxattr(self, inode: int, ctx=None) -> list[bytes]:
+        return [(XATTR_PREFIX + name).encode() for name in self._xattrs(inode)]
+
+    async def getxattr(self, inode: int, name: bytes, ctx=None) -> bytes:
+        key = name.decode("utf-8", "replace")
+        if not key.startswith(XATTR_PREFIX):
+            raise pyfuse3.FUSEError(pyfuse3.ENOATTR)
+        value = self._xattrs(inode).get(key[len(XATTR_PREFIX):])
+        if value is None:
+            raise pyfuse3.FUSEError(pyfuse3.ENOATTR)
+        return value.encode()
+
+    async def statfs(self, ctx=None) -> pyfuse3.StatvfsData:
+        data = pyfuse3.StatvfsData()
+        ids = self.catalog.image_ids()
+        total = sum(loc.size for loc in (self.catalog.location(None, i) for i in ids) if loc is not None)
+        data.f_bsize = data.f_frsize = 4096
+        data.f_blocks = (total + 4095) // 4096
+        data.f_bfree = data.f_bavail = 0
+        data.f_files = len(ids)
+        data.f_ffree = data.f_favail = 0
+        data.f_namemax = 255
+        return data
+
+    # ---- everything that would modify the tree ------------------------------------------------------
+
+    async def _read_only(self, *args, **kwargs):
+        raise pyfuse3.FUSEError(errno.EROFS)
+
+    setattr = create = mkdir = mknod = symlink = link = unlink = rmdir = rename = _read_only
+    setxattr = removexattr = write = fsync = _read_only
+
+    # ---- catalog changes ----------------------------------------------------------------------------
+
+    async def _on_change(self, image_id: str, old: Image | None, new: Image | None) -> None:
+        """Drop what the kernel cached of an image whose bytes changed (keep_cache would keep them)."""
+        if old is None:
+            return
+        for store in [None, *(loc.store for loc in old.locations)]:
+            ino = self._file_inodes.get(_File(store, image_id))
+            if ino is None:
+                continue
+            before = old.primary if store is None else old.at(store)
+            after = None if new is None else (new.primary if store is None else new.at(store))
+            if before != after:
+                await self.invalidate(ino)
+
+
+async def _invalidate_kernel_cache(inode: int) -> None:
+    # In a worker thread: the notification write can block while the kernel waits on a request this
+    # trio loop has yet to answer.
+    try:
+        await trio.to_thread.run_sync(pyfuse3.invalidate_inode, inode, False)
+    except OSError as e:
+        if e.errno != errno.ENOENT:  # ENOENT: the kernel holds nothing of this inode
+            log.debug("invalidating inode %d: %s", inode, e)

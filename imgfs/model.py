@@ -1,0 +1,57 @@
+"""Frozen values shared by every layer: what an image is and where its bytes live."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True, slots=True)
+class Location:
+    """One copy of an image in one store.
+
+    ``version`` identifies the exact bytes of this copy (an S3 ETag, a file's size+mtime): chunks cached
+    under one version are never served for another.
+    """
+
+    store: str
+    image_id: str
+    size: int
+    version: str
+    mtime: float
+
+
+@dataclass(frozen=True, slots=True)
+class Image:
+    """An image and every location that holds it, in preference order."""
+
+    id: str
+    locations: tuple[Location, ...] = field(default_factory=tuple)
+
+    @property
+    def primary(self) -> Location:
+        return self.locations[0]
+
+    @property
+    def size(self) -> int:
+        return self.primary.size
+
+    @property
+    def mtime(self) -> float:
+        return self.primary.mtime
+
+    def at(self, store: str) -> Location | None:
+        for loc in self.locations:
+            if loc.store == store:
+                return loc
+        return None
+
+
+@dataclass(frozen=True, slots=True)
+class ChunkKey:
+    """Names one chunk of one version of one copy of an image in the cache."""
+
+    store: str
+    image_id: str
+    version: str
+    chunk_size: int
+    index: int

@@ -1,0 +1,28 @@
+"""systemd's notify protocol (sd_notify(3)): one datagram per state change to $NOTIFY_SOCKET.
+
+A no-op when not started by systemd. Small enough that a dependency would cost more than it saves.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+
+log = logging.getLogger(__name__)
+
+
+def notify(*fields: str) -> bool:
+    """Send ``READY=1``, ``STATUS=...`` etc.; returns whether a socket was there to send to."""
+    address = os.environ.get("NOTIFY_SOCKET")
+    if not address:
+        return False
+    if address.startswith("@"):  # abstract namespace
+        address = "\0" + address[1:]
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as sock:
+            sock.sendto("\n".join(fields).encode(), address)
+    except OSError as e:
+        log.warning("cannot notify systemd at %s: %s", os.environ.get("NOTIFY_SOCKET"), e)
+        return False
+    return True

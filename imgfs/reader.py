@@ -1,0 +1,211 @@
+"""Turns (offset, size) reads of one image into chunk fetches: cache first, then the store.
+
+- One fetch per chunk however many readers want it: every fetch is a task in the daemon's nursery with
+  an Event readers wait on (single-flight). A reader whose request is interrupted stops waiting; the fetch
+  goes on and its result still lands in the cache for the next reader.
+- Demand and prefetch fetches draw on separate thread limiters, so prefetch can never take the slots a
+  demand read needs ("yields to demand").
+- Each open file detects sequential access: while reads follow each other the prefetch window grows
+  (twice the sequential run, from one chunk up to prefetch_max); a jump resets it to nothing, so random
+  readers never pay for prefetch.
+- Exact bytes or an error: a chunk of the wrong length is an error, never padded.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Callable
+
+import trio
+
+from .backends.base import Backend
+from .cache import ChunkCache
+from .errors import BackendError, ImgfsError, ShortRead, StaleImage
+from .model import ChunkKey, Location
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class FetchStats:
+    fetches: int = 0
+    fetched_bytes: int = 0
+    prefetches: int = 0
+    errors: dict[str, int] = field(default_factory=dict)
+
+
+class _Flight:
+    __slots__ = ("done", "data", "error")
+
+    def __init__(self) -> None:
+        self.done = trio.Event()
+        self.data: memoryview | None = None
+        self.error: ImgfsError | None = None
+
+
+class ChunkFetcher:
+    """Single-flight chunk fetching shared by every open file of the daemon."""
+
+    def __init__(
+        self,
+        cache: ChunkCache,
+        backends: dict[str, Backend],
+        *,
+        chunk_size: int,
+        max_connections: int,
+        on_stale: Callable[[Location], None] = lambda loc: None,
+    ) -> None:
+        self.cache = cache
+        self.backends = backends
+        self.chunk_size = chunk_size
+        self.on_stale = on_stale
+        self.stats = FetchStats()
+        self._inflight: dict[ChunkKey, _Flight] = {}
+        self._demand = trio.CapacityLimiter(max_connections)
+        self._prefetch = trio.CapacityLimiter(max(1, max_connections // 2))
+        self._nursery: trio.Nursery | None = None
+
+    def attach(self, nursery: trio.Nursery) -> None:
+        """Fetch tasks live in the daemon's nursery, not in the request that first wanted the chunk."""
+        self._nursery = nursery
+
+    def key(self, loc: Location, index: int) -> ChunkKey:
+        return ChunkKey(loc.store, loc.image_id, loc.version, self.chunk_size, index)
+
+    def chunk_length(self, loc: Location, index: int) -> int:
+        return min(self.chunk_size, loc.size - index * self.chunk_size)
+
+    def cached_fraction(self, loc: Location) -> float:
+        if loc.size == 0:
+            return 1.0
+        chunks = -(-loc.size // self.chunk_size)
+        return min(1.0, self.cache.cached_chunks(loc.store, loc.image_id, loc.version, self.chunk_size) / chunks)
+
+    @property
+    def inflight(self) -> int:
+        return len(self._inflight)
+
+    def start(self, loc: Location, index: int, *, prefetch: bool = False) -> _Flight | memoryview:
+        """The chunk if it is in memory, else the flight fetching it (started if none is)."""
+        key = self.key(loc, index)
+        data = self.cache.get_memory(key)
+        if data is not None:
+            return data
+        flight = self._inflight.get(key)
+        if flight is None:
+            assert self._nursery is not None, "ChunkFetcher.attach() was not called"
+            if prefetch and self.cache.contains(key):
+                # On disk already: have the kernel read it ahead rather than hold it in our memory.
+                self._nursery.start_soon(self.cache.willneed, key)
+                return _DONE
+            flight = self._inflight[key] = _Flight()
+            self._nursery.start_soon(self._fly, key, loc, index, flight, prefetch)
+            if prefetch:
+                self.stats.prefetches += 1
+        return flight
+
+    async def get(self, loc: Location, index: int) -> memoryview:
+        got = self.start(loc, index)
+        if isinstance(got, memoryview):
+            return got
+        return await self.wait(got)
+
+    @staticmethod
+    async def wait(flight: _Flight) -> memoryview:
+        await flight.done.wait()
+        if flight.error is not None:
+            raise flight.error
+        assert flight.data is not None
+        return flight.data
+
+    async def _fly(self, key: ChunkKey, loc: Location, index: int, flight: _Flight, prefetch: bool) -> None:
+        try:
+            data = await self.cache.get(key)
+            if data is None:
+                limiter = self._prefetch if prefetch else self._demand
+                async with limiter:
+                    data = memoryview(await self._fetch(loc, index))
+                    flight.data = data
+                    flight.done.set()
+                    # Still holding the slot: a store faster than the cache disk slows fetching down
+                    # instead of piling chunks up in memory.
+                    await self.cache.put(key, data)
+            flight.data = data
+        except ImgfsError as e:
+            flight.error = e
+            self.stats.errors[type(e).__name__] = self.stats.errors.get(type(e).__name__, 0) + 1
+            if isinstance(e, StaleImage):
+                self.on_stale(loc)
+            log.log(logging.DEBUG if prefetch else logging.WARNING, "%s", e)
+        except Exception as e:  # a bug must fail this read, not the daemon
+            log.exception("unexpected error fetching chunk %d of image %s", index, loc.image_id)
+            flight.error = BackendError(f"internal error fetching image {loc.image_id}: {type(e).__name__}")
+        finally:
+            del self._inflight[key]
+            flight.done.set()
+
+    async def _fetch(self, loc: Location, index: int) -> bytes:
+        length = self.chunk_length(loc, index)
+        backend = self.backends[loc.store]
+        data = await trio.to_thread.run_sync(backend.read, loc, index * self.chunk_size, length)
+        if len(data) != length:  # backends promise this; bytes are too important to trust a promise
+            raise ShortRead(f"store '{loc.store}': image {loc.image_id} chunk {index}: got {len(data)} bytes, expected {length}")
+        self.stats.fetches += 1
+        self.stats.fetched_bytes += length
+        return data
+
+
+_DONE = memoryview(b"")
+
+
+class ImageReader:
+    """One open file: reads of one pinned version of one image, with sequential prefetch."""
+
+    def __init__(self, fetcher: ChunkFetcher, loc: Location, *, prefetch_max: int) -> None:
+        self.fetcher = fetcher
+        self.loc = loc
+        self.prefetch_max = prefetch_max
+        self._next = 0  # where a sequential reader reads next
+        self._run = 0  # bytes read sequentially so far
+        self._prefetched = 0  # chunks [.., _prefetched) have been asked for
+
+    def _track(self, offset: int, end: int) -> None:
+        cs = self.fetcher.chunk_size
+        # The kernel's readahead keeps several requests in flight, so they may arrive slightly out of
+        # order: anything within one chunk of the expected offset still counts as sequential.
+        if self._next - cs <= offset <= self._next + cs and (offset or self._next):
+            self._run += end - offset
+        else:
+            self._run = 0
+            self._prefetched = 0
+        self._next = max(end, self._next) if self._run else end
+
+    def _prefetch(self, end: int) -> None:
+        if not self.prefetch_max or not self._run:
+            return
+        cs = self.fetcher.chunk_size
+        window = min(self.prefetch_max, max(cs, 2 * self._run))
+        first = max(self._prefetched, (end + cs - 1) // cs)
+        last = min((end + window + cs - 1) // cs, (self.loc.size + cs - 1) // cs)
+        for index in range(first, last):
+            self.fetcher.start(self.loc, index, prefetch=True)
+        self._prefetched = max(self._prefetched, last)
+
+    async def read(self, offset: int, size: int) -> bytes:
+        end = min(offset + size, self.loc.size)
+        if offset >= end:
+            return b""
+        self._track(offset, end)
+        cs = self.fetcher.chunk_size
+        first, last = offset // cs, (end - 1) // cs
+        pending = [self.fetcher.start(self.loc, i) for i in range(first, last + 1)]  # all chunks at once
+        self._prefetch(end)
+        parts = []
+        for i, got in zip(range(first, last + 1), pending):
+            data = got if isinstance(got, memoryview) else await self.fetcher.wait(got)
+            if data.nbytes != self.fetcher.chunk_length(self.loc, i):
+                raise ShortRead(f"image {self.loc.image_id} chunk {i}: {data.nbytes} bytes cached, expected more")
+            base = i * cs
+            parts.append(data[max(offset, base) - base : min(end, base + cs) - base])
+        return parts[0].tobytes() if len(parts) == 1 else b"".join(parts)

@@ -1,0 +1,826 @@
+"""Brings the imgfs lab up: Ceph (mon, mgr, 1 OSD, RGW), MariaDB, RabbitMQ, Keystone and Cinder.
+
+Run by tests/lab/up with the lab venv's python (it needs keystoneclient/cinderclient from there).
+Every daemon runs as a plain process on 127.0.0.1, in its own session (setsid), with cwd and data in
+the lab dir; its PID and start time are recorded in <data>/pids/<name>.pid for tests/lab/down.
+Every step checks before it acts, so `up` on a healthy lab only verifies health and rewrites lab.json.
+
+To add a service (Glance next): add its port in PORTS, a `_glance()` step that writes its config, runs
+its one-time setup behind a marker file, calls `self.start(...)` and waits for health; call it from
+`up()`; add its name to STOP_STAGES in tests/lab/down; describe it in lab.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures
+import json
+import os
+import secrets
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+import uuid
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parent.parent
+LAB = Path(os.environ.get('IMGFS_LAB_DIR') or REPO / '.lab').resolve()
+DATA = LAB / 'data'
+VENV = LAB / 'venv'
+HOST = '127.0.0.1'
+PORT_BASE = int(os.environ.get('IMGFS_LAB_PORT_BASE', '26100'))
+# One private block below Linux's ephemeral range (32768+), so outgoing connections never take them.
+PORTS = {
+    'keystone': PORT_BASE + 0,
+    'cinder': PORT_BASE + 1,
+    'glance': PORT_BASE + 2,         # reserved: registered in the catalog, not deployed yet
+    'rgw': PORT_BASE + 3,
+    'mon_v2': PORT_BASE + 5,
+    'mon_v1': PORT_BASE + 6,         # Cinder hands os-brick the mon's legacy v1 address
+    'mariadb': PORT_BASE + 10,
+    'rabbitmq': PORT_BASE + 11,
+    'rabbitmq_dist': PORT_BASE + 12,
+    'epmd': PORT_BASE + 13,
+    'ceph_ms_min': PORT_BASE + 20,   # mgr/osd messengers bind within this window
+    'ceph_ms_max': PORT_BASE + 49,
+}
+REGION = 'RegionOne'
+RBD_POOL = 'volumes'
+RGW_NAME = 'client.rgw.lab'
+CINDER_HOST = 'lab'
+CINDER_BACKEND = 'ceph'
+VOLUME_TYPES = {'lab-rbd': {}, 'lab-rbd-multiattach': {'multiattach': '<is> True'}}
+# Marker put in every daemon's environment: tests/lab/down only signals process groups carrying it.
+MARKER = 'IMGFS_LAB_DAEMON'
+
+
+class LabError(Exception):
+    pass
+
+
+def log(msg: str) -> None:
+    print(f'[lab up +{time.monotonic() - T0:5.1f}s] {msg}', file=sys.stderr, flush=True)
+
+
+T0 = time.monotonic()
+
+
+def tail(path: Path, n: int = 15) -> str:
+    try:
+        lines = path.read_text(errors='replace').splitlines()[-n:]
+    except OSError:
+        return '    (no log)'
+    return '\n'.join('    ' + line for line in lines)
+
+
+def proc_starttime(pid: int) -> str | None:
+    """Field 22 of /proc/PID/stat: with the PID, identifies a process even after PID reuse."""
+    try:
+        stat = Path(f'/proc/{pid}/stat').read_text()
+    except OSError:
+        return None
+    return stat.rsplit(')', 1)[1].split()[19]
+
+
+def port_open(port: int, host: str = HOST) -> bool:
+    with socket.socket() as s:
+        s.settimeout(0.5)
+        return s.connect_ex((host, port)) == 0
+
+
+def wait_for(what: str, check, timeout: float, daemons: tuple[str, ...] = (), interval: float = 0.5):
+    """Polls check() until it returns a truthy value; fails early if one of `daemons` died."""
+    deadline = time.monotonic() + timeout
+    last_exc = None
+    while True:
+        try:
+            result = check()
+            if result:
+                return result
+        except Exception as exc:  # noqa: BLE001 - any failure just means "not yet"
+            last_exc = exc
+        for name in daemons:
+            LABCTL.assert_alive(name)
+        if time.monotonic() > deadline:
+            logs = ', '.join(str(LABCTL.log_path(d)) for d in daemons) or 'n/a'
+            raise LabError(f'timed out after {timeout:.0f} s waiting for {what} '
+                           f'(last error: {last_exc!r}); logs: {logs}')
+        time.sleep(interval)
+
+
+class Lab:
+    def __init__(self) -> None:
+        self.log_dir = DATA / 'log'
+        self.pid_dir = DATA / 'pids'
+        self.ceph_dir = DATA / 'ceph'
+        self.ceph_conf = self.ceph_dir / 'ceph.conf'
+        self.secrets: dict = {}
+        self.procs: dict[str, subprocess.Popen] = {}
+        self.env = dict(os.environ)
+        # Cinder runs `ceph mon dump`; privsep-helper and friends come from the lab venv.
+        self.env['PATH'] = f'{VENV}/bin:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin'
+        self.env[MARKER] = str(LAB)
+        for var in ('PYTHONPATH', 'PYTHONHOME', 'VIRTUAL_ENV', 'OS_CLOUD', 'OS_AUTH_URL'):
+            self.env.pop(var, None)
+
+    # --- processes -----------------------------------------------------------------------------
+    def log_path(self, name: str) -> Path:
+        return self.log_dir / f'{name}.log'
+
+    def running(self, name: str) -> int | None:
+        """PID of daemon `name` if the recorded process is still the one we started."""
+        try:
+            pid_s, start = (self.pid_dir / f'{name}.pid').read_text().split()[:2]
+        except (OSError, ValueError):
+            return None
+        pid = int(pid_s)
+        return pid if proc_starttime(pid) == start else None
+
+    def assert_alive(self, name: str) -> None:
+        proc = self.procs.get(name)
+        dead = proc.poll() is not None if proc else self.running(name) is None
+        if dead:
+            code = f' with code {proc.returncode}' if proc else ''
+            raise LabError(f'{name} exited{code}; log {self.log_path(name)}:\n{tail(self.log_path(name))}')
+
+    def start(self, name: str, argv: list[str], *, cwd: Path, ports: tuple[int, ...] = (),
+              env: dict | None = None) -> bool:
+        """Starts a daemon in its own session unless it already runs. Returns True if started."""
+        if self.running(name):
+            return False
+        busy = [p for p in ports if port_open(p)]
+        if busy:
+            raise LabError(f'cannot start {name}: port(s) {busy} on {HOST} already in use by a process '
+                           f'the lab did not record (ss -ltnp to see it)')
+        cwd.mkdir(parents=True, exist_ok=True)
+        logf = open(self.log_path(name), 'ab')
+        logf.write(f'\n==== {time.strftime("%F %T")} lab start: {" ".join(argv)}\n'.encode())
+        logf.flush()
+        proc = subprocess.Popen(argv, cwd=cwd, env=env or self.env, stdin=subprocess.DEVNULL,
+                                stdout=logf, stderr=subprocess.STDOUT, start_new_session=True)
+        logf.close()
+        start = proc_starttime(proc.pid)
+        (self.pid_dir / f'{name}.pid').write_text(f'{proc.pid} {start} {argv[0]}\n')
+        self.procs[name] = proc
+        log(f'started {name} (pid {proc.pid}, log {self.log_path(name)})')
+        return True
+
+    def run(self, argv: list[str], *, what: str | None = None, timeout: float = 120, check: bool = True,
+            input: str | None = None, env: dict | None = None, quiet: bool = False) -> subprocess.CompletedProcess:
+        """Runs a setup command to completion; on failure the error names the command and its output."""
+        try:
+            cp = subprocess.run(argv, env=env or self.env, input=input, capture_output=True, text=True,
+                                timeout=timeout, cwd=DATA)
+        except subprocess.TimeoutExpired as exc:
+            raise LabError(f'{what or argv[0]} timed out after {timeout} s: {" ".join(argv)}') from exc
+        if check and cp.returncode != 0:
+            raise LabError(f'{what or argv[0]} failed ({cp.returncode}): {" ".join(argv)}\n'
+                           f'{cp.stdout[-2000:]}{cp.stderr[-3000:]}')
+        if not quiet and cp.returncode == 0 and what:
+            log(what)
+        return cp
+
+    def ceph(self, *args: str, timeout: float = 60, check: bool = True) -> subprocess.CompletedProcess:
+        return self.run(['ceph', '-c', str(self.ceph_conf), '--connect-timeout', '20', *args],
+                        timeout=timeout, check=check, quiet=True)
+
+    # --- secrets -----------------------------------------------------------------------------------
+    def load_secrets(self) -> None:
+        path = DATA / 'secrets.json'
+        if path.exists():
+            self.secrets = json.loads(path.read_text())
+            return
+        pw = lambda: secrets.token_urlsafe(18)  # noqa: E731
+        self.secrets = {
+            'ceph_fsid': str(uuid.uuid4()),
+            'osd_uuid': str(uuid.uuid4()),
+            'rbd_secret_uuid': str(uuid.uuid4()),
+            'mariadb_cinder': pw(), 'mariadb_glance': pw(),
+            'rabbitmq_user': 'lab', 'rabbitmq_password': pw(),
+            'keystone': {'admin': pw(), 'cinder': pw(), 'glance': pw(), 'imgfs': pw(), 'demo': pw()},
+            's3_access_key': secrets.token_hex(10).upper(),
+            's3_secret_key': secrets.token_urlsafe(30),
+        }
+        tmp = path.with_suffix('.tmp')
+        tmp.write_text(json.dumps(self.secrets, indent=1))
+        tmp.chmod(0o600)
+        tmp.rename(path)
+
+    # --- MariaDB -----------------------------------------------------------------------------------
+    def mariadb(self) -> None:
+        d = DATA / 'mariadb'
+        datadir, sock = d / 'data', d / 'mysqld.sock'
+        if not (d / '.lab-initialised').exists():
+            shutil.rmtree(datadir, ignore_errors=True)
+            datadir.mkdir(parents=True)
+            self.run(['mariadb-install-db', '--no-defaults', f'--datadir={datadir}', '--user=root',
+                      '--skip-test-db', '--auth-root-authentication-method=socket'],
+                     what='mariadb: datadir initialised')
+            (d / '.lab-initialised').touch()
+        self.start('mariadb', [
+            '/usr/sbin/mariadbd', '--no-defaults', '--user=root', f'--datadir={datadir}',
+            f'--socket={sock}', f'--pid-file={d}/mariadbd.pid', f'--bind-address={HOST}',
+            f'--port={PORTS["mariadb"]}', '--skip-name-resolve', '--skip-log-bin',
+            '--innodb-buffer-pool-size=64M', '--innodb-flush-log-at-trx-commit=2',
+            '--performance-schema=OFF', '--max-connections=300', f'--tmpdir={d}',
+            f'--log-error={self.log_path("mariadb")}',
+            '--character-set-server=utf8mb4', '--collation-server=utf8mb4_general_ci',
+        ], cwd=d, ports=(PORTS['mariadb'],))
+        sql = lambda q: self.run(['mariadb', '--no-defaults', f'--socket={sock}', '-uroot', '-e', q],  # noqa: E731
+                                 timeout=20, quiet=True)
+        wait_for('mariadb to accept connections', lambda: sql('SELECT 1'), 60, ('mariadb',))
+        stmts = []
+        for db in ('cinder', 'glance'):
+            user_pw = self.secrets[f'mariadb_{db}']
+            stmts += [f"CREATE DATABASE IF NOT EXISTS {db} CHARACTER SET utf8mb4",
+                      f"CREATE USER IF NOT EXISTS '{db}'@'{HOST}' IDENTIFIED BY '{user_pw}'",
+                      f"ALTER USER '{db}'@'{HOST}' IDENTIFIED BY '{user_pw}'",
+                      f"GRANT ALL PRIVILEGES ON {db}.* TO '{db}'@'{HOST}'"]
+        sql('; '.join(stmts))
+        log('mariadb: ready (databases cinder, glance)')
+
+    def db_url(self, db: str) -> str:
+        return (f'mysql+pymysql://{db}:{self.secrets[f"mariadb_{db}"]}@{HOST}:{PORTS["mariadb"]}/{db}'
+                '?charset=utf8mb4')
+
+    # --- RabbitMQ ----------------------------------------------------------------------------------
+    def rabbitmq(self) -> None:
+        d = DATA / 'rabbitmq'
+        (d / 'home').mkdir(parents=True, exist_ok=True)
+        self.start('epmd', ['/usr/bin/epmd', '-port', str(PORTS['epmd']), '-address', HOST],
+                   cwd=d, ports=(PORTS['epmd'],))
+        wait_for('epmd', lambda: port_open(PORTS['epmd']), 20, ('epmd',), interval=0.2)
+        (d / 'rabbitmq.conf').write_text(
+            f'listeners.tcp.default = {HOST}:{PORTS["rabbitmq"]}\n'
+            f'default_user = {self.secrets["rabbitmq_user"]}\n'
+            f'default_pass = {self.secrets["rabbitmq_password"]}\n'
+            'default_vhost = /\n'
+            'disk_free_limit.absolute = 100MB\n'
+            'vm_memory_high_watermark.absolute = 512MB\n'
+            'log.console = false\n'
+            'log.file.level = info\n')
+        (d / 'enabled_plugins').write_text('[].\n')   # no management plugin: no extra listeners
+        (d / 'rabbitmq-env.conf').write_text('')      # keep /etc/rabbitmq/rabbitmq-env.conf out
+        env = dict(self.env)
+        env.update({
+            'HOME': str(d / 'home'),                     # the Erlang cookie lives here
+            'RABBITMQ_NODENAME': 'lab@localhost',
+            'RABBITMQ_NODE_IP_ADDRESS': HOST,
+            'RABBITMQ_NODE_PORT': str(PORTS['rabbitmq']),
+            'RABBITMQ_DIST_PORT': str(PORTS['rabbitmq_dist']),
+            'ERL_EPMD_PORT': str(PORTS['epmd']),
+            'ERL_EPMD_ADDRESS': HOST,
+            'RABBITMQ_CONF_ENV_FILE': str(d / 'rabbitmq-env.conf'),
+            'RABBITMQ_CONFIG_FILE': str(d / 'rabbitmq.conf'),
+            'RABBITMQ_ADVANCED_CONFIG_FILE': str(d / 'advanced.config'),
+            'RABBITMQ_ENABLED_PLUGINS_FILE': str(d / 'enabled_plugins'),
+            'RABBITMQ_MNESIA_BASE': str(d / 'mnesia'),
+            'RABBITMQ_LOG_BASE': str(self.log_dir),
+            'RABBITMQ_LOGS': str(self.log_dir / 'rabbitmq-server.log'),
+            'RABBITMQ_PID_FILE': str(d / 'rabbitmq.pid'),
+            # Without this the distribution port listens on every interface.
+            'RABBITMQ_SERVER_ADDITIONAL_ERL_ARGS': '-kernel inet_dist_use_interface {127,0,0,1}',
+        })
+        self.start('rabbitmq', ['/usr/lib/rabbitmq/bin/rabbitmq-server'], cwd=d, env=env,
+                   ports=(PORTS['rabbitmq'], PORTS['rabbitmq_dist']))
+
+    def wait_rabbitmq(self) -> None:
+        def amqp_ready() -> bool:
+            # A real AMQP handshake: the broker answers the protocol header with Connection.Start
+            # only once it has booted (the port can be open earlier).
+            with socket.create_connection((HOST, PORTS['rabbitmq']), timeout=2) as s:
+                s.sendall(b'AMQP\x00\x00\x09\x01')
+                return s.recv(1)[:1] == b'\x01'
+        wait_for('rabbitmq to answer AMQP', amqp_ready, 90, ('epmd', 'rabbitmq'))
+        log('rabbitmq: ready')
+
+    def transport_url(self) -> str:
+        return (f'rabbit://{self.secrets["rabbitmq_user"]}:{self.secrets["rabbitmq_password"]}'
+                f'@{HOST}:{PORTS["rabbitmq"]}/')
+
+    # --- Ceph --------------------------------------------------------------------------------------
+    def write_ceph_conf(self) -> None:
+        c, lg = self.ceph_dir, self.log_dir
+        self.ceph_conf.write_text(f"""\
+# Written by tests/lab/labctl.py: a one-OSD Ceph on {HOST} for the imgfs lab. Nothing in /etc/ceph.
+[global]
+fsid = {self.secrets['ceph_fsid']}
+mon host = [v2:{HOST}:{PORTS['mon_v2']},v1:{HOST}:{PORTS['mon_v1']}]
+public addr = {HOST}
+ms bind ipv6 = false
+ms bind port min = {PORTS['ceph_ms_min']}
+ms bind port max = {PORTS['ceph_ms_max']}
+auth cluster required = cephx
+auth service required = cephx
+auth client required = cephx
+auth allow insecure global id reclaim = false
+osd pool default size = 1
+osd pool default min size = 1
+osd pool default pg num = 8
+osd pool default pgp num = 8
+osd pool default pg autoscale mode = off
+osd crush chooseleaf type = 0
+mon max pg per osd = 1000
+mon allow pool size one = true
+mon allow pool delete = true
+mon warn on pool no redundancy = false
+mon data avail warn = 2
+mon data avail crit = 1
+run dir = {c}/run
+crash dir = {c}/crash
+
+[client]
+keyring = {c}/$cluster.$name.keyring
+
+[mon]
+mon data = {c}/mon/$cluster-$id
+keyring = $mon_data/keyring
+admin socket = $run_dir/$cluster-$name.asok
+log file = {lg}/ceph-$name.log
+mon cluster log file = {lg}/ceph-cluster.log
+# restful/nfs are default-on in pacific and only add noise here
+mgr initial modules = iostat
+
+[mgr]
+mgr data = {c}/mgr/$cluster-$id
+keyring = $mgr_data/keyring
+admin socket = $run_dir/$cluster-$name.asok
+log file = {lg}/ceph-$name.log
+
+[osd]
+osd data = {c}/osd/$cluster-$id
+keyring = $osd_data/keyring
+admin socket = $run_dir/$cluster-$name.asok
+log file = {lg}/ceph-$name.log
+osd objectstore = bluestore
+bluestore block create = true
+bluestore block size = 21474836480
+osd memory target = 1073741824
+
+[{RGW_NAME}]
+rgw data = {c}/rgw
+keyring = {c}/rgw/keyring
+admin socket = $run_dir/$cluster-$name.asok
+log file = {lg}/ceph-$name.log
+rgw frontends = beast endpoint={HOST}:{PORTS['rgw']}
+rgw dns name = {HOST}
+""")
+
+    def ceph_cluster(self) -> None:
+        c = self.ceph_dir
+        for sub in ('run', 'crash', 'mon', 'mgr', 'osd', 'rgw'):
+            (c / sub).mkdir(parents=True, exist_ok=True)
+        self.write_ceph_conf()
+        admin_keyring = c / 'ceph.client.admin.keyring'
+        mon_dir = c / 'mon' / 'ceph-a'
+        if not (mon_dir / '.lab-mkfs-done').exists():
+            shutil.rmtree(mon_dir, ignore_errors=True)
+            for f in ('mon.keyring', 'monmap'):
+                (c / f).unlink(missing_ok=True)
+            if not admin_keyring.exists():
+                self.run(['ceph-authtool', '--create-keyring', str(admin_keyring), '--gen-key',
+                          '-n', 'client.admin', '--cap', 'mon', 'allow *', '--cap', 'osd', 'allow *',
+                          '--cap', 'mds', 'allow *', '--cap', 'mgr', 'allow *'])
+            self.run(['ceph-authtool', '--create-keyring', str(c / 'mon.keyring'), '--gen-key',
+                      '-n', 'mon.', '--cap', 'mon', 'allow *'])
+            self.run(['ceph-authtool', str(c / 'mon.keyring'), '--import-keyring', str(admin_keyring)])
+            self.run(['monmaptool', '--create', '--fsid', self.secrets['ceph_fsid'], '--addv', 'a',
+                      f'[v2:{HOST}:{PORTS["mon_v2"]},v1:{HOST}:{PORTS["mon_v1"]}]', str(c / 'monmap')])
+            self.run(['ceph-mon', '-c', str(self.ceph_conf), '--mkfs', '-i', 'a',
+                      '--monmap', str(c / 'monmap'), '--keyring', str(c / 'mon.keyring')],
+                     what='ceph: mon a created')
+            (mon_dir / '.lab-mkfs-done').touch()
+        self.start('ceph-mon', ['ceph-mon', '-f', '-c', str(self.ceph_conf), '-i', 'a'], cwd=c,
+                   ports=(PORTS['mon_v2'], PORTS['mon_v1']))
+        wait_for('ceph-mon quorum', lambda: self.ceph('mon', 'stat', timeout=30), 60, ('ceph-mon',))
+        log('ceph: mon up')
+
+        mgr_dir = c / 'mgr' / 'ceph-x'
+        if not (mgr_dir / 'keyring').exists():
+            mgr_dir.mkdir(parents=True, exist_ok=True)
+            self.ceph('auth', 'get-or-create', 'mgr.x', 'mon', 'allow profile mgr', 'osd', 'allow *',
+                      'mds', 'allow *', '-o', str(mgr_dir / 'keyring'))
+        self.start('ceph-mgr', ['ceph-mgr', '-f', '-c', str(self.ceph_conf), '-i', 'x'], cwd=c)
+
+        osd_dir = c / 'osd' / 'ceph-0'
+        if not (osd_dir / '.lab-mkfs-done').exists():
+            # `ceph osd new` with a fixed uuid is idempotent: a rerun after a crash gets id 0 again.
+            osd_id = self.ceph('osd', 'new', self.secrets['osd_uuid']).stdout.strip()
+            if osd_id != '0':
+                raise LabError(f'ceph osd new returned id {osd_id!r}, expected 0')
+            shutil.rmtree(osd_dir, ignore_errors=True)
+            osd_dir.mkdir(parents=True)
+            # --no-mon-config: else mkfs tries to fetch config from the mon and fails
+            self.run(['ceph-osd', '-c', str(self.ceph_conf), '-i', '0', '--mkfs', '--mkkey',
+                      '--no-mon-config', '--osd-uuid', self.secrets['osd_uuid']],
+                     what='ceph: osd.0 bluestore created', timeout=180)
+            self.ceph('auth', 'del', 'osd.0', check=False)
+            self.ceph('auth', 'add', 'osd.0', 'osd', 'allow *', 'mon', 'allow profile osd',
+                      'mgr', 'allow profile osd', '-i', str(osd_dir / 'keyring'))
+            (osd_dir / '.lab-mkfs-done').touch()
+        self.start('ceph-osd', ['ceph-osd', '-f', '-c', str(self.ceph_conf), '-i', '0'], cwd=c)
+
+        def osd_up() -> bool:
+            st = json.loads(self.ceph('osd', 'stat', '-f', 'json').stdout)
+            return st.get('num_up_osds', st.get('osdmap', {}).get('num_up_osds')) == 1
+        wait_for('osd.0 up', osd_up, 120, ('ceph-mon', 'ceph-mgr', 'ceph-osd'))
+        log('ceph: osd.0 up')
+
+        pools = json.loads(self.ceph('osd', 'pool', 'ls', '-f', 'json').stdout)
+        if RBD_POOL not in pools:
+            self.ceph('osd', 'pool', 'create', RBD_POOL, '8', '8')
+        self.ceph('osd', 'pool', 'application', 'enable', RBD_POOL, 'rbd')
+        # rbd pool init writes into the pool, so it also proves the PGs are active.
+        self.run(['rbd', '-c', str(self.ceph_conf), 'pool', 'init', RBD_POOL], timeout=120,
+                 what=f'ceph: pool {RBD_POOL} ready for rbd')
+        cinder_keyring = c / 'ceph.client.cinder.keyring'
+        if not cinder_keyring.exists():
+            self.ceph('auth', 'get-or-create', 'client.cinder', 'mon', 'profile rbd',
+                      'osd', f'profile rbd pool={RBD_POOL}', 'mgr', f'profile rbd pool={RBD_POOL}',
+                      '-o', str(cinder_keyring))
+
+        rgw_keyring = c / 'rgw' / 'keyring'
+        if not rgw_keyring.exists():
+            self.ceph('auth', 'get-or-create', RGW_NAME, 'mon', 'allow rw', 'osd', 'allow rwx',
+                      'mgr', 'allow rw', '-o', str(rgw_keyring))
+        self.start('radosgw', ['radosgw', '-f', '-c', str(self.ceph_conf), '-n', RGW_NAME], cwd=c,
+                   ports=(PORTS['rgw'],))
+
+        def rgw_ready() -> bool:
+            with urllib.request.urlopen(f'http://{HOST}:{PORTS["rgw"]}/', timeout=3) as r:
+                return r.status == 200
+        wait_for('radosgw to answer HTTP', rgw_ready, 120, ('ceph-osd', 'radosgw'))
+        info = self.run(['radosgw-admin', '-c', str(self.ceph_conf), 'user', 'info', '--uid=imgfs'],
+                        check=False, quiet=True, timeout=60)
+        if info.returncode != 0:
+            self.run(['radosgw-admin', '-c', str(self.ceph_conf), 'user', 'create', '--uid=imgfs',
+                      '--display-name=imgfs lab', f'--access-key={self.secrets["s3_access_key"]}',
+                      f'--secret-key={self.secrets["s3_secret_key"]}'], timeout=60,
+                     what='ceph: rgw user imgfs created')
+        log('ceph: radosgw ready')
+
+    def ceph_health(self) -> dict:
+        """Waits (bounded) for HEALTH_OK; a lasting warning is reported, not fatal: pools work."""
+        health: dict = {}
+
+        def ok() -> bool:
+            nonlocal health
+            health = json.loads(self.ceph('health', 'detail', '-f', 'json').stdout)
+            return health.get('status') == 'HEALTH_OK'
+        try:
+            wait_for('ceph HEALTH_OK', ok, 30, ('ceph-mon', 'ceph-mgr', 'ceph-osd'), interval=1)
+        except LabError:
+            checks = {k: v.get('summary', {}).get('message') for k, v in health.get('checks', {}).items()}
+            log(f'warning: ceph is {health.get("status")}: {checks} (pools are usable; continuing)')
+        return health
+
+    # --- Keystone ----------------------------------------------------------------------------------
+    @property
+    def keystone_url(self) -> str:
+        return f'http://{HOST}:{PORTS["keystone"]}/v3'
+
+    def keystone(self) -> None:
+        d = DATA / 'keystone'
+        d.mkdir(parents=True, exist_ok=True)
+        conf = d / 'keystone.conf'
+        conf.write_text(f"""\
+[DEFAULT]
+log_file = {self.log_dir}/keystone.log
+[database]
+connection = sqlite:///{d}/keystone.db
+[token]
+provider = fernet
+[fernet_tokens]
+key_repository = {d}/fernet-keys
+[fernet_receipts]
+key_repository = {d}/fernet-keys
+[credential]
+key_repository = {d}/credential-keys
+[identity]
+max_password_length = 72
+# lab only: bcrypt with 2^4 rounds makes a login 13 ms instead of 345 ms
+password_hash_rounds = 4
+[cache]
+enabled = true
+backend = oslo_cache.dict
+expiration_time = 600
+""")
+        manage = [f'{VENV}/bin/keystone-manage', '--config-file', str(conf)]
+        if not (d / '.lab-bootstrapped').exists():
+            self.run(manage + ['db_sync'], what='keystone: db_sync', timeout=300)
+            for step, repo in (('fernet_setup', 'fernet-keys'), ('credential_setup', 'credential-keys')):
+                self.run(manage + [step, '--keystone-user', 'root', '--keystone-group', 'root'])
+                if not any((d / repo).glob('*')):
+                    raise LabError(f'keystone-manage {step} created no keys in {d / repo}')
+            self.run(manage + ['bootstrap', '--bootstrap-password', self.secrets['keystone']['admin'],
+                               '--bootstrap-admin-url', self.keystone_url,
+                               '--bootstrap-internal-url', self.keystone_url,
+                               '--bootstrap-public-url', self.keystone_url,
+                               '--bootstrap-region-id', REGION], what='keystone: bootstrapped')
+            (d / '.lab-bootstrapped').touch()
+        env = dict(self.env, OS_KEYSTONE_CONFIG_DIR=str(d))
+        # uWSGI, one process: SQLite and the in-process token cache want exactly one.
+        self.start('keystone', [
+            f'{VENV}/bin/uwsgi', '--http-socket', f'{HOST}:{PORTS["keystone"]}',
+            '--module', 'keystone.wsgi.api:application', '--master', '--processes', '1',
+            '--threads', '4', '--enable-threads', '--lazy-apps', '--need-app', '--die-on-term',
+            '--buffer-size', '65535', '--disable-logging', '--procname-prefix', 'lab-keystone-',
+        ], cwd=d, env=env, ports=(PORTS['keystone'],))
+        wait_for('keystone to issue a token', lambda: self.admin_session().get_token(), 60,
+                 ('keystone',))
+        log('keystone: token issued')
+        self.keystone_catalog()
+
+    def session(self, user: str, project: str):
+        from keystoneauth1 import session as ks_session
+        from keystoneauth1.identity import v3
+        auth = v3.Password(auth_url=self.keystone_url, username=user,
+                           password=self.secrets['keystone'][user], project_name=project,
+                           user_domain_name='Default', project_domain_name='Default')
+        return ks_session.Session(auth=auth, timeout=30)
+
+    def admin_session(self):
+        return self.session('admin', 'admin')
+
+    def keystone_catalog(self) -> None:
+        """devstack's shape: service users with admin+service on `service`, and the catalog."""
+        from keystoneclient.v3 import client as ks_client
+        ks = ks_client.Client(session=self.admin_session(), interface='public')
+
+        def find(manager, name, **kw):
+            return next((o for o in manager.list(**kw) if o.name == name), None)
+
+        domain = ks.domains.get('default')
+        roles = {}
+        for name in ('admin', 'member', 'reader', 'service'):
+            roles[name] = find(ks.roles, name) or ks.roles.create(name)
+        projects = {}
+        for name in ('admin', 'service', 'demo'):
+            projects[name] = find(ks.projects, name, domain=domain) or ks.projects.create(name, domain)
+        grants = {'cinder': ('service', ('admin', 'service')),
+                  'glance': ('service', ('admin', 'service')),
+                  'imgfs': ('service', ('admin', 'service')),
+                  'demo': ('demo', ('member', 'reader'))}
+        for user, (project, role_names) in grants.items():
+            pw = self.secrets['keystone'][user]
+            u = find(ks.users, user, domain=domain)
+            if u is None:
+                u = ks.users.create(user, domain=domain, password=pw, default_project=projects[project])
+            else:
+                ks.users.update(u, password=pw, enabled=True)
+            for r in role_names:
+                ks.roles.grant(roles[r], user=u, project=projects[project])
+        services = {
+            ('volumev3', 'cinderv3'): f'http://{HOST}:{PORTS["cinder"]}/v3/$(project_id)s',
+            ('image', 'glance'): f'http://{HOST}:{PORTS["glance"]}',
+        }
+        for (stype, sname), url in services.items():
+            svc = next((s for s in ks.services.list(type=stype) if s.name == sname), None)
+            svc = svc or ks.services.create(sname, type=stype, enabled=True)
+            have = {e.interface: e for e in ks.endpoints.list(service=svc)}
+            for iface in ('public', 'internal', 'admin'):
+                if iface not in have:
+                    ks.endpoints.create(svc, url, interface=iface, region=REGION)
+                elif have[iface].url != url:
+                    ks.endpoints.update(have[iface], url=url)
+        log('keystone: users, roles and catalog ensured')
+
+    # --- Cinder ------------------------------------------------------------------------------------
+    def cinder_config(self) -> Path:
+        d = DATA / 'cinder'
+        for sub in ('state', 'locks', 'coordination'):
+            (d / sub).mkdir(parents=True, exist_ok=True)
+        conf = d / 'cinder.conf'
+        ks = self.secrets['keystone']
+        conf.write_text(f"""\
+[DEFAULT]
+host = {CINDER_HOST}
+my_ip = {HOST}
+state_path = {d}/state
+auth_strategy = keystone
+api_paste_config = {VENV}/etc/cinder/api-paste.ini
+rootwrap_config = {VENV}/etc/cinder/rootwrap.conf
+transport_url = {self.transport_url()}
+osapi_volume_listen = {HOST}
+osapi_volume_listen_port = {PORTS['cinder']}
+osapi_volume_workers = 1
+enabled_backends = {CINDER_BACKEND}
+default_volume_type = lab-rbd
+glance_catalog_info = image:glance:publicURL
+# stop fast on SIGTERM (tests/lab/down): the default waits up to 60 s
+graceful_shutdown_timeout = 5
+[database]
+connection = {self.db_url('cinder')}
+[keystone_authtoken]
+www_authenticate_uri = {self.keystone_url}
+auth_url = {self.keystone_url}
+auth_type = password
+username = cinder
+password = {ks['cinder']}
+user_domain_name = Default
+project_name = service
+project_domain_name = Default
+service_token_roles_required = true
+[oslo_concurrency]
+lock_path = {d}/locks
+[coordination]
+backend_url = file://{d}/coordination
+[oslo_messaging_notifications]
+driver = noop
+[{CINDER_BACKEND}]
+volume_backend_name = {CINDER_BACKEND}
+volume_driver = cinder.volume.drivers.rbd.RBDDriver
+rbd_pool = {RBD_POOL}
+rbd_ceph_conf = {self.ceph_conf}
+rbd_user = cinder
+rbd_secret_uuid = {self.secrets['rbd_secret_uuid']}
+rbd_flatten_volume_from_snapshot = false
+rados_connect_timeout = 20
+""")
+        return conf
+
+    def cinder_db(self) -> None:
+        conf = self.cinder_config()
+        marker = DATA / 'cinder' / '.lab-db-synced'
+        if not marker.exists():
+            self.run([f'{VENV}/bin/cinder-manage', '--config-file', str(conf), 'db', 'sync'],
+                     what='cinder: db sync', timeout=300)
+            marker.touch()
+
+    def cinder(self) -> None:
+        d = DATA / 'cinder'
+        conf = d / 'cinder.conf'
+        for binary in ('cinder-api', 'cinder-scheduler', 'cinder-volume'):
+            self.start(binary, [f'{VENV}/bin/{binary}', '--config-file', str(conf),
+                                '--log-file', str(self.log_path(binary))], cwd=d,
+                       ports=(PORTS['cinder'],) if binary == 'cinder-api' else ())
+        from cinderclient import client as cinder_client
+        cinder = cinder_client.Client('3.60', session=self.admin_session(), region_name=REGION)
+
+        def services_up() -> bool:
+            state = {(s.binary, s.host): (s.state, s.status) for s in cinder.services.list()}
+            want = {('cinder-scheduler', CINDER_HOST), ('cinder-volume', f'{CINDER_HOST}@{CINDER_BACKEND}')}
+            return all(state.get(k) == ('up', 'enabled') for k in want)
+        wait_for('cinder-api', lambda: self._http_status(f'http://{HOST}:{PORTS["cinder"]}/') in (200, 300),
+                 90, ('cinder-api',))
+        wait_for('cinder-scheduler and cinder-volume to report up', services_up, 120,
+                 ('cinder-api', 'cinder-scheduler', 'cinder-volume'), interval=1)
+        # The backend pool in the scheduler proves the RBD driver initialised and reported stats.
+        wait_for('the ceph pool in cinder-scheduler', lambda: cinder.pools.list(detailed=True), 120,
+                 ('cinder-api', 'cinder-scheduler', 'cinder-volume'), interval=1)
+        log('cinder: api, scheduler and volume up')
+        for name, specs in VOLUME_TYPES.items():
+            vt = next((t for t in cinder.volume_types.list(is_public=None) if t.name == name), None)
+            vt = vt or cinder.volume_types.create(name, description='imgfs lab', is_public=True)
+            want = {'volume_backend_name': CINDER_BACKEND, **specs}
+            if vt.get_keys() != want:
+                vt.set_keys(want)
+        log(f'cinder: volume types {", ".join(VOLUME_TYPES)} ensured')
+        # The unauthenticated version document (HTTP 300) names the highest microversion.
+        try:
+            urllib.request.urlopen(f'http://{HOST}:{PORTS["cinder"]}/', timeout=10)
+        except urllib.error.HTTPError as e:
+            versions = json.load(e).get('versions', [])
+            self.cinder_max_version = next((v['version'] for v in versions if v['id'] == 'v3.0'), None)
+
+    @staticmethod
+    def _http_status(url: str) -> int:
+        try:
+            with urllib.request.urlopen(url, timeout=3) as r:
+                return r.status
+        except urllib.error.HTTPError as e:
+            return e.code
+
+    # --- lab.json ----------------------------------------------------------------------------------
+    def write_lab_json(self, health: dict) -> None:
+        ks = self.secrets['keystone']
+        user = lambda name, project: {'username': name, 'password': ks[name],  # noqa: E731
+                                      'project_name': project, 'user_domain_name': 'Default',
+                                      'project_domain_name': 'Default'}
+        c = self.ceph_dir
+        doc = {
+            'schema': 1,
+            'lab_dir': str(LAB),
+            'data_dir': str(DATA),
+            'host': HOST,
+            'ports': {k: v for k, v in PORTS.items()},
+            'keystone': {
+                'auth_url': self.keystone_url,
+                'region_name': REGION,
+                'users': {
+                    'admin': {**user('admin', 'admin'), 'roles': ['admin']},
+                    'imgfs': {**user('imgfs', 'service'), 'roles': ['admin', 'service']},
+                    'cinder': {**user('cinder', 'service'), 'roles': ['admin', 'service']},
+                    'glance': {**user('glance', 'service'), 'roles': ['admin', 'service']},
+                    'demo': {**user('demo', 'demo'), 'roles': ['member', 'reader']},
+                },
+            },
+            'cinder': {
+                'endpoint': f'http://{HOST}:{PORTS["cinder"]}/v3',
+                'catalog': {'service_type': 'volumev3', 'service_name': 'cinderv3',
+                            'interface': 'public', 'region_name': REGION},
+                'microversion_max': getattr(self, 'cinder_max_version', None),
+                'volume_types': {'default': 'lab-rbd', 'multiattach': 'lab-rbd-multiattach'},
+                'backend_host': f'{CINDER_HOST}@{CINDER_BACKEND}#{CINDER_BACKEND}',
+                'conf': str(DATA / 'cinder' / 'cinder.conf'),
+            },
+            'glance': {
+                'deployed': False,
+                'endpoint': f'http://{HOST}:{PORTS["glance"]}',
+                'catalog': {'service_type': 'image', 'service_name': 'glance'},
+                'database_url': self.db_url('glance'),
+            },
+            'ceph': {
+                'conf': str(self.ceph_conf),
+                'fsid': self.secrets['ceph_fsid'],
+                'mon_host': f'[v2:{HOST}:{PORTS["mon_v2"]},v1:{HOST}:{PORTS["mon_v1"]}]',
+                'rbd_pool': RBD_POOL,
+                'rbd_user': 'cinder',
+                'client_cinder_keyring': str(c / 'ceph.client.cinder.keyring'),
+                'client_admin_keyring': str(c / 'ceph.client.admin.keyring'),
+                'rbd_secret_uuid': self.secrets['rbd_secret_uuid'],
+                'health': health.get('status'),
+            },
+            's3': {
+                'endpoint_url': f'http://{HOST}:{PORTS["rgw"]}',
+                'access_key': self.secrets['s3_access_key'],
+                'secret_key': self.secrets['s3_secret_key'],
+                'region_name': 'us-east-1',
+                'addressing_style': 'path',
+                'rgw_user': 'imgfs',
+            },
+            'rabbitmq': {'transport_url': self.transport_url()},
+            'mariadb': {'host': HOST, 'port': PORTS['mariadb'],
+                        'socket': str(DATA / 'mariadb' / 'mysqld.sock')},
+            'logs': {p.stem: str(p) for p in sorted(self.log_dir.glob('*.log'))},
+            'pids_dir': str(self.pid_dir),
+            'written_at': time.strftime('%Y-%m-%dT%H:%M:%S%z'),
+        }
+        path = LAB / 'lab.json'
+        tmp = path.with_suffix('.tmp')
+        tmp.write_text(json.dumps(doc, indent=2) + '\n')
+        tmp.chmod(0o600)
+        tmp.rename(path)
+
+    # --- the whole ---------------------------------------------------------------------------------
+    def up(self) -> None:
+        if not (VENV / 'bin' / 'cinder-volume').exists():
+            raise LabError(f'no lab venv at {VENV}: run tests/lab/install first')
+        for d in (DATA, self.log_dir, self.pid_dir):
+            d.mkdir(parents=True, exist_ok=True)
+        self.load_secrets()
+        # Ceph and the SQL/AMQP/Keystone side do not depend on each other until Cinder starts:
+        # bring them up side by side (keystone's db_sync and the OSD's mkfs are the slow steps).
+        with concurrent.futures.ThreadPoolExecutor(2) as pool:
+            ceph = pool.submit(self.ceph_cluster)
+            self.mariadb()
+            self.rabbitmq()
+            self.keystone()
+            self.cinder_db()
+            self.wait_rabbitmq()
+            ceph.result()
+        self.cinder()
+        health = self.ceph_health()
+        self.write_lab_json(health)
+        log(f'lab is up: {LAB / "lab.json"}')
+
+
+def status() -> int:
+    lab = Lab()
+    rc = 0
+    for pidfile in sorted(lab.pid_dir.glob('*.pid')):
+        name = pidfile.stem
+        pid = lab.running(name)
+        print(f'{name:18} {"running pid " + str(pid) if pid else "NOT RUNNING"}   {lab.log_path(name)}')
+        rc |= pid is None
+    if not any(lab.pid_dir.glob('*.pid')):
+        print('lab is down (no pid files)')
+        return 1
+    return rc
+
+
+LABCTL = Lab()
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument('command', choices=('up', 'status'))
+    args = ap.parse_args()
+    if args.command == 'status':
+        return status()
+    try:
+        LABCTL.up()
+    except LabError as exc:
+        print(f'[lab up] ERROR: {exc}\n[lab up] daemons already started keep running; '
+              'stop them with tests/lab/down', file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == '__main__':
+    sys.exit(main())
