@@ -148,7 +148,10 @@ class ChunkFetcher:
     async def _fetch(self, loc: Location, index: int) -> bytes:
         length = self.chunk_length(loc, index)
         backend = self.backends[loc.store]
+        started = trio.current_time()
         data = await trio.to_thread.run_sync(backend.read, loc, index * self.chunk_size, length)
+        log.debug("fetched chunk %d of image %s from store '%s' in %.1f ms", index, loc.image_id, loc.store,
+                  (trio.current_time() - started) * 1e3)
         if len(data) != length:  # backends promise this; bytes are too important to trust a promise
             raise ShortRead(f"store '{loc.store}': image {loc.image_id} chunk {index}: got {len(data)} bytes, expected {length}")
         self.stats.fetches += 1

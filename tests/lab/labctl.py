@@ -84,7 +84,10 @@ def proc_starttime(pid: int) -> str | None:
         stat = Path(f'/proc/{pid}/stat').read_text()
     except OSError:
         return None
-    return stat.rsplit(')', 1)[1].split()[19]
+    fields = stat.rsplit(')', 1)[1].split()
+    if fields[0] in ('Z', 'X'):     # exited, not yet reaped (by PID 1 once `up` has gone)
+        return None
+    return fields[19]
 
 
 def port_open(port: int, host: str = HOST) -> bool:
@@ -312,6 +315,8 @@ class Lab:
 fsid = {self.secrets['ceph_fsid']}
 mon host = [v2:{HOST}:{PORTS['mon_v2']},v1:{HOST}:{PORTS['mon_v1']}]
 public addr = {HOST}
+# without it the OSD's cluster and heartbeat-back messengers listen on 0.0.0.0
+cluster addr = {HOST}
 ms bind ipv6 = false
 ms bind port min = {PORTS['ceph_ms_min']}
 ms bind port max = {PORTS['ceph_ms_max']}
@@ -371,7 +376,8 @@ rgw frontends = beast endpoint={HOST}:{PORTS['rgw']}
 rgw dns name = {HOST}
 """)
 
-    def ceph_cluster(self) -> None:
+    def ceph_rbd(self) -> None:
+        """mon, mgr, osd.0, the RBD pool and client.cinder: all Cinder needs."""
         c = self.ceph_dir
         for sub in ('run', 'crash', 'mon', 'mgr', 'osd', 'rgw'):
             (c / sub).mkdir(parents=True, exist_ok=True)
@@ -431,19 +437,25 @@ rgw dns name = {HOST}
         wait_for('osd.0 up', osd_up, 120, ('ceph-mon', 'ceph-mgr', 'ceph-osd'))
         log('ceph: osd.0 up')
 
-        pools = json.loads(self.ceph('osd', 'pool', 'ls', '-f', 'json').stdout)
-        if RBD_POOL not in pools:
-            self.ceph('osd', 'pool', 'create', RBD_POOL, '8', '8')
-        self.ceph('osd', 'pool', 'application', 'enable', RBD_POOL, 'rbd')
-        # rbd pool init writes into the pool, so it also proves the PGs are active.
-        self.run(['rbd', '-c', str(self.ceph_conf), 'pool', 'init', RBD_POOL], timeout=120,
-                 what=f'ceph: pool {RBD_POOL} ready for rbd')
+        pool_marker = c / f'.lab-pool-{RBD_POOL}'
+        if not pool_marker.exists():
+            pools = json.loads(self.ceph('osd', 'pool', 'ls', '-f', 'json').stdout)
+            if RBD_POOL not in pools:
+                self.ceph('osd', 'pool', 'create', RBD_POOL, '8', '8')
+            self.ceph('osd', 'pool', 'application', 'enable', RBD_POOL, 'rbd')
+            self.run(['rbd', '-c', str(self.ceph_conf), 'pool', 'init', RBD_POOL], timeout=120)
+            pool_marker.touch()
+        # Reading the pool blocks until its PGs are active: proves it usable (also after a restart).
+        self.run(['rados', '-c', str(self.ceph_conf), '-p', RBD_POOL, 'stat', 'rbd_info'],
+                 timeout=120, what=f'ceph: pool {RBD_POOL} usable')
         cinder_keyring = c / 'ceph.client.cinder.keyring'
         if not cinder_keyring.exists():
             self.ceph('auth', 'get-or-create', 'client.cinder', 'mon', 'profile rbd',
                       'osd', f'profile rbd pool={RBD_POOL}', 'mgr', f'profile rbd pool={RBD_POOL}',
                       '-o', str(cinder_keyring))
 
+    def ceph_rgw(self) -> None:
+        c = self.ceph_dir
         rgw_keyring = c / 'rgw' / 'keyring'
         if not rgw_keyring.exists():
             self.ceph('auth', 'get-or-create', RGW_NAME, 'mon', 'allow rw', 'osd', 'allow rwx',
@@ -530,6 +542,9 @@ expiration_time = 600
             '--module', 'keystone.wsgi.api:application', '--master', '--processes', '1',
             '--threads', '4', '--enable-threads', '--lazy-apps', '--need-app', '--die-on-term',
             '--buffer-size', '65535', '--disable-logging', '--procname-prefix', 'lab-keystone-',
+            # --http-socket has no keep-alive but does not say so: a client reusing a pooled
+            # connection races uWSGI's close and gets ECONNRESET now and then.
+            '--add-header', 'Connection: close',
         ], cwd=d, env=env, ports=(PORTS['keystone'],))
         wait_for('keystone to issue a token', lambda: self.admin_session().get_token(), 60,
                  ('keystone',))
@@ -543,6 +558,18 @@ expiration_time = 600
                            password=self.secrets['keystone'][user], project_name=project,
                            user_domain_name='Default', project_domain_name='Default')
         return ks_session.Session(auth=auth, timeout=30)
+
+    def password_works(self, user: str, password: str) -> bool:
+        from keystoneauth1 import exceptions as ks_exc
+        from keystoneauth1 import session as ks_session
+        from keystoneauth1.identity import v3
+        auth = v3.Password(auth_url=self.keystone_url, username=user, password=password,
+                           user_domain_name='Default')
+        try:
+            ks_session.Session(auth=auth, timeout=30).get_token()
+            return True
+        except ks_exc.Unauthorized:
+            return False
 
     def admin_session(self):
         return self.session('admin', 'admin')
@@ -571,10 +598,13 @@ expiration_time = 600
             u = find(ks.users, user, domain=domain)
             if u is None:
                 u = ks.users.create(user, domain=domain, password=pw, default_project=projects[project])
-            else:
+            elif not self.password_works(user, pw):
+                # Only when needed: a password change revokes the user's tokens (running services).
                 ks.users.update(u, password=pw, enabled=True)
+            have = {a.role['id'] for a in ks.role_assignments.list(user=u, project=projects[project])}
             for r in role_names:
-                ks.roles.grant(roles[r], user=u, project=projects[project])
+                if roles[r].id not in have:
+                    ks.roles.grant(roles[r], user=u, project=projects[project])
         services = {
             ('volumev3', 'cinderv3'): f'http://{HOST}:{PORTS["cinder"]}/v3/$(project_id)s',
             ('image', 'glance'): f'http://{HOST}:{PORTS["glance"]}',
@@ -774,17 +804,21 @@ rados_connect_timeout = 20
         for d in (DATA, self.log_dir, self.pid_dir):
             d.mkdir(parents=True, exist_ok=True)
         self.load_secrets()
-        # Ceph and the SQL/AMQP/Keystone side do not depend on each other until Cinder starts:
-        # bring them up side by side (keystone's db_sync and the OSD's mkfs are the slow steps).
+        # Ceph, Keystone (SQLite) and MariaDB+RabbitMQ do not depend on each other: set them up side
+        # by side (keystone-manage, cinder-manage and the OSD's mkfs are the slow steps). Cinder needs
+        # all three but not RGW, which comes up meanwhile (its first start creates its pools: ~10 s).
         with concurrent.futures.ThreadPoolExecutor(2) as pool:
-            ceph = pool.submit(self.ceph_cluster)
+            ceph = pool.submit(self.ceph_rbd)
+            keystone = pool.submit(self.keystone)
             self.mariadb()
             self.rabbitmq()
-            self.keystone()
             self.cinder_db()
             self.wait_rabbitmq()
+            keystone.result()
             ceph.result()
-        self.cinder()
+            rgw = pool.submit(self.ceph_rgw)
+            self.cinder()
+            rgw.result()
         health = self.ceph_health()
         self.write_lab_json(health)
         log(f'lab is up: {LAB / "lab.json"}')

@@ -1,0 +1,571 @@
+#!/usr/bin/env python3
+"""imgfs benchmark: imgfs vs s3fs-fuse vs rclone mount vs the local-file limit,
+all against one s3rver (loopback) object.  Entry point: bench/run.
+See bench/README.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import signal
+import socket
+import sys
+import time
+import traceback
+import uuid
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+import measure  # noqa: E402
+import procs  # noqa: E402
+from image import ensure_image  # noqa: E402
+from procs import BenchError, Interrupted, drop_caches, log  # noqa: E402
+from s3server import BUCKET, S3RVER_VERSION, BackendMeter, S3rver, backend_ceiling, ensure_s3rver  # noqa: E402
+from systems import IMGFS_BIN, REPO, Ctx, Imgfs, Local, Rclone, S3fs, System  # noqa: E402
+
+STATE = REPO / ".bench"          # gitignored: node_modules, images, runs, results
+ALL = ["local", "imgfs", "s3fs", "rclone"]
+MiB = 1 << 20
+
+# key, label, unit, better ("hi"/"lo"), target
+#   target: ("peer", x)  imgfs >= x * best peer
+#           ("local", x) imgfs >= x * local-file value of the same row
+#           ("max", x)   imgfs <= x
+METRICS = [
+    ("seq_cold_1M", "cold seq read, dd bs=1M", "MB/s", "hi", ("peer", 1.5)),
+    ("seq_cold_4M", "cold seq read, dd bs=4M", "MB/s", "hi", ("peer", 1.5)),
+    ("cold_backend_x", "  backend bytes/size, 1 cold dd", "x", "lo", None),
+    ("cold_s3rver_cpu", "  s3rver CPU s during cold dd", "s", "lo", None),
+    ("seq_warm_1M", "warm seq (own cache, pc dropped) 1M", "MB/s", "hi", ("local", 0.9)),
+    ("seq_warm_4M", "warm seq (own cache, pc dropped) 4M", "MB/s", "hi", ("local", 0.9)),
+    ("seq_warm_restart_1M", "warm seq after daemon restart, 1M", "MB/s", "hi", ("local", 0.9)),
+    ("warm_backend_x", "  backend bytes/size, warm reads", "x", "lo", None),
+    ("seq_reread_1M", "re-read (page cache hot), 1M", "MB/s", "hi", None),
+    ("ttfb_ms", "TTFB cold (open + 4 KiB @0)", "ms", "lo", None),
+    ("rand_cold_iops", "random 4K cold, QD1", "IOPS", "hi", None),
+    ("rand_cold_mbps", "random 4K cold, QD1", "MB/s", "hi", None),
+    ("rand_cold_p99_ms", "random 4K cold, p99 latency", "ms", "lo", None),
+    ("rand_cold_backend_mib", "  backend MiB for the cold 4K reads", "MiB", "lo", None),
+    ("rand_warm_iops", "random 4K warm (pc dropped), QD1", "IOPS", "hi", None),
+    ("rand_warm_mbps", "random 4K warm (pc dropped), QD1", "MB/s", "hi", None),
+    ("rand_warm_p99_ms", "random 4K warm, p99 latency", "ms", "lo", None),
+    ("conc_wall_s", "N cold readers: wall time", "s", "lo", None),
+    ("conc_agg_mbps", "N cold readers: aggregate", "MB/s", "hi", None),
+    ("conc_backend_x", "N cold readers: backend bytes/size", "x", "lo", ("max", 1.02)),
+    ("rss_mib", "daemon peak RSS (VmHWM, tree)", "MiB", "lo", ("max", 256)),
+    ("start_s", "mount start -> file visible (max)", "s", "lo", None),
+]
+
+
+# ---------------------------------------------------------------------------
+# measuring one system
+# ---------------------------------------------------------------------------
+
+class Runner:
+    def __init__(self, args, ctx: Ctx, srv: S3rver, sha: str):
+        self.args, self.ctx, self.srv, self.sha = args, ctx, srv, sha
+        self.size = ctx.size
+        self.dd_timeout = max(120.0, self.size / 5e6)
+
+    def seq(self, s: System, bs: str, what: str) -> dict:
+        with BackendMeter(self.srv) as m:
+            r = measure.dd(s.path(), bs, self.size, self.dd_timeout)
+        r.update(backend_bytes=m.bytes, backend_x=m.bytes / self.size, s3rver_cpu_s=m.cpu_s)
+        s.sample_rss()
+        log(f"  {s.name:14s} {what:24s} bs={bs}: {r['mbps']:8.1f} MB/s  "
+            f"backend {r['backend_x']:.3f}x  s3rver cpu {m.cpu_s:.1f}s")
+        return r
+
+    def rand(self, s: System, seed: int, what: str) -> dict:
+        with BackendMeter(self.srv) as m:
+            r = measure.random_reads(s.path(), self.ctx.local_image, self.size,
+                                     self.args.random_ops, seed, self.args.random_max_s)
+        r.update(backend_bytes=m.bytes)
+        s.sample_rss()
+        log(f"  {s.name:14s} {what:24s}: {r['iops']:8.0f} IOPS, p99 {r['p99_ms']:.2f} ms, "
+            f"{r['ops']} ops{' (time-capped)' if r['truncated'] else ''}, "
+            f"backend {m.bytes / MiB:.1f} MiB")
+        return r
+
+    def conc(self, s: System) -> dict:
+        with BackendMeter(self.srv) as m:
+            r = measure.concurrent(s.path(), self.args.readers, "1M", self.size,
+                                   self.args.conc_timeout)
+        r.update(backend_bytes=m.bytes, backend_x=m.bytes / self.size, s3rver_cpu_s=m.cpu_s)
+        s.sample_rss()
+        log(f"  {s.name:14s} {self.args.readers} concurrent cold readers: wall {r['wall_s']:.1f}s, "
+            f"{r['agg_mbps']:.0f} MB/s aggregate, backend {r['backend_x']:.3f}x")
+        return r
+
+    def verify(self, s: System, what: str) -> dict:
+        r = measure.verify(s.path(), self.size, self.sha)
+        log(f"  {s.name:14s} sha256 of full read ({what}) OK")
+        return {"what": what, **r}
+
+    # -- per kind ---------------------------------------------------------
+    def local(self, s: Local) -> tuple[dict, dict]:
+        d, m = {}, {}
+        s.start()
+        for bs in ("1M", "4M"):
+            s.cold()
+            d[f"cold_{bs}"] = measure.dd(s.path(), bs, self.size, self.dd_timeout)
+            s.cold()
+            d[f"warm_{bs}"] = measure.dd(s.path(), bs, self.size, self.dd_timeout)
+        d["reread_1M"] = measure.dd(s.path(), "1M", self.size, self.dd_timeout)
+        for k in ("cold_1M", "cold_4M", "warm_1M", "warm_4M", "reread_1M"):
+            log(f"  local          {k:24s}: {d[k]['mbps']:8.1f} MB/s")
+        s.cold()
+        d["ttfb"] = measure.ttfb(s.path(), self.ctx.local_image)
+        s.cold()
+        d["rand_cold"] = measure.random_reads(s.path(), self.ctx.local_image, self.size,
+                                              self.args.random_ops, 3, self.args.random_max_s)
+        s.cold()
+        d["rand_warm"] = measure.random_reads(s.path(), self.ctx.local_image, self.size,
+                                              self.args.random_ops, 2, self.args.random_max_s)
+        s.cold()
+        d["conc"] = measure.concurrent(s.path(), self.args.readers, "1M", self.size,
+                                       self.args.conc_timeout)
+        log(f"  local          random cold {d['rand_cold']['iops']:.0f} IOPS, "
+            f"{self.args.readers} readers {d['conc']['agg_mbps']:.0f} MB/s aggregate")
+        m.update(seq_cold_1M=d["cold_1M"]["mbps"], seq_cold_4M=d["cold_4M"]["mbps"],
+                 seq_warm_1M=d["warm_1M"]["mbps"], seq_warm_4M=d["warm_4M"]["mbps"],
+                 seq_reread_1M=d["reread_1M"]["mbps"], ttfb_ms=d["ttfb"]["ttfb_ms"],
+                 rand_cold_iops=d["rand_cold"]["iops"], rand_cold_mbps=d["rand_cold"]["mbps"],
+                 rand_cold_p99_ms=d["rand_cold"]["p99_ms"],
+                 rand_warm_iops=d["rand_warm"]["iops"], rand_warm_mbps=d["rand_warm"]["mbps"],
+                 rand_warm_p99_ms=d["rand_warm"]["p99_ms"],
+                 conc_wall_s=d["conc"]["wall_s"], conc_agg_mbps=d["conc"]["agg_mbps"])
+        return m, d
+
+    def fuse(self, s: System) -> tuple[dict, dict]:
+        d, m = {}, {}
+        s.setup()
+        s.cold()
+        d["cold_1M"] = self.seq(s, "1M", "cold")
+        s.drop()
+        d["warm_1M"] = self.seq(s, "1M", "warm (pc dropped)")
+        s.drop()
+        d["warm_4M"] = self.seq(s, "4M", "warm (pc dropped)")
+        d["reread_1M"] = self.seq(s, "1M", "re-read (pc hot)")
+        d["verify_seq"] = self.verify(s, "after cold sequential fill")
+        s.warm_restart()
+        d["warm_restart_1M"] = self.seq(s, "1M", "warm after restart")
+        s.drop()
+        d["rand_warm"] = self.rand(s, 2, "random 4K warm")
+        s.cold()
+        d["cold_4M"] = self.seq(s, "4M", "cold")
+        s.cold()
+        d["ttfb"] = measure.ttfb(s.path(), self.ctx.local_image)
+        log(f"  {s.name:14s} TTFB cold: {d['ttfb']['ttfb_ms']:.2f} ms")
+        d["rand_cold"] = self.rand(s, 3, "random 4K cold")
+        s.cold()
+        d["conc"] = self.conc(s)
+        s.drop()
+        d["verify_conc"] = self.verify(s, f"after {self.args.readers}-reader cold fill")
+        s.stop()
+        d["read_ahead_kb"] = s.read_ahead_kb
+        d["exit_codes"] = s.exit_codes
+        d["start_s"] = s.start_s
+        warm_x = max(d[k]["backend_x"] for k in ("warm_1M", "warm_4M", "warm_restart_1M"))
+        m.update(seq_cold_1M=d["cold_1M"]["mbps"], seq_cold_4M=d["cold_4M"]["mbps"],
+                 cold_backend_x=d["cold_1M"]["backend_x"],
+                 cold_s3rver_cpu=d["cold_1M"]["s3rver_cpu_s"],
+                 seq_warm_1M=d["warm_1M"]["mbps"], seq_warm_4M=d["warm_4M"]["mbps"],
+                 seq_warm_restart_1M=d["warm_restart_1M"]["mbps"], warm_backend_x=warm_x,
+                 seq_reread_1M=d["reread_1M"]["mbps"], ttfb_ms=d["ttfb"]["ttfb_ms"],
+                 rand_cold_iops=d["rand_cold"]["iops"], rand_cold_mbps=d["rand_cold"]["mbps"],
+                 rand_cold_p99_ms=d["rand_cold"]["p99_ms"],
+                 rand_cold_backend_mib=d["rand_cold"]["backend_bytes"] / MiB,
+                 rand_warm_iops=d["rand_warm"]["iops"], rand_warm_mbps=d["rand_warm"]["mbps"],
+                 rand_warm_p99_ms=d["rand_warm"]["p99_ms"],
+                 conc_wall_s=d["conc"]["wall_s"], conc_agg_mbps=d["conc"]["agg_mbps"],
+                 conc_backend_x=d["conc"]["backend_x"], rss_mib=s.hwm_kib / 1024,
+                 start_s=max(s.start_s))
+        return m, d
+
+    def cold_variant(self, s: System) -> tuple[dict, dict]:
+        d = {}
+        s.setup()
+        for bs in ("1M", "4M"):
+            s.cold()
+            d[f"cold_{bs}"] = self.seq(s, bs, "cold")
+        s.stop()
+        d["read_ahead_kb"] = s.read_ahead_kb
+        d["exit_codes"] = s.exit_codes
+        m = {"seq_cold_1M": d["cold_1M"]["mbps"], "seq_cold_4M": d["cold_4M"]["mbps"],
+             "rss_mib": s.hwm_kib / 1024}
+        return m, d
+
+
+# ---------------------------------------------------------------------------
+# table
+# ---------------------------------------------------------------------------
+
+def fmt(v, unit: str) -> str:
+    if v is None:
+        return "-"
+    if isinstance(v, str):
+        return v
+    if unit in ("x",):
+        return f"{v:.3f}"
+    if unit in ("ms", "s"):
+        return f"{v:.2f}" if v < 100 else f"{v:.0f}"
+    if v >= 100:
+        return f"{v:.0f}"
+    return f"{v:.1f}"
+
+
+def build_table(results: dict, columns: list[str]) -> tuple[str, list[dict]]:
+    cols = [c for c in ALL if c in columns]
+    peers = [c for c in ("s3fs", "rclone") if c in cols]
+    rows_json = []
+    W = 38
+    head = (f"{'metric':{W}s} {'unit':5s} " + " ".join(f"{c:>14s}" for c in cols)
+            + f" {'imgfs/best':>10s} {'imgfs/local':>11s}  target")
+    lines = [head, "-" * len(head)]
+    for key, label, unit, better, target in METRICS:
+        label = label.replace("N cold", f"{results['params']['readers']} cold")
+        vals, notes = {}, {}
+        for c in cols:
+            sysres = results["systems"].get(c, {})
+            v = sysres.get("metrics", {}).get(key)
+            note = sysres.get("best_variant", {}).get(key)
+            vals[c], notes[c] = v, note
+        cells = []
+        for c in cols:
+            v = vals[c]
+            if v is None and results["systems"].get(c, {}).get("error"):
+                cells.append("ERR")
+            else:
+                cell = fmt(v, unit)
+                if notes[c]:
+                    cell += f" [{notes[c]}]"
+                cells.append(cell)
+        peer_vals = [vals[p] for p in peers if isinstance(vals.get(p), (int, float))]
+        best = None
+        if peer_vals:
+            best = max(peer_vals) if better == "hi" else min(peer_vals)
+        im = vals.get("imgfs")
+        r_peer = im / best if isinstance(im, (int, float)) and best else None
+        lo = vals.get("local")
+        r_local = im / lo if isinstance(im, (int, float)) and isinstance(lo, (int, float)) and lo \
+            else None
+        tgt, status = "", None
+        if target:
+            kind, x = target
+            if kind == "peer":
+                tgt = f">= {x}x best peer"
+                status = r_peer >= x if r_peer is not None else None
+            elif kind == "local":
+                tgt = f">= {x:.0%} of local"
+                status = r_local >= x if r_local is not None else None
+            elif kind == "max":
+                tgt = f"<= {x}{'' if unit == 'x' else ' ' + unit}"
+                status = im <= x if isinstance(im, (int, float)) else None
+            tgt += {True: "  PASS", False: "  MISS", None: "  n/a"}[status]
+        lines.append(f"{label:{W}s} {unit:5s} " + " ".join(f"{c:>14s}" for c in cells)
+                     + f" {fmt(r_peer, 'x') if r_peer else '-':>10s}"
+                     + f" {fmt(r_local, 'x') if r_local else '-':>11s}  {tgt}")
+        rows_json.append({"key": key, "label": label, "unit": unit, "better": better,
+                          "values": vals, "variants": notes, "best_peer": best,
+                          "imgfs_over_best_peer": r_peer, "imgfs_over_local": r_local,
+                          "target": tgt.strip(), "target_met": status})
+    ver = []
+    for c in cols:
+        sysres = results["systems"].get(c, {})
+        if c == "local":
+            ver.append("source")
+        elif sysres.get("error"):
+            ver.append("ERR")
+        else:
+            ver.append("OK" if sysres.get("verified") else "-")
+    lines.append(f"{'sha256 of full reads vs source':{W}s} {'':5s} "
+                 + " ".join(f"{v:>14s}" for v in ver))
+    return "\n".join(lines), rows_json
+
+
+# ---------------------------------------------------------------------------
+# main
+# ---------------------------------------------------------------------------
+
+def parse_args(argv):
+    ap = argparse.ArgumentParser(prog="bench/run", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--size-mib", type=int, default=1024, help="image size (default 1024)")
+    ap.add_argument("--only", default=",".join(ALL),
+                    help=f"comma list of systems (default {','.join(ALL)})")
+    ap.add_argument("--readers", type=int, default=20, help="concurrent cold readers (20)")
+    ap.add_argument("--keep", action="store_true",
+                    help="at the end keep s3rver and the mounts up until Ctrl-C / SIGTERM")
+    ap.add_argument("--imgfs-conf-extra", action="append", default=[], metavar="LINE",
+                    help="extra option line(s) for the [imgfs] section; repeatable, "
+                         "'\\n' separates lines")
+    ap.add_argument("--image-kind", choices=["ext4", "random"], default="ext4",
+                    help="ext4 image filled with random files (default) or raw random bytes")
+    ap.add_argument("--peer-read-ahead-kb", type=int, default=None,
+                    help="read_ahead_kb for the s3fs/rclone mounts (default: the value imgfs "
+                         "set on its mount; 16384 if imgfs is not run)")
+    ap.add_argument("--no-variants", action="store_true",
+                    help="skip the peers' alternative configs for the cold rows "
+                         "(s3fs without use_cache, rclone --vfs-cache-mode off)")
+    ap.add_argument("--random-ops", type=int, default=2000)
+    ap.add_argument("--random-max-s", type=float, default=20.0,
+                    help="time cap per random-read run (IOPS from completed ops)")
+    ap.add_argument("--conc-timeout", type=float, default=420.0)
+    ap.add_argument("--s3-data-dir", default=None,
+                    help="s3rver data dir (default: a fresh dir on tmpfs /dev/shm)")
+    ap.add_argument("--json", default=None, help="results JSON path")
+    a = ap.parse_args(argv)
+    a.only = [x.strip() for x in a.only.split(",") if x.strip()]
+    bad = [x for x in a.only if x not in ALL]
+    if bad:
+        ap.error(f"unknown system(s) {bad}; choose from {ALL}")
+    a.imgfs_conf_extra = [ln for x in a.imgfs_conf_extra for ln in x.replace("\\n", "\n").split("\n")
+                          if ln.strip()]
+    return a
+
+
+def preflight(args) -> None:
+    if os.geteuid() != 0:
+        raise BenchError("must run as root (drop_caches, read_ahead_kb, FUSE mounts)")
+    if not os.path.exists("/dev/fuse"):
+        raise BenchError("/dev/fuse missing")
+    need = ["dd", "curl", "node", "npm", "fusermount3", "mkfs.ext4", "e2fsck"]
+    if "s3fs" in args.only:
+        need.append("s3fs")
+    if "rclone" in args.only:
+        need.append("rclone")
+    missing = [t for t in need if not shutil.which(t)]
+    if missing:
+        raise BenchError(f"missing tools: {missing} (apt-get install s3fs rclone fuse3 "
+                         f"nodejs npm curl e2fsprogs)")
+    ours = [m for m in open("/proc/self/mountinfo").read().splitlines()
+            if str(STATE / "runs") in m]
+    if ours:
+        raise BenchError("stale benchmark mounts exist:\n" + "\n".join(ours))
+
+
+def main(argv=None) -> int:
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    procs.install_signal_handlers()
+    t_start = time.monotonic()
+    ts = time.strftime("%Y%m%d-%H%M%S")
+    run_dir = STATE / "runs" / ts
+    log_dir = run_dir / "logs"
+    s3_dir = Path(args.s3_data_dir) if args.s3_data_dir else Path(f"/dev/shm/imgfs-bench-{ts}")
+    json_path = Path(args.json) if args.json else STATE / "results" / f"bench-{ts}.json"
+    results = {"params": {"size_mib": args.size_mib, "readers": args.readers,
+                          "only": args.only, "image_kind": args.image_kind,
+                          "random_ops": args.random_ops, "random_max_s": args.random_max_s,
+                          "imgfs_conf_extra": args.imgfs_conf_extra},
+               "env": {"host": socket.gethostname(), "kernel": platform.release(),
+                       "nproc": os.cpu_count(), "loadavg_start": procs.loadavg(),
+                       "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")},
+               "systems": {}, "failures": []}
+    failures: list[str] = results["failures"]
+    srv = None
+    systems: list[System] = []
+    rc = 0
+    try:
+        preflight(args)
+        log(f"loadavg at start: {results['env']['loadavg_start']}")
+        script = ensure_s3rver(STATE)
+        img, sha = ensure_image(STATE / "images", args.size_mib, args.image_kind)
+        size = img.stat().st_size
+        results["env"]["image"] = {"path": str(img), "sha256": sha, "bytes": size,
+                                   "kind": args.image_kind}
+        s3_dir.mkdir(parents=True, exist_ok=False)
+        srv = S3rver(script, s3_dir, log_dir / "s3rver.log")
+        srv.start()
+        key = str(uuid.uuid4())
+        log(f"s3rver pid {srv.pid} on {srv.endpoint}, data in {s3_dir}; uploading {img.name} "
+            f"as {BUCKET}/{key}")
+        up_s = srv.upload(img, key)
+        log(f"uploaded {size / MiB:.0f} MiB in {up_s:.1f}s")
+        drop_caches()
+        ceil1 = backend_ceiling(srv, key, size, 1)
+        ceil4 = backend_ceiling(srv, key, size, 4)
+        log(f"backend ceiling (curl to /dev/null): 1 stream {ceil1:.0f} MB/s, "
+            f"4 ranged streams {ceil4:.0f} MB/s")
+        results["env"].update(s3rver=f"s3rver {S3RVER_VERSION} (node "
+                                     f"{os.popen('node -v').read().strip()}), data on "
+                                     f"{'tmpfs' if str(s3_dir).startswith('/dev/shm') else s3_dir}",
+                              key=key, upload_s=up_s, backend_ceiling_1_mbps=ceil1,
+                              backend_ceiling_4_mbps=ceil4)
+        ctx = Ctx(run_dir=run_dir, log_dir=log_dir, endpoint=srv.endpoint, bucket=BUCKET,
+                  key=key, size=size, local_image=img,
+                  peer_read_ahead_kb=args.peer_read_ahead_kb or 16384,
+                  imgfs_conf_extra=args.imgfs_conf_extra)
+        runner = Runner(args, ctx, srv, sha)
+
+        plan: list[tuple[str, System, str]] = []
+        if "local" in args.only:
+            plan.append(("local", Local(ctx), "local"))
+        if "imgfs" in args.only:
+            plan.append(("imgfs", Imgfs(ctx), "fuse"))
+        if "s3fs" in args.only:
+            plan.append(("s3fs", S3fs(ctx), "fuse"))
+            if not args.no_variants:
+                plan.append(("s3fs", S3fs(ctx, "nocache"), "variant"))
+        if "rclone" in args.only:
+            plan.append(("rclone", Rclone(ctx), "fuse"))
+            if not args.no_variants:
+                plan.append(("rclone", Rclone(ctx, "off"), "variant"))
+
+        for col, s, kind in plan:
+            if kind != "local" and col != "imgfs" and args.peer_read_ahead_kb is None:
+                imgres = results["systems"].get("imgfs", {})
+                ra = imgres.get("read_ahead_kb")
+                ctx.peer_read_ahead_kb = ra if ra else 16384
+            systems.append(s)
+            entry = results["systems"].setdefault(col, {"variants": {}, "best_variant": {}})
+            log(f"=== {s.name}  (loadavg {procs.loadavg()})")
+            t0 = time.monotonic()
+            try:
+                if kind == "local":
+                    m, d = runner.local(s)
+                elif kind == "fuse":
+                    m, d = runner.fuse(s)
+                else:
+                    m, d = runner.cold_variant(s)
+            except BenchError as e:
+                msg = f"{s.name}: {e}"
+                log(f"FAILED {msg}")
+                failures.append(msg)
+                entry.setdefault("errors", []).append(str(e))
+                if kind != "variant":
+                    entry["error"] = str(e)
+                try:
+                    s.stop()
+                except BenchError as e2:
+                    failures.append(f"{s.name} stop: {e2}")
+                continue
+            finally:
+                if s.is_fuse and (not args.keep or kind == "variant"):
+                    try:
+                        s.teardown(keep_cache=False)
+                    except BenchError as e3:
+                        failures.append(f"{s.name} teardown: {e3}")
+            dt = time.monotonic() - t0
+            info = {"describe": s.describe(), "read_ahead_kb": s.read_ahead_kb,
+                    "metrics": m, "details": d, "seconds": dt, "loadavg_end": procs.loadavg()}
+            if kind == "variant":
+                entry["variants"][s.variant] = info
+                for k in ("seq_cold_1M", "seq_cold_4M"):
+                    if k in m and m[k] > entry.setdefault("metrics", {}).get(k, 0):
+                        entry["metrics"][k] = m[k]
+                        entry["best_variant"][k] = s.variant
+            else:
+                entry.update(info)
+                entry["verified"] = kind == "fuse"
+                if s.exit_codes and any(c not in (0, None) for c in s.exit_codes):
+                    entry["nonzero_exit_codes"] = s.exit_codes
+            log(f"=== {s.name} done in {dt:.0f}s")
+
+        results["env"]["loadavg_end"] = procs.loadavg()
+        results["env"]["seconds"] = time.monotonic() - t_start
+        results["env"]["peer_read_ahead_kb"] = ctx.peer_read_ahead_kb
+        table, rows = build_table(results, args.only)
+        results["table"] = rows
+        print_report(results, table, args, ctx)
+        json_path.parent.mkdir(parents=True, exist_ok=True)
+        json_path.write_text(json.dumps(results, indent=2, default=str))
+        print(f"\nresults JSON: {json_path}\nlogs: {log_dir}")
+        if failures:
+            print("\nFAILURES:", file=sys.stderr)
+            for f in failures:
+                print(f"  - {f}", file=sys.stderr)
+            rc = 1
+        if args.keep:
+            keep_up(systems, srv)
+    except (KeyboardInterrupt, Interrupted) as e:
+        log(f"interrupted ({e.__class__.__name__} {e}); cleaning up")
+        rc = 130
+    except BenchError as e:
+        log(f"FATAL: {e}")
+        rc = 2
+    except Exception:
+        traceback.print_exc()
+        rc = 3
+    finally:
+        # block further SIGTERM/SIGINT while we clean up
+        for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+            signal.signal(sig, signal.SIG_IGN)
+        procs.cleanup()
+        for s in systems:
+            if s.is_fuse and not args.keep:
+                shutil.rmtree(s.base, ignore_errors=True)
+        if s3_dir.exists() and not args.s3_data_dir:
+            shutil.rmtree(s3_dir, ignore_errors=True)
+        left = procs.running()
+        if left:
+            log(f"WARNING: still running: {left}")
+    return rc
+
+
+def keep_up(systems: list[System], srv: S3rver) -> None:
+    print(f"\n--keep: s3rver pid {srv.pid} at {srv.endpoint}", flush=True)
+    for s in systems:
+        if not s.is_fuse or s.variant != "main":
+            continue
+        try:
+            if s.proc is None:
+                s.start()
+            print(f"  {s.name}: pid {s.proc.pid}, file {s.path()}", flush=True)
+        except BenchError as e:
+            print(f"  {s.name}: could not remount: {e}", flush=True)
+    print("Press Ctrl-C (or send SIGTERM to this process) to stop everything.", flush=True)
+    while True:
+        signal.pause()
+
+
+def print_report(results: dict, table: str, args, ctx: Ctx) -> None:
+    env = results["env"]
+    out = []
+    out.append("")
+    out.append(f"imgfs benchmark  {env['started']}  host {env['host']}  kernel {env['kernel']}  "
+               f"{env['nproc']} CPUs")
+    out.append(f"loadavg at start: {env['loadavg_start']}   at end: {env['loadavg_end']}   "
+               f"run time {env['seconds'] / 60:.1f} min")
+    im = env["image"]
+    out.append(f"image: {im['kind']} {im['bytes'] / MiB:.0f} MiB  sha256 {im['sha256'][:16]}...  "
+               f"object {BUCKET}/{env['key']}")
+    out.append(f"backend: {env['s3rver']}; ceiling with curl -> /dev/null: "
+               f"1 stream {env['backend_ceiling_1_mbps']:.0f} MB/s, 4 ranged streams "
+               f"{env['backend_ceiling_4_mbps']:.0f} MB/s")
+    ras = {c: results["systems"].get(c, {}).get("read_ahead_kb") for c in ALL
+           if c in results["systems"]}
+    out.append("read_ahead_kb: " + ", ".join(f"{c}={v}" for c, v in ras.items())
+               + "  (peers set to imgfs's value; local = the disk's)")
+    out.append("MB/s = 10^6 B/s, wall clock around the whole dd; cold = cache emptied + daemon "
+               "restarted + drop_caches; warm = own cache full, drop_caches; pc = page cache")
+    out.append("")
+    out.append(table)
+    out.append("")
+    out.append("[v] = value from an alternative peer config (best of main and variant):")
+    for c in ("s3fs", "rclone"):
+        sysres = results["systems"].get(c)
+        if not sysres:
+            continue
+        if sysres.get("describe"):
+            out.append(f"  {c} (main): {sysres['describe']}")
+        for v, info in sysres.get("variants", {}).items():
+            out.append(f"  {c} [{v}]: {info['describe']}")
+    if "imgfs" in results["systems"] and results["systems"]["imgfs"].get("describe"):
+        out.append(f"  imgfs: {results['systems']['imgfs']['describe']}")
+    for c, sysres in results["systems"].items():
+        if sysres.get("nonzero_exit_codes"):
+            out.append(f"  NOTE: {c} exited with codes {sysres['nonzero_exit_codes']} on SIGTERM")
+        if sysres.get("error"):
+            out.append(f"  ERROR {c}: {sysres['error'].splitlines()[0]}")
+    print("\n".join(out), flush=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,199 @@
+"""Shared fixtures: a real S3 server (moto in server mode) on loopback, a counting proxy in front of it,
+and real kernel FUSE mounts of imgfs run as a child process, exactly as systemd would run it."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import boto3
+import pytest
+
+from .s3proxy import CountingProxy
+
+# Test credentials: every secret-leak test greps captured output for these.
+ACCESS_KEY = "AKIAIMGFSTESTKEY0001"
+SECRET_KEY = "imgfs-test-secret-Zq8vX2pL9wRt"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_for(predicate, timeout: float, what: str, interval: float = 0.05):
+    deadline = time.monotonic() + timeout
+    while True:
+        result = predicate()
+        if result:
+            return result
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(interval)
+
+
+def sha256_file(path: str | Path, bs: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(bs):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def drop_page_cache(path: str | Path) -> None:
+    """Make the kernel forget its cached pages of one file, so the next read reaches imgfs."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)
+
+
+def start_moto(log_path: Path, **env: str):
+    """A real S3 server (moto's server mode) on a free loopback port; returns (url, process)."""
+    port = free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+        stdout=open(log_path, "wb"), stderr=subprocess.STDOUT, start_new_session=True, env={**os.environ, **env},
+    )
+
+    def up():
+        if proc.poll() is not None:
+            raise RuntimeError(f"moto exited: {log_path.read_text()}")
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+            return True
+        except OSError:
+            return False
+
+    wait_for(up, 30, "moto server")
+    return f"http://127.0.0.1:{port}", proc
+
+
+@pytest.fixture(scope="session")
+def moto_url(tmp_path_factory):
+    url, proc = start_moto(tmp_path_factory.mktemp("moto") / "moto.log")
+    try:
+        yield url
+    finally:
+        proc.terminate()
+        proc.wait(10)
+
+
+@pytest.fixture
+def proxy(moto_url):
+    with CountingProxy(moto_url) as p:
+        yield p
+
+
+@pytest.fixture
+def s3(moto_url):
+    """A boto3 client talking straight to the S3 server (not through the proxy) and a fresh bucket."""
+    client = boto3.client(
+        "s3", endpoint_url=moto_url, aws_access_key_id=ACCESS_KEY, aws_secret_access_key=SECRET_KEY, region_name="us-east-1"
+    )
+    bucket = "glance-" + uuid.uuid4().hex[:12]
+    client.create_bucket(Bucket=bucket)
+    client.bucket = bucket  # type: ignore[attr-defined]
+    return client
+
+
+def write_config(path: Path, *, s3_url: str | None, bucket: str | None, cache_dir: Path, file_dir: Path | None = None,
+                 secret: str = SECRET_KEY, **imgfs_options) -> Path:
+    backends = []
+    lines = []
+    if s3_url:
+        backends.append("s3store:s3")
+        lines += ["[s3store]", f"s3_store_host = {s3_url}", f"s3_store_access_key = {ACCESS_KEY}",
+                  f"s3_store_secret_key = {secret}", f"s3_store_bucket = {bucket}", "s3_store_bucket_url_format = path", ""]
+    if file_dir:
+        backends.append("filestore:file")
+        lines += ["[filestore]", f"filesystem_store_datadir = {file_dir}", ""]
+    options = {"cache_dir": cache_dir, "chunk_size_mb": 1, "refresh_interval": 60, **imgfs_options}
+    text = "\n".join(
+        ["[DEFAULT]", "enabled_backends = " + ", ".join(backends), "", "[glance_store]",
+         f"default_backend = {backends[0].split(':')[0]}", ""]
+        + lines + ["[imgfs]"] + [f"{k} = {v}" for k, v in options.items()]
+    ) + "\n"
+    path.write_text(text)
+    return path
+
+
+@dataclass
+class Mount:
+    path: Path
+    proc: subprocess.Popen
+    log_path: Path
+    config: Path
+    cache_dir: Path
+    stopped: bool = field(default=False)
+
+    @property
+    def images(self) -> Path:
+        return self.path / "images"
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 30) -> int:
+        if not self.stopped:
+            self.proc.send_signal(sig)
+            self.proc.wait(timeout)
+            self.stopped = True
+        return self.proc.returncode
+
+
+def is_mounted(path: Path) -> bool:
+    with open("/proc/self/mountinfo") as f:
+        return any(line.split()[4] == str(path) for line in f)
+
+
+def start_mount(mnt: Path, config: Path, log_path: Path, cache_dir: Path, *extra: str) -> Mount:
+    mnt.mkdir(exist_ok=True)
+    log = open(log_path, "wb")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "imgfs", "mount", str(mnt), "--config-file", str(config), *extra],
+        stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+    )
+    m = Mount(mnt, proc, log_path, config, cache_dir)
+
+    def ready():
+        if proc.poll() is not None:
+            raise RuntimeError(f"imgfs exited with {proc.returncode}:\n{m.log()}")
+        return is_mounted(mnt) and (mnt / "images").is_dir()
+
+    wait_for(ready, 60, "the imgfs mount")
+    return m
+
+
+@pytest.fixture
+def mounter(tmp_path):
+    """Start imgfs mounts; every one is stopped at teardown, and must have exited cleanly and unmounted."""
+    mounts: list[Mount] = []
+
+    def start(config: Path, *extra: str, name: str = "mnt") -> Mount:
+        m = start_mount(tmp_path / name, config, tmp_path / f"{name}.log", tmp_path / "cache", *extra)
+        mounts.append(m)
+        return m
+
+    yield start
+    for m in mounts:
+        if not m.stopped:
+            code = m.stop()
+            assert code == 0, f"imgfs exited {code}:\n{m.log()}"
+        if is_mounted(m.path):
+            subprocess.run(["fusermount3", "-uz", str(m.path)], check=False)
+            pytest.fail(f"{m.path} still mounted after imgfs stopped")

@@ -1,0 +1,179 @@
+"""The chunk cache: verified, bounded, persistent, and never able to fail a read."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from imgfs.cache import ChunkCache
+from imgfs.model import ChunkKey
+
+CS = 64 * 1024
+
+
+def key(index: int, image: str = "img", version: str = "v1", store: str = "s") -> ChunkKey:
+    return ChunkKey(store, image, version, CS, index)
+
+
+def data(index: int, size: int = CS) -> bytes:
+    return bytes([index % 251]) * (size - 8) + index.to_bytes(8, "big")
+
+
+def make(root: Path, *, max_bytes=100 * CS, max_count=1000, memory=0) -> ChunkCache:
+    return ChunkCache(str(root), max_bytes=max_bytes, max_count=max_count, memory_bytes=memory)
+
+
+def chunk_files(root: Path) -> list[Path]:
+    return sorted(p for p in (root / "chunks").rglob("*") if p.is_file())
+
+
+async def test_roundtrip_and_survives_restart(tmp_path):
+    cache = make(tmp_path)
+    await cache.open()
+    for i in range(5):
+        await cache.put(key(i), data(i))
+    assert cache.count == 5 and len(chunk_files(tmp_path)) == 5
+    assert bytes(await cache.get(key(3))) == data(3)
+
+    again = make(tmp_path)
+    await again.open()
+    assert again.count == 5
+    for i in range(5):
+        assert bytes(await again.get(key(i))) == data(i)
+    assert await again.get(key(9)) is None
+    assert again.stats.hits == 5 and again.stats.misses == 1
+
+
+async def test_other_version_or_chunk_size_is_a_miss(tmp_path):
+    cache = make(tmp_path)
+    await cache.open()
+    await cache.put(key(0), data(0))
+    assert await cache.get(key(0, version="v2")) is None
+    assert await cache.get(ChunkKey("s", "img", "v1", CS * 2, 0)) is None
+    assert await cache.get(key(0, store="other")) is None
+
+
+@pytest.mark.parametrize("damage", ["bitflip", "truncate", "delete", "garbage_header"])
+async def test_damaged_chunk_is_dropped_never_returned(tmp_path, damage):
+    cache = make(tmp_path)
+    await cache.open()
+    await cache.put(key(0), data(0))
+    (path,) = chunk_files(tmp_path)
+    raw = bytearray(path.read_bytes())
+    if damage == "bitflip":
+        raw[-100] ^= 0x01
+        path.write_bytes(raw)
+    elif damage == "truncate":
+        path.write_bytes(raw[: len(raw) // 2])
+    elif damage == "delete":
+        path.unlink()
+    else:
+        path.write_bytes(b"\x00" * 64 + raw[64:])
+    assert await cache.get(key(0)) is None
+    assert not path.exists()
+    assert cache.count == 0
+    assert cache.stats.corrupt == (0 if damage == "delete" else 1)
+    # and a fresh fill works again
+    await cache.put(key(0), data(0))
+    assert bytes(await cache.get(key(0))) == data(0)
+
+
+async def test_lru_eviction_by_size_and_count(tmp_path):
+    entry = CS + 200  # data + header + key
+    cache = make(tmp_path, max_bytes=4 * entry)
+    await cache.open()
+    for i in range(4):
+        await cache.put(key(i), data(i))
+    assert await cache.get(key(0)) is not None  # 0 is now the most recently used
+    await cache.put(key(4), data(4))
+    assert cache.count == 4 and cache.stats.evictions == 1
+    assert not cache.contains(key(1)) and cache.contains(key(0))
+    assert cache.used_bytes <= 4 * entry
+
+    counted = make(tmp_path / "c", max_count=2)
+    await counted.open()
+    for i in range(3):
+        await counted.put(key(i), data(i))
+    assert counted.count == 2 and len(chunk_files(tmp_path / "c")) == 2
+
+
+async def test_limits_enforced_at_start_and_lru_order_kept(tmp_path):
+    cache = make(tmp_path)
+    await cache.open()
+    for i in range(6):
+        await cache.put(key(i), data(i))
+    for i in (0, 1):  # make 0 and 1 the most recently used (hits refresh the file's mtime)
+        os.utime(next(p for p in chunk_files(tmp_path) if p.name.endswith(f".{i}")), (2e9, 2e9))
+    smaller = make(tmp_path, max_count=2)
+    await smaller.open()
+    assert smaller.count == 2 and smaller.contains(key(0)) and smaller.contains(key(1))
+    assert len(chunk_files(tmp_path)) == 2
+
+
+async def test_drop_other_versions(tmp_path):
+    cache = make(tmp_path, memory=10 * CS)
+    await cache.open()
+    await cache.put(key(0, version="old"), data(0))
+    await cache.put(key(1, version="old"), data(1))
+    await cache.put(key(0, version="new"), data(7))
+    await cache.put(key(0, image="other", version="old"), data(0))
+    assert await cache.drop("s", "img", keep_version="new") == 2
+    assert cache.get_memory(key(0, version="old")) is None
+    assert await cache.get(key(0, version="old")) is None
+    assert bytes(await cache.get(key(0, version="new"))) == data(7)
+    assert cache.contains(key(0, image="other", version="old"))
+    assert cache.cached_chunks("s", "img", "new", CS) == 1
+
+
+async def test_stray_files_and_interrupted_fills_are_cleaned(tmp_path):
+    cache = make(tmp_path)
+    await cache.open()
+    await cache.put(key(0), data(0))
+    (tmp_path / "tmp" / "half-written").write_bytes(b"x" * 100)
+    (tmp_path / "chunks" / "junk-file").write_bytes(b"x")
+    image_dir = chunk_files(tmp_path)[0].parent
+    (image_dir / "not-a-chunk-name").write_bytes(b"x")
+    again = make(tmp_path)
+    await again.open()
+    assert again.count == 1
+    assert sorted(p.name for p in (tmp_path / "tmp").iterdir()) == []
+    assert not (tmp_path / "chunks" / "junk-file").exists()
+    assert not (image_dir / "not-a-chunk-name").exists()
+
+
+async def test_unusable_cache_dir_means_no_disk_cache_not_failure(tmp_path, caplog):
+    blocker = tmp_path / "file"
+    blocker.write_text("I am a file")
+    cache = make(blocker / "cache")  # cannot create a directory under a file
+    await cache.open()
+    assert not cache.disk_ok
+    await cache.put(key(0), data(0))  # no exception
+    assert await cache.get(key(0)) is None
+    assert "serving without a disk cache" in caplog.text
+
+
+@pytest.fixture
+def tiny_fs(tmp_path):
+    mnt = tmp_path / "tiny"
+    mnt.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(mnt)], check=True)
+    yield mnt
+    subprocess.run(["umount", str(mnt)], check=True)
+
+
+async def test_full_disk_logs_and_keeps_going(tiny_fs, caplog):
+    cache = make(tiny_fs, max_bytes=100 * CS, memory=0)  # the limit allows far more than the disk holds
+    await cache.open()
+    for i in range(8):  # 8 x 64 KiB > 256 KiB
+        await cache.put(key(i), data(i))
+    assert cache.stats.fill_failures >= 4
+    assert "No space left on device" in caplog.text and "lower cache_max_size_gb" in caplog.text
+    assert caplog.text.count("cannot store chunks") == 1  # rate limited: one line, not one per chunk
+    assert cache.count == cache.stats.fills  # the index holds exactly what is on disk
+    assert not list((tiny_fs / "tmp").iterdir())  # failed fills leave nothing behind
+    for i in range(8):
+        got = await cache.get(key(i))
+        assert got is None or bytes(got) == data(i)

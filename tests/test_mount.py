@@ -1,0 +1,266 @@
+"""Real kernel FUSE mounts of imgfs (a child process, as systemd runs it) against a real S3 server on
+loopback (moto in server mode), with a counting proxy between them to see every request."""
+
+from __future__ import annotations
+
+import errno
+import os
+import random
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+
+from .conftest import (ACCESS_KEY, SECRET_KEY, drop_page_cache, is_mounted, sha256, sha256_file, start_moto, wait_for,
+                       write_config)
+
+pytestmark = pytest.mark.mount
+MiB = 1 << 20
+IMAGE_A = "6f1b2f5e-9a7c-4a57-9d0e-2f6a1c7d3b11"
+IMAGE_B = "0c9d8e7f-1a2b-4c3d-8e9f-a0b1c2d3e4f5"
+
+
+def blob(size: int, seed: int) -> bytes:
+    return random.Random(seed).randbytes(size)
+
+
+@pytest.fixture
+def store(s3, tmp_path):
+    """Two images in S3 (one with a size that is not a chunk multiple), one in a file store."""
+    images = {IMAGE_A: blob(5 * MiB + 12345, 1), IMAGE_B: blob(2 * MiB, 2)}
+    for key, data in images.items():
+        s3.put_object(Bucket=s3.bucket, Key=key, Body=data)
+    file_dir = tmp_path / "filestore"
+    file_dir.mkdir()
+    file_image = blob(3 * MiB + 1, 3)
+    (file_dir / "f00d0000-0000-4000-8000-000000000001").write_bytes(file_image)
+    return images, file_dir, {"f00d0000-0000-4000-8000-000000000001": file_image}
+
+
+def config_for(tmp_path, proxy, s3, file_dir=None, **options):
+    return write_config(tmp_path / "imgfs.conf", s3_url=proxy.url, bucket=s3.bucket, cache_dir=tmp_path / "cache",
+                        file_dir=file_dir, **options)
+
+
+def test_every_image_reads_back_exactly(tmp_path, proxy, s3, store, mounter):
+    s3_images, file_dir, file_images = store
+    m = mounter(config_for(tmp_path, proxy, s3, file_dir))
+    listing = {p.name: p.stat().st_size for p in m.images.iterdir()}
+    expected = {**s3_images, **file_images}
+    assert listing == {k: len(v) for k, v in expected.items()}
+    for image_id, data in expected.items():
+        path = m.images / image_id
+        st = path.stat()
+        assert oct(st.st_mode & 0o777) == "0o444"
+        assert sha256_file(path) == sha256(data), image_id
+    for image_id, data in s3_images.items():
+        assert sha256_file(m.path / "stores" / "s3store" / image_id) == sha256(data)
+    for image_id, data in file_images.items():
+        assert sha256_file(m.path / "stores" / "filestore" / image_id) == sha256(data)
+    assert sorted(os.listdir(m.path / "stores")) == ["filestore", "s3store"]
+    # mtime comes from the object
+    head = s3.head_object(Bucket=s3.bucket, Key=IMAGE_A)
+    assert abs((m.images / IMAGE_A).stat().st_mtime - head["LastModified"].timestamp()) < 1
+    # and bytes via dd with a large block size, as a hypervisor would copy it
+    out = tmp_path / "copy.raw"
+    subprocess.run(["dd", f"if={m.images / IMAGE_A}", f"of={out}", "bs=4M", "status=none"], check=True)
+    assert sha256_file(out) == sha256(s3_images[IMAGE_A])
+
+
+def test_second_read_makes_no_backend_get(tmp_path, proxy, s3, store, mounter):
+    m = mounter(config_for(tmp_path, proxy, s3, memory_cache_mb=0))
+    path = m.images / IMAGE_A
+    assert sha256_file(path) == sha256(store[0][IMAGE_A])
+    gets = len(proxy.gets(IMAGE_A))
+    assert gets == 6  # 5 MiB + a bit, in 1 MiB chunks
+    drop_page_cache(path)
+    assert sha256_file(path) == sha256(store[0][IMAGE_A])
+    assert len(proxy.gets(IMAGE_A)) == gets
+    # ... and after a restart of the daemon too: the cache persists
+    assert m.stop() == 0
+    m2 = mounter(m.config, name="mnt2")
+    assert sha256_file(m2.images / IMAGE_A) == sha256(store[0][IMAGE_A])
+    assert len(proxy.gets(IMAGE_A)) == gets
+
+
+def test_concurrent_cold_readers_fetch_each_chunk_once(tmp_path, proxy, s3, store, mounter):
+    m = mounter(config_for(tmp_path, proxy, s3))
+    path = m.images / IMAGE_A
+    digests, errors = [], []
+
+    def reader(bs):
+        try:
+            digests.append(sha256_file(path, bs))
+        except Exception as e:  # noqa: BLE001 - reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=reader, args=(random.choice([4096, 65536, MiB, 4 * MiB]),)) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert not errors
+    assert digests == [sha256(store[0][IMAGE_A])] * 8
+    ranges = [r.range for r in proxy.gets(IMAGE_A)]
+    assert len(ranges) == len(set(ranges)) == 6, ranges
+    assert sum(r.body_bytes for r in proxy.gets(IMAGE_A)) == len(store[0][IMAGE_A])
+
+
+def test_corrupted_cache_chunk_is_refetched(tmp_path, proxy, s3, store, mounter):
+    m = mounter(config_for(tmp_path, proxy, s3, memory_cache_mb=0))
+    path = m.images / IMAGE_B
+    data = store[0][IMAGE_B]
+    assert sha256_file(path) == sha256(data)
+    chunk_files = sorted(p for p in (tmp_path / "cache" / "chunks").rglob("*") if p.is_file())
+    assert len(chunk_files) == 2
+    victim = next(p for p in chunk_files if p.name.endswith(".1"))
+    raw = bytearray(victim.read_bytes())
+    raw[len(raw) // 2] ^= 0x40
+    victim.write_bytes(raw)
+    proxy.reset()
+    drop_page_cache(path)
+    assert sha256_file(path) == sha256(data)
+    assert [r.range for r in proxy.gets(IMAGE_B)] == [f"bytes={MiB}-{2 * MiB - 1}"]
+    assert "failed verification" in m.log()
+
+
+def test_replaced_object_never_mixes_bytes(tmp_path, proxy, s3, store, mounter):
+    m = mounter(config_for(tmp_path, proxy, s3, refresh_interval=1, memory_cache_mb=0, prefetch_max_mb=0))
+    path = m.images / IMAGE_A
+    old, new = store[0][IMAGE_A], blob(len(store[0][IMAGE_A]), 99)
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        first = os.pread(fd, MiB, 0)
+        assert first == old[:MiB]
+        s3.put_object(Bucket=s3.bucket, Key=IMAGE_A, Body=new)
+        got = bytearray(first)
+        with pytest.raises(OSError) as info:
+            for off in range(MiB, len(old), MiB):
+                got += os.pread(fd, MiB, off)
+        assert info.value.errno in (errno.ESTALE, errno.EIO)
+        assert bytes(got) == old[: len(got)]  # whatever was returned is the old version only
+    finally:
+        os.close(fd)
+    # after the catalog notices (refresh every 1 s), a reopen reads the new version, whole
+    wait_for(lambda: (m.images / IMAGE_A).stat() and sha256_file(path) == sha256(new), 30, "the new version")
+    version = os.getxattr(path, "user.imgfs.version").decode()
+    assert version == s3.head_object(Bucket=s3.bucket, Key=IMAGE_A)["ETag"].strip('"')
+    assert "dropped" in m.log()  # the old chunks left the cache
+
+
+def test_writes_are_refused(tmp_path, proxy, s3, store, mounter):
+    m = mounter(config_for(tmp_path, proxy, s3))
+    path = m.images / IMAGE_B
+    for flags in (os.O_WRONLY, os.O_RDWR, os.O_RDONLY | os.O_TRUNC):
+        with pytest.raises(OSError) as info:
+            os.open(path, flags)
+        assert info.value.errno in (errno.EROFS, errno.EACCES)
+    checks = [
+        lambda: os.truncate(path, 0),
+        lambda: os.unlink(path),
+        lambda: os.mkdir(m.images / "new"),
+        lambda: os.open(m.images / "new", os.O_CREAT | os.O_WRONLY),
+        lambda: os.rename(path, m.images / "renamed"),
+        lambda: os.chmod(path, 0o666),
+        lambda: os.setxattr(path, "user.imgfs.size", b"1"),
+        lambda: os.symlink("x", m.images / "link"),
+    ]
+    for check in checks:
+        with pytest.raises(OSError) as info:
+            check()
+        assert info.value.errno in (errno.EROFS, errno.EACCES, errno.EPERM, errno.ENOTSUP), info.value
+    assert sha256_file(path) == sha256(store[0][IMAGE_B])
+
+
+def test_new_object_found_by_lookup_and_removed_one_disappears(tmp_path, proxy, s3, store, mounter):
+    m = mounter(config_for(tmp_path, proxy, s3, refresh_interval=2))
+    late = "1a7e0000-0000-4000-8000-00000000abcd"
+    data = blob(MiB // 2, 7)
+    s3.put_object(Bucket=s3.bucket, Key=late, Body=data)
+    assert (m.images / late).stat().st_size == len(data)  # a lookup asks the store before ENOENT
+    assert sha256_file(m.images / late) == sha256(data)
+    assert not (m.images / "no-such-image").exists()
+    s3.delete_object(Bucket=s3.bucket, Key=IMAGE_B)
+    wait_for(lambda: IMAGE_B not in os.listdir(m.images), 20, "the deleted image to disappear")
+    assert not (m.images / IMAGE_B).exists()
+
+
+def test_xattrs_describe_without_secrets(tmp_path, proxy, s3, store, mounter):
+    m = mounter(config_for(tmp_path, proxy, s3))
+    path = m.images / IMAGE_B
+    names = os.listxattr(path)
+    assert {"user.imgfs.size", "user.imgfs.stores", "user.imgfs.version", "user.imgfs.cached_fraction"} <= set(names)
+    assert os.getxattr(path, "user.imgfs.size") == str(2 * MiB).encode()
+    assert os.getxattr(path, "user.imgfs.cached_fraction") == b"0.0000"
+    sha256_file(path)
+    wait_for(lambda: os.getxattr(path, "user.imgfs.cached_fraction") == b"1.0000", 10, "the cache to fill")
+    dump = subprocess.run(["getfattr", "-d", "-m", "-", str(path)], capture_output=True, text=True, check=True).stdout
+    assert "user.imgfs.store" in dump
+    assert SECRET_KEY not in dump and ACCESS_KEY not in dump
+
+
+def test_secrets_never_in_logs_or_errors(tmp_path, proxy, s3, store, mounter):
+    """At DEBUG, through a good read and through a real S3 server that refuses our credentials (HTTP 403):
+    neither key appears in the daemon's log, in check-config's output or in what a reader sees."""
+    m = mounter(config_for(tmp_path, proxy, s3), "--debug")
+    sha256_file(m.images / IMAGE_B)
+    assert m.stop() == 0
+    good_log = m.log()
+    assert "DEBUG imgfs.reader: fetched chunk" in good_log
+
+    url, moto = start_moto(tmp_path / "moto-auth.log", INITIAL_NO_AUTH_ACTION_COUNT="0")  # IAM auth enforced
+    try:
+        refused = write_config(tmp_path / "refused.conf", s3_url=url, bucket="glance", cache_dir=tmp_path / "cache2")
+        m2 = mounter(refused, "--debug", name="mnt2")
+        with pytest.raises(FileNotFoundError) as info:
+            (m2.images / IMAGE_A).stat()
+        assert m2.stop() == 0
+        check = subprocess.run([sys.executable, "-m", "imgfs", "check-config", "--probe", "--config-file", str(refused)],
+                               capture_output=True, text=True, timeout=60)
+    finally:
+        moto.terminate()
+        moto.wait(10)
+    assert check.returncode == 1
+    assert "access denied while listing the bucket (HTTP 403" in check.stdout
+    assert "check s3_store_access_key / s3_store_secret_key" in m2.log()
+    everything = good_log + m2.log() + str(info.value) + check.stdout + check.stderr
+    for secret in (SECRET_KEY, ACCESS_KEY):
+        assert secret not in everything
+
+
+def test_sigterm_unmounts_cleanly_even_with_a_reader(tmp_path, proxy, s3, store, mounter):
+    m = mounter(config_for(tmp_path, proxy, s3))
+    fd = os.open(m.images / IMAGE_B, os.O_RDONLY)
+    try:
+        os.pread(fd, 4096, 0)
+        assert m.stop(signal.SIGTERM) == 0
+    finally:
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+    assert not is_mounted(m.path)
+    assert "received SIGTERM: unmounting" in m.log() and "unmounted" in m.log()
+
+
+def test_unreachable_store_still_mounts_and_says_why(tmp_path, mounter):
+    dead = f"http://127.0.0.1:{_closed_port()}"
+    cfg = write_config(tmp_path / "dead.conf", s3_url=dead, bucket="glance", cache_dir=tmp_path / "cache",
+                       s3_max_attempts=1, s3_connect_timeout=1)
+    start = time.monotonic()
+    m = mounter(cfg)
+    assert time.monotonic() - start < 30
+    assert os.listdir(m.images) == []
+    lines = [line for line in m.log().splitlines() if "cannot connect" in line]
+    assert len(lines) == 1 and "check s3_store_host" in lines[0]
+
+
+def _closed_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

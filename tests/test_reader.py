@@ -1,0 +1,155 @@
+"""The read path on the in-memory store: exact bytes, single flight, prefetch, errors never padded."""
+
+from __future__ import annotations
+
+import os
+import random
+
+import pytest
+import trio
+
+from imgfs.backends.memory import MemoryBackend
+from imgfs.cache import ChunkCache
+from imgfs.errors import BackendError, ShortRead, StaleImage
+from imgfs.reader import ChunkFetcher, ImageReader
+
+CS = 64 * 1024
+
+
+@pytest.fixture
+async def parts(tmp_path, nursery):
+    backend = MemoryBackend(name="mem")
+    cache = ChunkCache(str(tmp_path / "cache"), max_bytes=1 << 30, max_count=10_000, memory_bytes=4 * CS)
+    await cache.open()
+    fetcher = ChunkFetcher(cache, {"mem": backend}, chunk_size=CS, max_connections=4)
+    fetcher.attach(nursery)
+    return backend, cache, fetcher
+
+
+async def settle(fetcher: ChunkFetcher) -> None:
+    """Wait until every fetch, and the cache fill that follows it, is done."""
+    while fetcher.inflight:
+        await trio.sleep(0.005)
+
+
+def image(size: int, seed: int = 1) -> bytes:
+    return random.Random(seed).randbytes(size)
+
+
+async def test_exact_bytes_at_every_boundary(parts):
+    backend, _, fetcher = parts
+    data = image(5 * CS + 123)
+    loc = backend.put("img", data)
+    reader = ImageReader(fetcher, loc, prefetch_max=0)
+    cases = [(0, 1), (0, CS), (CS - 1, 2), (CS - 1, CS + 2), (3 * CS + 5, 2 * CS), (len(data) - 1, 10),
+             (len(data), 10), (len(data) + 100, 10), (0, len(data) + 1000), (0, 0)]
+    for offset, size in cases:
+        assert await reader.read(offset, size) == data[offset : offset + size], (offset, size)
+
+
+async def test_concurrent_readers_fetch_each_chunk_once(parts):
+    backend, _, fetcher = parts
+    backend.latency = 0.02  # keep fetches in flight while the other readers arrive
+    data = image(8 * CS)
+    loc = backend.put("img", data)
+    results = {}
+
+    async def read_all(n):
+        reader = ImageReader(fetcher, loc, prefetch_max=4 * CS)
+        out = bytearray()
+        for off in range(0, len(data), 16 * 1024):
+            out += await reader.read(off, 16 * 1024)
+        results[n] = bytes(out)
+
+    async with trio.open_nursery() as n:
+        for i in range(12):
+            n.start_soon(read_all, i)
+    assert all(r == data for r in results.values())
+    assert sorted(backend.reads) == [("img", i * CS) for i in range(8)]
+    assert set(backend.reads.values()) == {1}
+
+
+async def test_second_read_comes_from_cache(parts):
+    backend, cache, fetcher = parts
+    data = image(6 * CS)
+    loc = backend.put("img", data)
+    await ImageReader(fetcher, loc, prefetch_max=0).read(0, len(data))
+    await settle(fetcher)  # let the background fills land
+    before = sum(backend.reads.values())
+    cache._memory.clear()  # force the disk tier
+    assert await ImageReader(fetcher, loc, prefetch_max=0).read(0, len(data)) == data
+    assert sum(backend.reads.values()) == before
+    assert cache.stats.hits == 6
+
+
+async def test_sequential_reads_prefetch_and_random_reads_do_not(parts):
+    backend, _, fetcher = parts
+    data = image(40 * CS)
+    loc = backend.put("seq", data)
+    reader = ImageReader(fetcher, loc, prefetch_max=8 * CS)
+    for off in range(0, 4 * CS, 16 * 1024):
+        assert await reader.read(off, 16 * 1024) == data[off : off + 16 * 1024]
+    await settle(fetcher)
+    ahead = [off // CS for (_, off) in backend.reads if off >= 4 * CS]
+    assert ahead, "a sequential reader must prefetch beyond what it read"
+    assert max(ahead) <= 4 + 8  # never more than the window
+
+    loc2 = backend.put("rand", image(40 * CS, seed=2))
+    reader2 = ImageReader(fetcher, loc2, prefetch_max=8 * CS)
+    rng = random.Random(5)
+    offsets = rng.sample(range(0, 40 * CS - 4096, 4096 * 37), 15)
+    for off in offsets:
+        await reader2.read(off, 4096)
+    await settle(fetcher)
+    fetched = {off for (img, off) in backend.reads if img == "rand"}
+    assert fetched <= {off // CS * CS for off in offsets}  # only the chunks asked for
+    assert fetcher.stats.prefetches >= 1
+
+
+async def test_short_store_read_is_an_error_not_zeros(parts):
+    backend, cache, fetcher = parts
+    loc = backend.put("img", image(3 * CS))
+    backend.short_reads = 1
+    with pytest.raises(ShortRead):
+        await ImageReader(fetcher, loc, prefetch_max=0).read(0, 100)
+    assert not cache.contains(fetcher.key(loc, 0))  # nothing wrong was cached
+    assert await ImageReader(fetcher, loc, prefetch_max=0).read(0, 100) == backend.images["img"][0][:100]
+
+
+async def test_store_failure_is_eio_and_not_cached(parts):
+    backend, cache, fetcher = parts
+    loc = backend.put("img", image(2 * CS))
+    backend.fail_reads = 1
+    with pytest.raises(BackendError) as info:
+        await ImageReader(fetcher, loc, prefetch_max=0).read(0, 10)
+    assert info.value.errno == 5  # EIO
+    assert await ImageReader(fetcher, loc, prefetch_max=0).read(0, 10) == backend.images["img"][0][:10]
+
+
+async def test_replaced_image_gives_estale_never_mixed_bytes(parts):
+    backend, cache, fetcher = parts
+    stale = []
+    fetcher.on_stale = stale.append
+    old = image(4 * CS, seed=1)
+    loc = backend.put("img", old)
+    reader = ImageReader(fetcher, loc, prefetch_max=0)
+    assert await reader.read(0, CS) == old[:CS]
+    new = image(4 * CS, seed=2)
+    backend.put("img", new)
+    got = bytearray(await reader.read(0, CS))  # cached: the same old version
+    with pytest.raises(StaleImage) as info:
+        got += await reader.read(CS, CS)  # would need the store: refused, not mixed
+    assert info.value.errno == 116  # ESTALE
+    assert bytes(got) == old[:CS]
+    assert stale == [loc]
+
+
+async def test_interrupted_reader_does_not_break_the_fetch(parts):
+    backend, _, fetcher = parts
+    backend.latency = 0.2
+    data = image(CS)
+    loc = backend.put("img", data)
+    with trio.move_on_after(0.05):
+        await ImageReader(fetcher, loc, prefetch_max=0).read(0, CS)
+    assert await ImageReader(fetcher, loc, prefetch_max=0).read(0, CS) == data
+    assert backend.reads[("img", 0)] == 1  # the second reader joined the first fetch
