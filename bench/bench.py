@@ -48,10 +48,11 @@ METRICS = [
     ("warm_backend_x", "  backend bytes/size, warm reads", "x", "lo", None),
     ("seq_reread_1M", "re-read (page cache hot), 1M", "MB/s", "hi", None),
     ("ttfb_ms", "TTFB cold (open + 4 KiB @0)", "ms", "lo", None),
-    ("rand_cold_iops", "random 4K cold, QD1", "IOPS", "hi", None),
-    ("rand_cold_mbps", "random 4K cold, QD1", "MB/s", "hi", None),
+    ("ttfb_backend_mib", "  backend MiB fetched for that 4 KiB", "MiB", "lo", None),
+    ("rand_cold_iops", "random 4K cold (after TTFB), QD1", "IOPS", "hi", None),
+    ("rand_cold_mbps", "random 4K cold (after TTFB), QD1", "MB/s", "hi", None),
     ("rand_cold_p99_ms", "random 4K cold, p99 latency", "ms", "lo", None),
-    ("rand_cold_backend_mib", "  backend MiB for the cold 4K reads", "MiB", "lo", None),
+    ("rand_cold_backend_mib", "  backend MiB for those cold 4K reads", "MiB", "lo", None),
     ("rand_warm_iops", "random 4K warm (pc dropped), QD1", "IOPS", "hi", None),
     ("rand_warm_mbps", "random 4K warm (pc dropped), QD1", "MB/s", "hi", None),
     ("rand_warm_p99_ms", "random 4K warm, p99 latency", "ms", "lo", None),
@@ -108,32 +109,51 @@ class Runner:
         log(f"  {s.name:14s} sha256 of full read ({what}) OK")
         return {"what": what, **r}
 
+    def rep(self, s: System, bs: str, what: str, prep) -> dict:
+        """--repeat samples of one dd row; prep() runs before each sample.
+        Summary: median MB/s, worst (max) backend ratio; all samples kept."""
+        samples = []
+        for _ in range(self.args.repeat):
+            if prep is not None:
+                prep()
+            samples.append(self.seq(s, bs, what))
+        mb = sorted(x["mbps"] for x in samples)
+        cpu = sorted(x["s3rver_cpu_s"] for x in samples)
+        return {"mbps": mb[len(mb) // 2], "mbps_min": mb[0], "mbps_max": mb[-1],
+                "backend_x": max(x["backend_x"] for x in samples),
+                "s3rver_cpu_s": cpu[len(cpu) // 2], "samples": samples}
+
+    def ttfb_rep(self, s: System) -> dict:
+        samples = []
+        for _ in range(self.args.repeat):
+            s.cold()
+            with BackendMeter(self.srv) as mt:
+                r = measure.ttfb(s.path(), self.ctx.local_image)
+            r["backend_bytes"] = mt.bytes
+            samples.append(r)
+            log(f"  {s.name:14s} TTFB cold: {r['ttfb_ms']:.2f} ms, backend {mt.bytes / MiB:.1f} MiB")
+        ms = sorted(x["ttfb_ms"] for x in samples)
+        return {"ttfb_ms": ms[len(ms) // 2], "backend_bytes": max(x["backend_bytes"] for x in samples),
+                "samples": samples}
+
     # -- per kind ---------------------------------------------------------
     def local(self, s: Local) -> tuple[dict, dict]:
-        d, m = {}, {}
+        d = {}
         s.start()
-        for bs in ("1M", "4M"):
-            s.cold()
-            d[f"cold_{bs}"] = measure.dd(s.path(), bs, self.size, self.dd_timeout)
-            s.cold()
-            d[f"warm_{bs}"] = measure.dd(s.path(), bs, self.size, self.dd_timeout)
-        d["reread_1M"] = measure.dd(s.path(), "1M", self.size, self.dd_timeout)
-        for k in ("cold_1M", "cold_4M", "warm_1M", "warm_4M", "reread_1M"):
-            log(f"  local          {k:24s}: {d[k]['mbps']:8.1f} MB/s")
+        d["cold_1M"] = self.rep(s, "1M", "cold (disk)", s.cold)
+        d["cold_4M"] = self.rep(s, "4M", "cold (disk)", s.cold)
+        # for the local file "warm" is the same thing as cold: the disk, page cache dropped
+        d["warm_1M"] = self.rep(s, "1M", "warm (= disk)", s.cold)
+        d["warm_4M"] = self.rep(s, "4M", "warm (= disk)", s.cold)
+        d["reread_1M"] = self.rep(s, "1M", "re-read (pc hot)", None)
+        d["ttfb"] = self.ttfb_rep(s)
         s.cold()
-        d["ttfb"] = measure.ttfb(s.path(), self.ctx.local_image)
+        d["rand_cold"] = self.rand(s, 3, "random 4K (disk)")
         s.cold()
-        d["rand_cold"] = measure.random_reads(s.path(), self.ctx.local_image, self.size,
-                                              self.args.random_ops, 3, self.args.random_max_s)
+        d["rand_warm"] = self.rand(s, 2, "random 4K (disk)")
         s.cold()
-        d["rand_warm"] = measure.random_reads(s.path(), self.ctx.local_image, self.size,
-                                              self.args.random_ops, 2, self.args.random_max_s)
-        s.cold()
-        d["conc"] = measure.concurrent(s.path(), self.args.readers, "1M", self.size,
-                                       self.args.conc_timeout)
-        log(f"  local          random cold {d['rand_cold']['iops']:.0f} IOPS, "
-            f"{self.args.readers} readers {d['conc']['agg_mbps']:.0f} MB/s aggregate")
-        m.update(seq_cold_1M=d["cold_1M"]["mbps"], seq_cold_4M=d["cold_4M"]["mbps"],
+        d["conc"] = self.conc(s)
+        m = dict(seq_cold_1M=d["cold_1M"]["mbps"], seq_cold_4M=d["cold_4M"]["mbps"],
                  seq_warm_1M=d["warm_1M"]["mbps"], seq_warm_4M=d["warm_4M"]["mbps"],
                  seq_reread_1M=d["reread_1M"]["mbps"], ttfb_ms=d["ttfb"]["ttfb_ms"],
                  rand_cold_iops=d["rand_cold"]["iops"], rand_cold_mbps=d["rand_cold"]["mbps"],
@@ -144,25 +164,18 @@ class Runner:
         return m, d
 
     def fuse(self, s: System) -> tuple[dict, dict]:
-        d, m = {}, {}
+        d = {}
         s.setup()
-        s.cold()
-        d["cold_1M"] = self.seq(s, "1M", "cold")
-        s.drop()
-        d["warm_1M"] = self.seq(s, "1M", "warm (pc dropped)")
-        s.drop()
-        d["warm_4M"] = self.seq(s, "4M", "warm (pc dropped)")
-        d["reread_1M"] = self.seq(s, "1M", "re-read (pc hot)")
+        d["cold_1M"] = self.rep(s, "1M", "cold", s.cold)
+        d["warm_1M"] = self.rep(s, "1M", "warm (pc dropped)", s.drop)
+        d["warm_4M"] = self.rep(s, "4M", "warm (pc dropped)", s.drop)
+        d["reread_1M"] = self.rep(s, "1M", "re-read (pc hot)", None)
         d["verify_seq"] = self.verify(s, "after cold sequential fill")
-        s.warm_restart()
-        d["warm_restart_1M"] = self.seq(s, "1M", "warm after restart")
+        d["warm_restart_1M"] = self.rep(s, "1M", "warm after restart", s.warm_restart)
         s.drop()
         d["rand_warm"] = self.rand(s, 2, "random 4K warm")
-        s.cold()
-        d["cold_4M"] = self.seq(s, "4M", "cold")
-        s.cold()
-        d["ttfb"] = measure.ttfb(s.path(), self.ctx.local_image)
-        log(f"  {s.name:14s} TTFB cold: {d['ttfb']['ttfb_ms']:.2f} ms")
+        d["cold_4M"] = self.rep(s, "4M", "cold", s.cold)
+        d["ttfb"] = self.ttfb_rep(s)        # ends on a cold daemon that read 4 KiB @0
         d["rand_cold"] = self.rand(s, 3, "random 4K cold")
         s.cold()
         d["conc"] = self.conc(s)
@@ -173,12 +186,13 @@ class Runner:
         d["exit_codes"] = s.exit_codes
         d["start_s"] = s.start_s
         warm_x = max(d[k]["backend_x"] for k in ("warm_1M", "warm_4M", "warm_restart_1M"))
-        m.update(seq_cold_1M=d["cold_1M"]["mbps"], seq_cold_4M=d["cold_4M"]["mbps"],
+        m = dict(seq_cold_1M=d["cold_1M"]["mbps"], seq_cold_4M=d["cold_4M"]["mbps"],
                  cold_backend_x=d["cold_1M"]["backend_x"],
                  cold_s3rver_cpu=d["cold_1M"]["s3rver_cpu_s"],
                  seq_warm_1M=d["warm_1M"]["mbps"], seq_warm_4M=d["warm_4M"]["mbps"],
                  seq_warm_restart_1M=d["warm_restart_1M"]["mbps"], warm_backend_x=warm_x,
                  seq_reread_1M=d["reread_1M"]["mbps"], ttfb_ms=d["ttfb"]["ttfb_ms"],
+                 ttfb_backend_mib=d["ttfb"]["backend_bytes"] / MiB,
                  rand_cold_iops=d["rand_cold"]["iops"], rand_cold_mbps=d["rand_cold"]["mbps"],
                  rand_cold_p99_ms=d["rand_cold"]["p99_ms"],
                  rand_cold_backend_mib=d["rand_cold"]["backend_bytes"] / MiB,
@@ -192,14 +206,13 @@ class Runner:
     def cold_variant(self, s: System) -> tuple[dict, dict]:
         d = {}
         s.setup()
-        for bs in ("1M", "4M"):
-            s.cold()
-            d[f"cold_{bs}"] = self.seq(s, bs, "cold")
+        d["cold_1M"] = self.rep(s, "1M", "cold", s.cold)
+        d["cold_4M"] = self.rep(s, "4M", "cold", s.cold)
         s.stop()
         d["read_ahead_kb"] = s.read_ahead_kb
         d["exit_codes"] = s.exit_codes
         m = {"seq_cold_1M": d["cold_1M"]["mbps"], "seq_cold_4M": d["cold_4M"]["mbps"],
-             "rss_mib": s.hwm_kib / 1024}
+             "cold_backend_x": d["cold_1M"]["backend_x"], "rss_mib": s.hwm_kib / 1024}
         return m, d
 
 
@@ -219,6 +232,14 @@ def fmt(v, unit: str) -> str:
     if v >= 100:
         return f"{v:.0f}"
     return f"{v:.1f}"
+
+
+def ratio(r) -> str:
+    if r is None:
+        return "-"
+    if r < 0.1:
+        return f"{r:.2g}x"
+    return f"{r:.2f}x" if r < 100 else f"{r:.0f}x"
 
 
 def build_table(results: dict, columns: list[str]) -> tuple[str, list[dict]]:
@@ -252,10 +273,12 @@ def build_table(results: dict, columns: list[str]) -> tuple[str, list[dict]]:
         if peer_vals:
             best = max(peer_vals) if better == "hi" else min(peer_vals)
         im = vals.get("imgfs")
-        r_peer = im / best if isinstance(im, (int, float)) and best else None
         lo = vals.get("local")
-        r_local = im / lo if isinstance(im, (int, float)) and isinstance(lo, (int, float)) and lo \
-            else None
+        informational = label.startswith("  ")
+        r_peer = im / best if (isinstance(im, (int, float)) and best
+                               and not informational) else None
+        r_local = im / lo if (isinstance(im, (int, float)) and isinstance(lo, (int, float))
+                              and lo and not informational) else None
         tgt, status = "", None
         if target:
             kind, x = target
@@ -270,8 +293,7 @@ def build_table(results: dict, columns: list[str]) -> tuple[str, list[dict]]:
                 status = im <= x if isinstance(im, (int, float)) else None
             tgt += {True: "  PASS", False: "  MISS", None: "  n/a"}[status]
         lines.append(f"{label:{W}s} {unit:5s} " + " ".join(f"{c:>14s}" for c in cells)
-                     + f" {fmt(r_peer, 'x') if r_peer else '-':>10s}"
-                     + f" {fmt(r_local, 'x') if r_local else '-':>11s}  {tgt}")
+                     + f" {ratio(r_peer):>10s} {ratio(r_local):>11s}  {tgt}")
         rows_json.append({"key": key, "label": label, "unit": unit, "better": better,
                           "values": vals, "variants": notes, "best_peer": best,
                           "imgfs_over_best_peer": r_peer, "imgfs_over_local": r_local,
@@ -314,6 +336,8 @@ def parse_args(argv):
     ap.add_argument("--no-variants", action="store_true",
                     help="skip the peers' alternative configs for the cold rows "
                          "(s3fs without use_cache, rclone --vfs-cache-mode off)")
+    ap.add_argument("--repeat", type=int, default=3,
+                    help="samples per sequential dd row and TTFB; the median is reported (3)")
     ap.add_argument("--random-ops", type=int, default=2000)
     ap.add_argument("--random-max-s", type=float, default=20.0,
                     help="time cap per random-read run (IOPS from completed ops)")
@@ -362,7 +386,7 @@ def main(argv=None) -> int:
     json_path = Path(args.json) if args.json else STATE / "results" / f"bench-{ts}.json"
     results = {"params": {"size_mib": args.size_mib, "readers": args.readers,
                           "only": args.only, "image_kind": args.image_kind,
-                          "random_ops": args.random_ops, "random_max_s": args.random_max_s,
+                          "random_ops": args.random_ops, "repeat": args.repeat, "random_max_s": args.random_max_s,
                           "imgfs_conf_extra": args.imgfs_conf_extra},
                "env": {"host": socket.gethostname(), "kernel": platform.release(),
                        "nproc": os.cpu_count(), "loadavg_start": procs.loadavg(),
@@ -389,15 +413,17 @@ def main(argv=None) -> int:
         up_s = srv.upload(img, key)
         log(f"uploaded {size / MiB:.0f} MiB in {up_s:.1f}s")
         drop_caches()
-        ceil1 = backend_ceiling(srv, key, size, 1)
-        ceil4 = backend_ceiling(srv, key, size, 4)
+        ceil1, check1 = backend_ceiling(srv, key, size, 1)
+        ceil4, check4 = backend_ceiling(srv, key, size, 4)
         log(f"backend ceiling (curl to /dev/null): 1 stream {ceil1:.0f} MB/s, "
-            f"4 ranged streams {ceil4:.0f} MB/s")
+            f"4 ranged streams {ceil4:.0f} MB/s; backend-bytes method check: "
+            f"{check1:.5f}x / {check4:.5f}x of the object size")
         results["env"].update(s3rver=f"s3rver {S3RVER_VERSION} (node "
                                      f"{os.popen('node -v').read().strip()}), data on "
                                      f"{'tmpfs' if str(s3_dir).startswith('/dev/shm') else s3_dir}",
                               key=key, upload_s=up_s, backend_ceiling_1_mbps=ceil1,
-                              backend_ceiling_4_mbps=ceil4)
+                              backend_ceiling_4_mbps=ceil4, method_check_curl_1_x=check1,
+                              method_check_curl_4_x=check4)
         ctx = Ctx(run_dir=run_dir, log_dir=log_dir, endpoint=srv.endpoint, bucket=BUCKET,
                   key=key, size=size, local_image=img,
                   peer_read_ahead_kb=args.peer_read_ahead_kb or 16384,
@@ -539,16 +565,23 @@ def print_report(results: dict, table: str, args, ctx: Ctx) -> None:
     out.append(f"backend: {env['s3rver']}; ceiling with curl -> /dev/null: "
                f"1 stream {env['backend_ceiling_1_mbps']:.0f} MB/s, 4 ranged streams "
                f"{env['backend_ceiling_4_mbps']:.0f} MB/s")
+    out.append(f"backend bytes = s3rver /proc/PID/io wchar delta minus its log growth; method "
+               f"check with curl GETs of the object: {env['method_check_curl_1_x']:.5f}x (1 GET), "
+               f"{env['method_check_curl_4_x']:.5f}x (4 ranged GETs)")
     ras = {c: results["systems"].get(c, {}).get("read_ahead_kb") for c in ALL
            if c in results["systems"]}
+    src = ("imgfs's value" if args.peer_read_ahead_kb is None and "imgfs" in ras
+           else ("--peer-read-ahead-kb" if args.peer_read_ahead_kb else "default 16384"))
     out.append("read_ahead_kb: " + ", ".join(f"{c}={v}" for c, v in ras.items())
-               + "  (peers set to imgfs's value; local = the disk's)")
-    out.append("MB/s = 10^6 B/s, wall clock around the whole dd; cold = cache emptied + daemon "
-               "restarted + drop_caches; warm = own cache full, drop_caches; pc = page cache")
+               + f"  (peers set to {src}; imgfs sets its own; local = the disk's)")
+    out.append(f"MB/s = 10^6 B/s, wall clock around the whole dd, median of {args.repeat} "
+               f"(min/max in JSON); cold = cache emptied + daemon restarted + drop_caches; "
+               f"warm = own cache full + drop_caches; pc = page cache")
     out.append("")
     out.append(table)
     out.append("")
-    out.append("[v] = value from an alternative peer config (best of main and variant):")
+    out.append("[variant] = the cold value comes from that alternative peer config "
+               "(cold rows show the best of main and variant). Peer flags:")
     for c in ("s3fs", "rclone"):
         sysres = results["systems"].get(c)
         if not sysres:
@@ -560,7 +593,7 @@ def print_report(results: dict, table: str, args, ctx: Ctx) -> None:
     if "imgfs" in results["systems"] and results["systems"]["imgfs"].get("describe"):
         out.append(f"  imgfs: {results['systems']['imgfs']['describe']}")
     for c, sysres in results["systems"].items():
-        if sysres.get("nonzero_exit_codes"):
+        if c == "imgfs" and sysres.get("nonzero_exit_codes"):
             out.append(f"  NOTE: {c} exited with codes {sysres['nonzero_exit_codes']} on SIGTERM")
         if sysres.get("error"):
             out.append(f"  ERROR {c}: {sysres['error'].splitlines()[0]}")

@@ -147,6 +147,9 @@ def install_signal_handlers() -> None:
         raise Interrupted(f"signal {signum}")
     signal.signal(signal.SIGTERM, _h)
     signal.signal(signal.SIGHUP, _h)
+    # explicit, so that `kill -INT` also works when started in the background
+    # (a non-interactive shell starts background jobs with SIGINT ignored)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 # --------------------------------------------------------------------------

@@ -1,12 +1,12 @@
 """s3rver (npm) as the loopback S3 backend, plus backend byte/CPU counters.
 
 Backend bytes are measured as the delta of s3rver's ``wchar`` in
-``/proc/<pid>/io``: the bytes the node process wrote with write()/writev()/
-send() -- i.e. essentially the HTTP response bytes put on the sockets.  Its
-log lines (about 100 bytes per request, to a file) are included, which is
-negligible next to MiB-sized responses; bench.py validates the method on a
-single cold sequential read per system (expect ~1.00x).  Reading the counter
-costs nothing on the server side.
+``/proc/<pid>/io`` (bytes the node process wrote with write()/writev()/send(),
+i.e. the HTTP responses put on the sockets) minus the growth of its log file
+(its only other writes while serving GETs; ~100 bytes per request anyway).
+Reading the counter costs the server nothing.  bench.py validates the method
+with one plain curl GET of the object (expect 1.000x + headers) and shows the
+ratio for one cold sequential dd per system.
 """
 
 from __future__ import annotations
@@ -102,10 +102,12 @@ class S3rver:
 
     # ---- counters -------------------------------------------------------
     def counters(self) -> tuple[int, float]:
-        """(wchar bytes, cpu seconds) of the s3rver process."""
+        """(socket bytes, cpu seconds) of the s3rver process: wchar minus what
+        it wrote to its own log file (stdout/stderr -> log file)."""
         if self.proc is None or self.proc.poll() is not None:
             raise BenchError("s3rver is not running" + tail(self.log_path))
-        return proc_io(self.pid)["wchar"], proc_cpu_s(self.pid)
+        io = proc_io(self.pid)["wchar"]
+        return io - self.log_path.stat().st_size, proc_cpu_s(self.pid)
 
 
 class BackendMeter:
@@ -127,12 +129,14 @@ class BackendMeter:
         return False
 
 
-def backend_ceiling(srv: S3rver, key: str, size: int, streams: int) -> float:
-    """MB/s of plain curl GETs (1 stream, or `streams` ranged GETs in parallel)
-    to /dev/null: what s3rver itself can serve on this machine right now."""
+def backend_ceiling(srv: S3rver, key: str, size: int, streams: int) -> tuple[float, float]:
+    """(MB/s, backend bytes/size) of plain curl GETs (1 stream, or `streams`
+    ranged GETs in parallel) to /dev/null: what s3rver itself can serve on this
+    machine right now; the ratio validates the backend-bytes method."""
     url = f"{srv.endpoint}/{BUCKET}/{key}"
     part = size // streams
     procs = []
+    meter = BackendMeter(srv).__enter__()
     t0 = time.monotonic()
     for i in range(streams):
         lo = i * part
@@ -148,4 +152,6 @@ def backend_ceiling(srv: S3rver, key: str, size: int, streams: int) -> float:
             if p.poll() is None:
                 p.kill()
                 p.wait()
-    return size / (time.monotonic() - t0) / 1e6
+    dt = time.monotonic() - t0
+    meter.__exit__(None, None, None)
+    return size / dt / 1e6, meter.bytes / size

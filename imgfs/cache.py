@@ -5,8 +5,11 @@ all end as "not cached" (and a log line), and the reader goes to the store.
 
 On disk, each chunk is one file ``chunks/<image tag>/<version tag>.<chunk size>.<index>`` holding a header
 (magic, key length, data length, xxh3-64 of the data), the full key as JSON (so a hash collision of the
-tags can never serve another image's bytes) and the data. Fills are atomic: written to ``tmp/``,
-fsynced, renamed. Every read from disk re-checks length, key and xxh3; a mismatch deletes the file.
+tags can never serve another image's bytes) and the data. Fills are atomic: written to ``tmp/``, then
+renamed, so no reader ever sees a half-written chunk. They are not fsynced: every read from disk
+re-checks length, key and xxh3, so what a power cut could leave behind (an empty or partial file) is
+detected and dropped like any corruption, and an fsync per chunk halved fill throughput here (measured:
+0.9 vs 1.8 GB/s).
 The directory *is* the index: a restart rescans it (file mtimes give the LRU order, refreshed on every
 hit), so there is no separate index file that could disagree with the data.
 
@@ -368,7 +371,6 @@ def _write_atomic(tmp_dir: str, path: str, key: bytes, data: bytes | memoryview)
                 view = memoryview(part)
                 while view.nbytes:
                     view = view[f.write(view):]
-            os.fsync(f.fileno())
         for attempt in (1, 2):  # an eviction may remove the image's emptied directory between the two calls
             os.makedirs(os.path.dirname(path), exist_ok=True)
             try:

@@ -63,7 +63,7 @@ class ImgfsOptions:
     refresh_interval: float = 60.0
     memory_cache_mb: int = 64
     prefetch_max_mb: int = 128
-    backend_max_connections: int = 16
+    backend_max_connections: int = 8
     read_ahead_kb: int = 8192
     allow_other: bool = False
     negative_lookup_ttl: float = 5.0

@@ -207,7 +207,7 @@ class Operations(pyfuse3.Operations):
         info.keep_cache = True  # an open pins one version; the kernel cache is dropped when it changes
         return info
 
-    async def read(self, fh: int, off: int, size: int) -> bytes:
+    async def read(self, fh: int, off: int, size: int) -> bytes | memoryview:
         reader = self._handles.get(fh)
         if reader is None:
             raise pyfuse3.FUSEError(errno.EBADF)

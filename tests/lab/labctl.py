@@ -52,6 +52,10 @@ PORTS = {
 REGION = 'RegionOne'
 RBD_POOL = 'volumes'
 RGW_NAME = 'client.rgw.lab'
+# Created up front: else RGW creates the bucket pools on the first bucket/object, ~5 s added to
+# the first S3 request of a test.
+RGW_POOLS = ('.rgw.root', 'default.rgw.log', 'default.rgw.control', 'default.rgw.meta',
+             'default.rgw.buckets.index', 'default.rgw.buckets.data', 'default.rgw.buckets.non-ec')
 CINDER_HOST = 'lab'
 CINDER_BACKEND = 'ceph'
 VOLUME_TYPES = {'lab-rbd': {}, 'lab-rbd-multiattach': {'multiattach': '<is> True'}}
@@ -96,26 +100,6 @@ def port_open(port: int, host: str = HOST) -> bool:
         return s.connect_ex((host, port)) == 0
 
 
-def wait_for(what: str, check, timeout: float, daemons: tuple[str, ...] = (), interval: float = 0.5):
-    """Polls check() until it returns a truthy value; fails early if one of `daemons` died."""
-    deadline = time.monotonic() + timeout
-    last_exc = None
-    while True:
-        try:
-            result = check()
-            if result:
-                return result
-        except Exception as exc:  # noqa: BLE001 - any failure just means "not yet"
-            last_exc = exc
-        for name in daemons:
-            LABCTL.assert_alive(name)
-        if time.monotonic() > deadline:
-            logs = ', '.join(str(LABCTL.log_path(d)) for d in daemons) or 'n/a'
-            raise LabError(f'timed out after {timeout:.0f} s waiting for {what} '
-                           f'(last error: {last_exc!r}); logs: {logs}')
-        time.sleep(interval)
-
-
 class Lab:
     def __init__(self) -> None:
         self.log_dir = DATA / 'log'
@@ -149,7 +133,28 @@ class Lab:
         dead = proc.poll() is not None if proc else self.running(name) is None
         if dead:
             code = f' with code {proc.returncode}' if proc else ''
-            raise LabError(f'{name} exited{code}; log {self.log_path(name)}:\n{tail(self.log_path(name))}')
+            path = self.log_path(name)
+            raise LabError(f'{name} exited{code}; its log {path} ends with:\n{tail(path)}')
+
+    def wait_for(self, what: str, check, timeout: float, daemons: tuple[str, ...] = (),
+                 interval: float = 0.5):
+        """Polls check() until it returns a truthy value; fails early if one of `daemons` died."""
+        deadline = time.monotonic() + timeout
+        last_exc = None
+        while True:
+            try:
+                result = check()
+                if result:
+                    return result
+            except Exception as exc:  # noqa: BLE001 - any failure just means "not yet"
+                last_exc = exc
+            for name in daemons:
+                self.assert_alive(name)
+            if time.monotonic() > deadline:
+                logs = ', '.join(str(self.log_path(d)) for d in daemons) or 'n/a'
+                raise LabError(f'timed out after {timeout:.0f} s waiting for {what} '
+                               f'(last error: {last_exc!r}); logs: {logs}')
+            time.sleep(interval)
 
     def start(self, name: str, argv: list[str], *, cwd: Path, ports: tuple[int, ...] = (),
               env: dict | None = None) -> bool:
@@ -173,8 +178,9 @@ class Lab:
         log(f'started {name} (pid {proc.pid}, log {self.log_path(name)})')
         return True
 
-    def run(self, argv: list[str], *, what: str | None = None, timeout: float = 120, check: bool = True,
-            input: str | None = None, env: dict | None = None, quiet: bool = False) -> subprocess.CompletedProcess:
+    def run(self, argv: list[str], *, what: str | None = None, timeout: float = 120,
+            check: bool = True, input: str | None = None, env: dict | None = None,
+            quiet: bool = False) -> subprocess.CompletedProcess:
         """Runs a setup command to completion; on failure the error names the command and its output."""
         try:
             cp = subprocess.run(argv, env=env or self.env, input=input, capture_output=True, text=True,
@@ -234,9 +240,11 @@ class Lab:
             f'--log-error={self.log_path("mariadb")}',
             '--character-set-server=utf8mb4', '--collation-server=utf8mb4_general_ci',
         ], cwd=d, ports=(PORTS['mariadb'],))
-        sql = lambda q: self.run(['mariadb', '--no-defaults', f'--socket={sock}', '-uroot', '-e', q],  # noqa: E731
-                                 timeout=20, quiet=True)
-        wait_for('mariadb to accept connections', lambda: sql('SELECT 1'), 60, ('mariadb',))
+
+        def sql(query: str) -> subprocess.CompletedProcess:
+            return self.run(['mariadb', '--no-defaults', f'--socket={sock}', '-uroot', '-e', query],
+                            timeout=20, quiet=True)
+        self.wait_for('mariadb to accept connections', lambda: sql('SELECT 1'), 60, ('mariadb',))
         stmts = []
         for db in ('cinder', 'glance'):
             user_pw = self.secrets[f'mariadb_{db}']
@@ -257,7 +265,7 @@ class Lab:
         (d / 'home').mkdir(parents=True, exist_ok=True)
         self.start('epmd', ['/usr/bin/epmd', '-port', str(PORTS['epmd']), '-address', HOST],
                    cwd=d, ports=(PORTS['epmd'],))
-        wait_for('epmd', lambda: port_open(PORTS['epmd']), 20, ('epmd',), interval=0.2)
+        self.wait_for('epmd', lambda: port_open(PORTS['epmd']), 20, ('epmd',), interval=0.2)
         (d / 'rabbitmq.conf').write_text(
             f'listeners.tcp.default = {HOST}:{PORTS["rabbitmq"]}\n'
             f'default_user = {self.secrets["rabbitmq_user"]}\n'
@@ -299,7 +307,7 @@ class Lab:
             with socket.create_connection((HOST, PORTS['rabbitmq']), timeout=2) as s:
                 s.sendall(b'AMQP\x00\x00\x09\x01')
                 return s.recv(1)[:1] == b'\x01'
-        wait_for('rabbitmq to answer AMQP', amqp_ready, 90, ('epmd', 'rabbitmq'))
+        self.wait_for('rabbitmq to answer AMQP', amqp_ready, 90, ('epmd', 'rabbitmq'))
         log('rabbitmq: ready')
 
     def transport_url(self) -> str:
@@ -403,7 +411,8 @@ rgw dns name = {HOST}
             (mon_dir / '.lab-mkfs-done').touch()
         self.start('ceph-mon', ['ceph-mon', '-f', '-c', str(self.ceph_conf), '-i', 'a'], cwd=c,
                    ports=(PORTS['mon_v2'], PORTS['mon_v1']))
-        wait_for('ceph-mon quorum', lambda: self.ceph('mon', 'stat', timeout=30), 60, ('ceph-mon',))
+        self.wait_for('ceph-mon quorum', lambda: self.ceph('mon', 'stat', timeout=30), 60,
+                      ('ceph-mon',))
         log('ceph: mon up')
 
         mgr_dir = c / 'mgr' / 'ceph-x'
@@ -412,6 +421,11 @@ rgw dns name = {HOST}
             self.ceph('auth', 'get-or-create', 'mgr.x', 'mon', 'allow profile mgr', 'osd', 'allow *',
                       'mds', 'allow *', '-o', str(mgr_dir / 'keyring'))
         self.start('ceph-mgr', ['ceph-mgr', '-f', '-c', str(self.ceph_conf), '-i', 'x'], cwd=c)
+
+        # Pools can be created before any OSD exists; do it now, while the OSD's mkfs runs next.
+        if not (c / '.lab-pools').exists():
+            self.create_pools({RBD_POOL: 'rbd', **{p: 'rgw' for p in RGW_POOLS}})
+            (c / '.lab-pools').touch()
 
         osd_dir = c / 'osd' / 'ceph-0'
         if not (osd_dir / '.lab-mkfs-done').exists():
@@ -434,15 +448,11 @@ rgw dns name = {HOST}
         def osd_up() -> bool:
             st = json.loads(self.ceph('osd', 'stat', '-f', 'json').stdout)
             return st.get('num_up_osds', st.get('osdmap', {}).get('num_up_osds')) == 1
-        wait_for('osd.0 up', osd_up, 120, ('ceph-mon', 'ceph-mgr', 'ceph-osd'))
+        self.wait_for('osd.0 up', osd_up, 120, ('ceph-mon', 'ceph-mgr', 'ceph-osd'))
         log('ceph: osd.0 up')
 
         pool_marker = c / f'.lab-pool-{RBD_POOL}'
         if not pool_marker.exists():
-            pools = json.loads(self.ceph('osd', 'pool', 'ls', '-f', 'json').stdout)
-            if RBD_POOL not in pools:
-                self.ceph('osd', 'pool', 'create', RBD_POOL, '8', '8')
-            self.ceph('osd', 'pool', 'application', 'enable', RBD_POOL, 'rbd')
             self.run(['rbd', '-c', str(self.ceph_conf), 'pool', 'init', RBD_POOL], timeout=120)
             pool_marker.touch()
         # Reading the pool blocks until its PGs are active: proves it usable (also after a restart).
@@ -466,7 +476,7 @@ rgw dns name = {HOST}
         def rgw_ready() -> bool:
             with urllib.request.urlopen(f'http://{HOST}:{PORTS["rgw"]}/', timeout=3) as r:
                 return r.status == 200
-        wait_for('radosgw to answer HTTP', rgw_ready, 120, ('ceph-osd', 'radosgw'))
+        self.wait_for('radosgw to answer HTTP', rgw_ready, 120, ('ceph-osd', 'radosgw'))
         info = self.run(['radosgw-admin', '-c', str(self.ceph_conf), 'user', 'info', '--uid=imgfs'],
                         check=False, quiet=True, timeout=60)
         if info.returncode != 0:
@@ -475,6 +485,25 @@ rgw dns name = {HOST}
                       f'--secret-key={self.secrets["s3_secret_key"]}'], timeout=60,
                      what='ceph: rgw user imgfs created')
         log('ceph: radosgw ready')
+
+    def create_pools(self, pools: dict[str, str]) -> None:
+        """Creates pools {name: application} through one librados session, all commands at once:
+        one `ceph` CLI run costs ~0.3 s, and each map change waits for a Paxos round (~1 s) unless
+        the mon can batch them."""
+        import rados
+        with rados.Rados(conffile=str(self.ceph_conf), rados_id='admin') as cluster:
+            def mon(cmd: dict) -> None:
+                ret, _, err = cluster.mon_command(json.dumps(cmd), b'', timeout=60)
+                if ret != 0:
+                    raise LabError(f'ceph {cmd["prefix"]} {cmd["pool"]}: {err} '
+                                   f'(mon log: {self.log_path("ceph-mon")})')
+            with concurrent.futures.ThreadPoolExecutor(len(pools)) as ex:
+                list(ex.map(mon, [{'prefix': 'osd pool create', 'pool': name, 'pg_num': 8,
+                                   'pgp_num': 8} for name in pools]))
+                list(ex.map(mon, [{'prefix': 'osd pool application enable', 'pool': name,
+                                   'app': app, 'yes_i_really_mean_it': True}
+                                  for name, app in pools.items()]))
+        log(f'ceph: {len(pools)} pools created ({RBD_POOL} and RGW\'s)')
 
     def ceph_health(self) -> dict:
         """Waits (bounded) for HEALTH_OK; a lasting warning is reported, not fatal: pools work."""
@@ -485,9 +514,10 @@ rgw dns name = {HOST}
             health = json.loads(self.ceph('health', 'detail', '-f', 'json').stdout)
             return health.get('status') == 'HEALTH_OK'
         try:
-            wait_for('ceph HEALTH_OK', ok, 30, ('ceph-mon', 'ceph-mgr', 'ceph-osd'), interval=1)
+            self.wait_for('ceph HEALTH_OK', ok, 30, ('ceph-mon', 'ceph-mgr', 'ceph-osd'), interval=1)
         except LabError:
-            checks = {k: v.get('summary', {}).get('message') for k, v in health.get('checks', {}).items()}
+            checks = {k: v.get('summary', {}).get('message')
+                      for k, v in health.get('checks', {}).items()}
             log(f'warning: ceph is {health.get("status")}: {checks} (pools are usable; continuing)')
         return health
 
@@ -525,10 +555,16 @@ expiration_time = 600
         manage = [f'{VENV}/bin/keystone-manage', '--config-file', str(conf)]
         if not (d / '.lab-bootstrapped').exists():
             self.run(manage + ['db_sync'], what='keystone: db_sync', timeout=300)
-            for step, repo in (('fernet_setup', 'fernet-keys'), ('credential_setup', 'credential-keys')):
-                self.run(manage + [step, '--keystone-user', 'root', '--keystone-group', 'root'])
-                if not any((d / repo).glob('*')):
-                    raise LabError(f'keystone-manage {step} created no keys in {d / repo}')
+            # What fernet_setup/credential_setup create (keys 0 = staged, 1 = primary), written here:
+            # each keystone-manage run costs 3-6 s of imports on this machine.
+            from cryptography.fernet import Fernet
+            for repo in ('fernet-keys', 'credential-keys'):
+                shutil.rmtree(d / repo, ignore_errors=True)
+                (d / repo).mkdir(mode=0o700)
+                for key_id in ('0', '1'):
+                    fd = os.open(d / repo / key_id, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+                    with os.fdopen(fd, 'wb') as f:
+                        f.write(Fernet.generate_key())
             self.run(manage + ['bootstrap', '--bootstrap-password', self.secrets['keystone']['admin'],
                                '--bootstrap-admin-url', self.keystone_url,
                                '--bootstrap-internal-url', self.keystone_url,
@@ -546,8 +582,8 @@ expiration_time = 600
             # connection races uWSGI's close and gets ECONNRESET now and then.
             '--add-header', 'Connection: close',
         ], cwd=d, env=env, ports=(PORTS['keystone'],))
-        wait_for('keystone to issue a token', lambda: self.admin_session().get_token(), 60,
-                 ('keystone',))
+        self.wait_for('keystone to issue a token', lambda: self.admin_session().get_token(), 60,
+                      ('keystone',))
         log('keystone: token issued')
         self.keystone_catalog()
 
@@ -692,17 +728,21 @@ rados_connect_timeout = 20
         from cinderclient import client as cinder_client
         cinder = cinder_client.Client('3.60', session=self.admin_session(), region_name=REGION)
 
+        daemons = ('cinder-api', 'cinder-scheduler', 'cinder-volume')
+        want = {('cinder-scheduler', CINDER_HOST),
+                ('cinder-volume', f'{CINDER_HOST}@{CINDER_BACKEND}')}
+
         def services_up() -> bool:
             state = {(s.binary, s.host): (s.state, s.status) for s in cinder.services.list()}
-            want = {('cinder-scheduler', CINDER_HOST), ('cinder-volume', f'{CINDER_HOST}@{CINDER_BACKEND}')}
             return all(state.get(k) == ('up', 'enabled') for k in want)
-        wait_for('cinder-api', lambda: self._http_status(f'http://{HOST}:{PORTS["cinder"]}/') in (200, 300),
-                 90, ('cinder-api',))
-        wait_for('cinder-scheduler and cinder-volume to report up', services_up, 120,
-                 ('cinder-api', 'cinder-scheduler', 'cinder-volume'), interval=1)
+        api_root = f'http://{HOST}:{PORTS["cinder"]}/'
+        self.wait_for('cinder-api', lambda: self._http_status(api_root) in (200, 300), 90,
+                      ('cinder-api',))
+        self.wait_for('cinder-scheduler and cinder-volume to report up', services_up, 120, daemons,
+                      interval=1)
         # The backend pool in the scheduler proves the RBD driver initialised and reported stats.
-        wait_for('the ceph pool in cinder-scheduler', lambda: cinder.pools.list(detailed=True), 120,
-                 ('cinder-api', 'cinder-scheduler', 'cinder-volume'), interval=1)
+        self.wait_for('the ceph pool in cinder-scheduler',
+                      lambda: cinder.pools.list(detailed=True), 120, daemons, interval=1)
         log('cinder: api, scheduler and volume up')
         for name, specs in VOLUME_TYPES.items():
             vt = next((t for t in cinder.volume_types.list(is_public=None) if t.name == name), None)
@@ -716,7 +756,8 @@ rados_connect_timeout = 20
             urllib.request.urlopen(f'http://{HOST}:{PORTS["cinder"]}/', timeout=10)
         except urllib.error.HTTPError as e:
             versions = json.load(e).get('versions', [])
-            self.cinder_max_version = next((v['version'] for v in versions if v['id'] == 'v3.0'), None)
+            self.cinder_max_version = next((v['version'] for v in versions
+                                            if v['id'] == 'v3.0'), None)
 
     @staticmethod
     def _http_status(url: str) -> int:
@@ -838,9 +879,6 @@ def status() -> int:
     return rc
 
 
-LABCTL = Lab()
-
-
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument('command', choices=('up', 'status'))
@@ -848,7 +886,7 @@ def main() -> int:
     if args.command == 'status':
         return status()
     try:
-        LABCTL.up()
+        Lab().up()
     except LabError as exc:
         print(f'[lab up] ERROR: {exc}\n[lab up] daemons already started keep running; '
               'stop them with tests/lab/down', file=sys.stderr)
