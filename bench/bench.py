@@ -546,9 +546,12 @@ def keep_up(systems: list[System], srv: S3rver) -> None:
             print(f"  {s.name}: pid {s.proc.pid}, file {s.path()}", flush=True)
         except BenchError as e:
             print(f"  {s.name}: could not remount: {e}", flush=True)
-    print("Press Ctrl-C (or send SIGTERM to this process) to stop everything.", flush=True)
-    while True:
-        signal.pause()
+    print(f"Press Ctrl-C (or kill -TERM {os.getpid()}) to stop everything.", flush=True)
+    try:
+        while True:
+            signal.pause()
+    except (KeyboardInterrupt, Interrupted):
+        log("--keep: stopping")
 
 
 def print_report(results: dict, table: str, args, ctx: Ctx) -> None:

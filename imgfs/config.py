@@ -51,7 +51,41 @@ class FileStoreConfig:
     kind: str = "file"
 
 
-StoreConfig = S3StoreConfig | FileStoreConfig
+@dataclass(frozen=True)
+class CinderStoreConfig:
+    """Glance's cinder store: one image-volume per image, read through an os-brick attachment.
+
+    imgfs always authenticates with the store's own service credentials (``cinder_store_*``): a daemon
+    has no user request context to borrow a token from, unlike glance-api.
+    """
+
+    name: str
+    auth_url: str
+    user_name: str
+    password: str = field(repr=False)
+    project_name: str
+    user_domain_name: str = "Default"
+    project_domain_name: str = "Default"
+    application_credential_id: str | None = None
+    application_credential_secret: str | None = field(default=None, repr=False)
+    catalog_info: str = "volumev3::publicURL"  # service_type:service_name:interface
+    endpoint_template: str | None = None
+    region_name: str | None = None
+    volume_type: str | None = None
+    use_multipath: bool = False
+    enforce_multipath: bool = False
+    state_transition_timeout: float = 300.0
+    http_retries: int = 3
+    api_insecure: bool = False
+    ca_certificates_file: str | None = None
+    rootwrap_config: str = "/etc/glance/rootwrap.conf"
+    # imgfs's own extension: a keyring for os-brick's RBD connector when Cinder's connection info has
+    # none and /etc/ceph holds none (os-brick otherwise reads /etc/ceph/<cluster>.client.<user>.keyring).
+    rbd_keyring_file: str | None = None
+    kind: str = "cinder"
+
+
+StoreConfig = S3StoreConfig | FileStoreConfig | CinderStoreConfig
 
 
 @dataclass(frozen=True)
@@ -70,6 +104,13 @@ class ImgfsOptions:
     s3_connect_timeout: float = 5.0
     s3_read_timeout: float = 30.0
     s3_max_attempts: int = 5
+    # Cinder image-volumes
+    host: str = ""  # the name this node attaches volumes as; empty: the machine's hostname
+    lock_path: str = "/var/lib/imgfs/locks"  # default: [oslo_concurrency] lock_path, shared with glance-api
+    attach_idle_timeout: float = 60.0
+    attach_timeout: float = 60.0
+    detach_deadline: float = 60.0
+    cinder_api_timeout: float = 30.0
 
     @property
     def chunk_size(self) -> int:
@@ -242,10 +283,24 @@ def _imgfs_options(merged: _Merged) -> ImgfsOptions:
         s3_connect_timeout=sec.number("s3_connect_timeout", d.s3_connect_timeout, minimum=0.1),
         s3_read_timeout=sec.number("s3_read_timeout", d.s3_read_timeout, minimum=0.1),
         s3_max_attempts=sec.integer("s3_max_attempts", d.s3_max_attempts, minimum=1, maximum=20),
+        host=sec.get("host", d.host, _parse_host, "a host name"),
+        # glance-api serialises its detaches with file locks in its own lock_path: share it by default
+        lock_path=sec.get("lock_path", _Section(merged, "oslo_concurrency").raw("lock_path") or d.lock_path,
+                          _parse_abs_path, "an absolute path"),
+        attach_idle_timeout=sec.number("attach_idle_timeout", d.attach_idle_timeout, minimum=0),
+        attach_timeout=sec.number("attach_timeout", d.attach_timeout, minimum=0),
+        detach_deadline=sec.number("detach_deadline", d.detach_deadline, minimum=1),
+        cinder_api_timeout=sec.number("cinder_api_timeout", d.cinder_api_timeout, minimum=1),
     )
     if opts.cache_max_size_gb * 1024 < opts.chunk_size_mb:
         raise sec._bad("cache_max_size_gb", str(opts.cache_max_size_gb), "smaller than one chunk (chunk_size_mb)")
     return opts
+
+
+def _parse_host(text: str) -> str:
+    if not all(c.isalnum() or c in "-._" for c in text):
+        raise ValueError(text)
+    return text
 
 
 def _parse_abs_path(text: str) -> str:
@@ -309,7 +364,73 @@ def _file_store(merged: _Merged, name: str, section: str) -> FileStoreConfig:
     return FileStoreConfig(name=name, datadir=datadir)
 
 
-_STORE_BUILDERS: dict[str, Callable[[_Merged, str, str], StoreConfig]] = {"s3": _s3_store, "file": _file_store}
+_CINDER_CREDENTIALS = ("cinder_store_auth_address", "cinder_store_user_name", "cinder_store_password",
+                       "cinder_store_project_name", "cinder_store_application_credential_id")
+
+
+def _cinder_store(merged: _Merged, name: str, section: str) -> CinderStoreConfig | None:
+    if not any(_Section(merged, section).raw(o) for o in _CINDER_CREDENTIALS):
+        log.warning(
+            "store %r (type cinder) has no cinder_store_* credentials: glance-api can borrow each user's token, "
+            "a daemon cannot; skipping it (set cinder_store_auth_address, cinder_store_user_name, "
+            "cinder_store_password and cinder_store_project_name to serve it)", name,
+        )
+        return None
+    secret_options = frozenset({"cinder_store_password", "cinder_store_application_credential_secret"})
+    sec = _Section(merged, section, secrets=secret_options)
+    why = f"store '{name}' (type cinder): imgfs authenticates with the store's own credentials"
+    app_id = sec.raw("cinder_store_application_credential_id") or None
+    app_secret = sec.raw("cinder_store_application_credential_secret") or None
+    auth_url = sec.required("cinder_store_auth_address", why)
+    if not auth_url.startswith(("http://", "https://")):
+        raise sec._bad("cinder_store_auth_address", auth_url, "expected an http(s):// Keystone URL")
+    if app_id and app_secret:
+        user = sec.raw("cinder_store_user_name") or ""
+        password = sec.raw("cinder_store_password") or ""
+        project = sec.raw("cinder_store_project_name") or ""
+    else:
+        user = sec.required("cinder_store_user_name", why)
+        password = sec.required("cinder_store_password", why)
+        project = sec.required("cinder_store_project_name", why)
+    catalog_info = sec.raw("cinder_catalog_info") or "volumev3::publicURL"
+    if catalog_info.count(":") != 2 or not catalog_info.split(":")[0] or not catalog_info.split(":")[2]:
+        raise sec._bad("cinder_catalog_info", catalog_info, "expected service_type:service_name:interface (e.g. volumev3::publicURL)")
+    cafile = sec.raw("cinder_ca_certificates_file") or None
+    if cafile is not None and not os.path.isfile(cafile):
+        raise sec._bad("cinder_ca_certificates_file", cafile, "no such CA bundle file")
+    keyring = sec.raw("rbd_keyring_file") or None
+    if keyring is not None and not os.path.isfile(keyring):
+        raise sec._bad("rbd_keyring_file", keyring, "no such keyring file")
+    return CinderStoreConfig(
+        name=name,
+        auth_url=auth_url,
+        user_name=user,
+        password=password,
+        project_name=project,
+        user_domain_name=sec.raw("cinder_store_user_domain_name") or "Default",
+        project_domain_name=sec.raw("cinder_store_project_domain_name") or "Default",
+        application_credential_id=app_id,
+        application_credential_secret=app_secret,
+        catalog_info=catalog_info,
+        endpoint_template=sec.raw("cinder_endpoint_template") or None,
+        region_name=sec.raw("cinder_os_region_name") or None,
+        volume_type=sec.raw("cinder_volume_type") or None,
+        use_multipath=sec.boolean("cinder_use_multipath", False),
+        enforce_multipath=sec.boolean("cinder_enforce_multipath", False),
+        state_transition_timeout=sec.number("cinder_state_transition_timeout", 300.0, minimum=0),
+        http_retries=sec.integer("cinder_http_retries", 3, minimum=0, maximum=100),
+        api_insecure=sec.boolean("cinder_api_insecure", False),
+        ca_certificates_file=cafile,
+        rootwrap_config=sec.raw("rootwrap_config") or "/etc/glance/rootwrap.conf",
+        rbd_keyring_file=keyring,
+    )
+
+
+_STORE_BUILDERS: dict[str, Callable[[_Merged, str, str], StoreConfig | None]] = {
+    "s3": _s3_store,
+    "file": _file_store,
+    "cinder": _cinder_store,
+}
 
 
 def load(paths: list[str]) -> Config:
@@ -334,7 +455,9 @@ def load(paths: list[str]) -> Config:
                     f"{merged.values[('DEFAULT', 'enabled_backends')].path}: [DEFAULT] enabled_backends names store "
                     f"'{name}' but no [{name}] section exists in any config file; add the store's section"
                 )
-            stores.append(builder(merged, name, name))
+            store = builder(merged, name, name)
+            if store is not None:
+                stores.append(store)
         default = glance_store.raw("default_backend")
         if default:
             names = [n for n, _ in backends]
@@ -349,11 +472,13 @@ def load(paths: list[str]) -> Config:
             if builder is None:
                 log.warning("[glance_store] default_store = %r is not a type imgfs serves; no store from it", kind)
             else:
-                stores.append(builder(merged, kind, "glance_store"))
+                store = builder(merged, kind, "glance_store")
+                if store is not None:
+                    stores.append(store)
 
     if not stores:
         raise ConfigError(
-            f"{paths[-1]}: no S3 or file store configured; set [DEFAULT] enabled_backends = name:s3 (or name:file) "
+            f"{paths[-1]}: no S3, file or cinder store configured; set [DEFAULT] enabled_backends = name:s3 (or name:file, name:cinder) "
             "and add the store's section (glance-api.conf's own stanzas work as they are)"
         )
     return Config(stores=tuple(stores), options=options, files=tuple(paths))

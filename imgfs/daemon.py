@@ -16,6 +16,7 @@ import pyfuse3
 import trio
 
 from . import backends as backend_factory
+from .attach import Attachments
 from .backends.base import Backend
 from .cache import ChunkCache
 from .catalog import Catalog
@@ -50,6 +51,7 @@ class Daemon:
     catalog: Catalog
     fetcher: ChunkFetcher
     ops: Operations
+    attachments: dict[str, Attachments]
 
 
 def check_mountpoint(path: str) -> str:
@@ -91,7 +93,22 @@ def build(config: Config, mountpoint: str) -> Daemon:
         negative_ttl=options.negative_lookup_ttl,
         limiter=trio.CapacityLimiter(4),
     )
-    fetcher = ChunkFetcher(cache, backends, chunk_size=options.chunk_size, max_connections=options.backend_max_connections)
+    attach_limiter = trio.CapacityLimiter(4)
+    attachments = {
+        name: Attachments(
+            backend,  # type: ignore[arg-type]
+            idle_timeout=options.attach_idle_timeout,
+            attach_timeout=options.attach_timeout,
+            detach_deadline=options.detach_deadline,
+            limiter=attach_limiter,
+        )
+        for name, backend in backends.items()
+        if backend.kind == "cinder"
+    }
+    fetcher = ChunkFetcher(
+        cache, backends, chunk_size=options.chunk_size, max_connections=options.backend_max_connections,
+        holders=dict(attachments),
+    )
     ops = Operations(catalog, fetcher, prefetch_max=options.prefetch_max_mb * 2**20)
 
     async def forget_old_versions(image_id: str, old: Image | None, new: Image | None) -> None:
@@ -103,7 +120,7 @@ def build(config: Config, mountpoint: str) -> Daemon:
                     log.info("cache: dropped %d chunks of image %s (store '%s', version %s)", dropped, image_id, loc.store, loc.version)
 
     catalog.listeners.append(forget_old_versions)
-    return Daemon(config, mountpoint, backends, cache, catalog, fetcher, ops)
+    return Daemon(config, mountpoint, backends, cache, catalog, fetcher, ops, attachments)
 
 
 def _fuse_options(config: Config) -> set[str]:
@@ -142,10 +159,18 @@ async def serve(
     daemon = build(config, mountpoint)
     notify("STATUS=opening the chunk cache")
     await daemon.cache.open()
+    for attachments in daemon.attachments.values():
+        notify(f"STATUS=removing stale attachments of store {attachments.ops.name}")
+        try:
+            await attachments.remove_stale()
+        except ImgfsError as e:
+            log.error("%s; stale attachments of this host may remain in Cinder", e)
     mounted = False
     try:
         async with trio.open_nursery() as nursery:
             daemon.fetcher.attach(nursery)
+            for attachments in daemon.attachments.values():
+                attachments.start(nursery)
             daemon.fetcher.on_stale = lambda loc: nursery.start_soon(daemon.catalog.recheck, loc)
             notify("STATUS=listing stores")
             listed = trio.Event()
@@ -175,6 +200,9 @@ async def serve(
             notify("STOPPING=1")
             pyfuse3.close(unmount=True)
             log.info("unmounted %s", mountpoint)
+        # No reader is left once the mount is gone: give every volume back to Cinder.
+        for attachments in daemon.attachments.values():
+            await attachments.close()
         for backend in daemon.backends.values():
             backend.close()
 

@@ -201,8 +201,10 @@ class Operations(pyfuse3.Operations):
         loc = self._location(node)
         if loc is None:
             raise pyfuse3.FUSEError(errno.ENOENT)
+        image = self.catalog.image(node.image_id) if node.store is None else None
+        locations = image.locations if image is not None else (loc,)
         fh = self._new_fh()
-        self._handles[fh] = ImageReader(self.fetcher, loc, prefetch_max=self.prefetch_max)
+        self._handles[fh] = ImageReader(self.fetcher, locations, prefetch_max=self.prefetch_max)
         info = pyfuse3.FileInfo(fh=fh)
         info.keep_cache = True  # an open pins one version; the kernel cache is dropped when it changes
         return info
@@ -217,7 +219,9 @@ class Operations(pyfuse3.Operations):
             raise pyfuse3.FUSEError(e.errno) from None
 
     async def release(self, fh: int) -> None:
-        self._handles.pop(fh, None)
+        reader = self._handles.pop(fh, None)
+        if reader is not None:
+            reader.close()
 
     async def flush(self, fh: int) -> None:
         pass

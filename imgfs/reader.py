@@ -15,16 +15,27 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Callable, Protocol, Sequence
 
 import trio
 
 from .backends.base import Backend
 from .cache import ChunkCache
-from .errors import BackendError, ImgfsError, ShortRead, StaleImage
+from .errors import BackendError, Busy, ImgfsError, ShortRead, StaleImage
 from .model import ChunkKey, Location
 
 log = logging.getLogger(__name__)
+
+
+class Holder(Protocol):
+    """A store whose locations must be made ready before reading (Cinder: attached), and are held
+    while files are open (see imgfs.attach)."""
+
+    def hold(self, loc: Location) -> None: ...
+
+    def release(self, loc: Location) -> None: ...
+
+    async def ready(self, loc: Location) -> None: ...
 
 
 @dataclass
@@ -55,9 +66,11 @@ class ChunkFetcher:
         chunk_size: int,
         max_connections: int,
         on_stale: Callable[[Location], None] = lambda loc: None,
+        holders: dict[str, Holder] | None = None,
     ) -> None:
         self.cache = cache
         self.backends = backends
+        self.holders = holders or {}
         self.chunk_size = chunk_size
         self.on_stale = on_stale
         self.stats = FetchStats()
@@ -69,6 +82,16 @@ class ChunkFetcher:
     def attach(self, nursery: trio.Nursery) -> None:
         """Fetch tasks live in the daemon's nursery, not in the request that first wanted the chunk."""
         self._nursery = nursery
+
+    def hold(self, loc: Location) -> None:
+        holder = self.holders.get(loc.store)
+        if holder is not None:
+            holder.hold(loc)
+
+    def release(self, loc: Location) -> None:
+        holder = self.holders.get(loc.store)
+        if holder is not None:
+            holder.release(loc)
 
     def key(self, loc: Location, index: int) -> ChunkKey:
         return ChunkKey(loc.store, loc.image_id, loc.version, self.chunk_size, index)
@@ -148,8 +171,12 @@ class ChunkFetcher:
     async def _fetch(self, loc: Location, index: int) -> bytes:
         length = self.chunk_length(loc, index)
         backend = self.backends[loc.store]
+        holder = self.holders.get(loc.store)
+        if holder is not None:
+            await holder.ready(loc)
         started = trio.current_time()
-        data = await trio.to_thread.run_sync(backend.read, loc, index * self.chunk_size, length)
+        # A read touches no shared state, so a shutdown need not wait out a hung store's timeouts.
+        data = await trio.to_thread.run_sync(backend.read, loc, index * self.chunk_size, length, abandon_on_cancel=True)
         log.debug("fetched chunk %d of image %s from store '%s' in %.1f ms", index, loc.image_id, loc.store,
                   (trio.current_time() - started) * 1e3)
         if len(data) != length:  # backends promise this; bytes are too important to trust a promise
@@ -163,15 +190,30 @@ _DONE = memoryview(b"")
 
 
 class ImageReader:
-    """One open file: reads of one pinned version of one image, with sequential prefetch."""
+    """One open file: reads of pinned versions of one image, with sequential prefetch.
 
-    def __init__(self, fetcher: ChunkFetcher, loc: Location, *, prefetch_max: int) -> None:
+    ``locations`` are the copies it may read, in preference order (one for stores/<store>/<id>, every
+    store's for images/<id>). When a chunk cannot be had from the current copy (store down, volume
+    held elsewhere, I/O error) the reader moves on to the next copy of the same size and stays there;
+    only when every copy failed does the reader see the error. A changed copy (ESTALE) is not a
+    failure to route around: the open file is pinned to what it opened.
+    """
+
+    def __init__(self, fetcher: ChunkFetcher, locations: Sequence[Location], *, prefetch_max: int) -> None:
         self.fetcher = fetcher
-        self.loc = loc
+        self.locations = list(locations)
+        self.loc = self.locations[0]
         self.prefetch_max = prefetch_max
+        self._held = [self.loc]
+        fetcher.hold(self.loc)
         self._next = 0  # where a sequential reader reads next
         self._run = 0  # bytes read sequentially so far
         self._prefetched = 0  # chunks [.., _prefetched) have been asked for
+
+    def close(self) -> None:
+        for loc in self._held:
+            self.fetcher.release(loc)
+        self._held = []
 
     def _track(self, offset: int, end: int) -> None:
         cs = self.fetcher.chunk_size
@@ -195,6 +237,33 @@ class ImageReader:
             self.fetcher.start(self.loc, index, prefetch=True)
         self._prefetched = max(self._prefetched, last)
 
+    def _fail_over(self, error: ImgfsError) -> bool:
+        """Switch to the next copy after ``error``; False when there is none left."""
+        position = self.locations.index(self.loc)
+        for loc in self.locations[position + 1 :]:
+            if loc.size == self.loc.size:
+                log.warning("image %s: %s; reading from store '%s' instead", loc.image_id, error, loc.store)
+                self.loc = loc
+                self._held.append(loc)
+                self.fetcher.hold(loc)
+                self._prefetched = 0
+                return True
+        return False
+
+    async def _chunk(self, index: int, got: _Flight | memoryview) -> memoryview:
+        while True:
+            try:
+                data = got if isinstance(got, memoryview) else await self.fetcher.wait(got)
+                if data.nbytes != self.fetcher.chunk_length(self.loc, index):
+                    raise ShortRead(f"image {self.loc.image_id} chunk {index}: {data.nbytes} bytes, expected more")
+                return data
+            except StaleImage:
+                raise
+            except (BackendError, Busy) as e:
+                if not self._fail_over(e):
+                    raise
+                got = self.fetcher.start(self.loc, index)
+
     async def read(self, offset: int, size: int) -> bytes | memoryview:
         """The bytes at [offset, offset+size), short only at the end of the image.
 
@@ -210,9 +279,7 @@ class ImageReader:
         self._prefetch(end)
         parts = []
         for i, got in zip(range(first, last + 1), pending):
-            data = got if isinstance(got, memoryview) else await self.fetcher.wait(got)
-            if data.nbytes != self.fetcher.chunk_length(self.loc, i):
-                raise ShortRead(f"image {self.loc.image_id} chunk {i}: {data.nbytes} bytes cached, expected more")
+            data = await self._chunk(i, got)
             base = i * cs
             parts.append(data[max(offset, base) - base : min(end, base + cs) - base])
         return parts[0] if len(parts) == 1 else b"".join(parts)

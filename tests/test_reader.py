@@ -40,7 +40,7 @@ async def test_exact_bytes_at_every_boundary(parts):
     backend, _, fetcher = parts
     data = image(5 * CS + 123)
     loc = backend.put("img", data)
-    reader = ImageReader(fetcher, loc, prefetch_max=0)
+    reader = ImageReader(fetcher, [loc], prefetch_max=0)
     cases = [(0, 1), (0, CS), (CS - 1, 2), (CS - 1, CS + 2), (3 * CS + 5, 2 * CS), (len(data) - 1, 10),
              (len(data), 10), (len(data) + 100, 10), (0, len(data) + 1000), (0, 0)]
     for offset, size in cases:
@@ -55,7 +55,7 @@ async def test_concurrent_readers_fetch_each_chunk_once(parts):
     results = {}
 
     async def read_all(n):
-        reader = ImageReader(fetcher, loc, prefetch_max=4 * CS)
+        reader = ImageReader(fetcher, [loc], prefetch_max=4 * CS)
         out = bytearray()
         for off in range(0, len(data), 16 * 1024):
             out += await reader.read(off, 16 * 1024)
@@ -73,11 +73,11 @@ async def test_second_read_comes_from_cache(parts):
     backend, cache, fetcher = parts
     data = image(6 * CS)
     loc = backend.put("img", data)
-    await ImageReader(fetcher, loc, prefetch_max=0).read(0, len(data))
+    await ImageReader(fetcher, [loc], prefetch_max=0).read(0, len(data))
     await settle(fetcher)  # let the background fills land
     before = sum(backend.reads.values())
     cache._memory.clear()  # force the disk tier
-    assert await ImageReader(fetcher, loc, prefetch_max=0).read(0, len(data)) == data
+    assert await ImageReader(fetcher, [loc], prefetch_max=0).read(0, len(data)) == data
     assert sum(backend.reads.values()) == before
     assert cache.stats.hits == 6
 
@@ -86,7 +86,7 @@ async def test_sequential_reads_prefetch_and_random_reads_do_not(parts):
     backend, _, fetcher = parts
     data = image(40 * CS)
     loc = backend.put("seq", data)
-    reader = ImageReader(fetcher, loc, prefetch_max=8 * CS)
+    reader = ImageReader(fetcher, [loc], prefetch_max=8 * CS)
     for off in range(0, 4 * CS, 16 * 1024):
         assert await reader.read(off, 16 * 1024) == data[off : off + 16 * 1024]
     await settle(fetcher)
@@ -95,7 +95,7 @@ async def test_sequential_reads_prefetch_and_random_reads_do_not(parts):
     assert max(ahead) <= 4 + 8  # never more than the window
 
     loc2 = backend.put("rand", image(40 * CS, seed=2))
-    reader2 = ImageReader(fetcher, loc2, prefetch_max=8 * CS)
+    reader2 = ImageReader(fetcher, [loc2], prefetch_max=8 * CS)
     rng = random.Random(5)
     offsets = rng.sample(range(0, 40 * CS - 4096, 4096 * 37), 15)
     for off in offsets:
@@ -111,9 +111,9 @@ async def test_short_store_read_is_an_error_not_zeros(parts):
     loc = backend.put("img", image(3 * CS))
     backend.short_reads = 1
     with pytest.raises(ShortRead):
-        await ImageReader(fetcher, loc, prefetch_max=0).read(0, 100)
+        await ImageReader(fetcher, [loc], prefetch_max=0).read(0, 100)
     assert not cache.contains(fetcher.key(loc, 0))  # nothing wrong was cached
-    assert await ImageReader(fetcher, loc, prefetch_max=0).read(0, 100) == backend.images["img"][0][:100]
+    assert await ImageReader(fetcher, [loc], prefetch_max=0).read(0, 100) == backend.images["img"][0][:100]
 
 
 async def test_store_failure_is_eio_and_not_cached(parts):
@@ -121,9 +121,9 @@ async def test_store_failure_is_eio_and_not_cached(parts):
     loc = backend.put("img", image(2 * CS))
     backend.fail_reads = 1
     with pytest.raises(BackendError) as info:
-        await ImageReader(fetcher, loc, prefetch_max=0).read(0, 10)
+        await ImageReader(fetcher, [loc], prefetch_max=0).read(0, 10)
     assert info.value.errno == 5  # EIO
-    assert await ImageReader(fetcher, loc, prefetch_max=0).read(0, 10) == backend.images["img"][0][:10]
+    assert await ImageReader(fetcher, [loc], prefetch_max=0).read(0, 10) == backend.images["img"][0][:10]
 
 
 async def test_replaced_image_gives_estale_never_mixed_bytes(parts):
@@ -132,7 +132,7 @@ async def test_replaced_image_gives_estale_never_mixed_bytes(parts):
     fetcher.on_stale = stale.append
     old = image(4 * CS, seed=1)
     loc = backend.put("img", old)
-    reader = ImageReader(fetcher, loc, prefetch_max=0)
+    reader = ImageReader(fetcher, [loc], prefetch_max=0)
     assert await reader.read(0, CS) == old[:CS]
     new = image(4 * CS, seed=2)
     backend.put("img", new)
@@ -150,6 +150,6 @@ async def test_interrupted_reader_does_not_break_the_fetch(parts):
     data = image(CS)
     loc = backend.put("img", data)
     with trio.move_on_after(0.05):
-        await ImageReader(fetcher, loc, prefetch_max=0).read(0, CS)
-    assert await ImageReader(fetcher, loc, prefetch_max=0).read(0, CS) == data
+        await ImageReader(fetcher, [loc], prefetch_max=0).read(0, CS)
+    assert await ImageReader(fetcher, [loc], prefetch_max=0).read(0, CS) == data
     assert backend.reads[("img", 0)] == 1  # the second reader joined the first fetch

@@ -3,7 +3,7 @@ nothing of FUSE, trio or the cache; failures are raised as ``imgfs.errors`` clas
 
 from __future__ import annotations
 
-from ..config import FileStoreConfig, ImgfsOptions, S3StoreConfig, StoreConfig
+from ..config import CinderStoreConfig, FileStoreConfig, ImgfsOptions, S3StoreConfig, StoreConfig
 from .base import Backend
 
 
@@ -16,4 +16,8 @@ def build(store: StoreConfig, options: ImgfsOptions) -> Backend:
         from .file import FileBackend
 
         return FileBackend(store)
+    if isinstance(store, CinderStoreConfig):
+        from .cinder import CinderBackend  # cinderclient, keystoneauth and os-brick only when needed
+
+        return CinderBackend(store, options)
     raise TypeError(f"no backend for {store!r}")

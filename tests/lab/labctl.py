@@ -128,6 +128,11 @@ class Lab:
         pid = int(pid_s)
         return pid if proc_starttime(pid) == start else None
 
+    def log_since_start(self, name: str) -> str:
+        """The part of a daemon's log written since `start()` last launched it."""
+        text = self.log_path(name).read_text(errors='replace')
+        return text[text.rfind('\n==== '):]
+
     def assert_alive(self, name: str) -> None:
         proc = self.procs.get(name)
         dead = proc.poll() is not None if proc else self.running(name) is None
@@ -292,7 +297,8 @@ class Lab:
             'RABBITMQ_ENABLED_PLUGINS_FILE': str(d / 'enabled_plugins'),
             'RABBITMQ_MNESIA_BASE': str(d / 'mnesia'),
             'RABBITMQ_LOG_BASE': str(self.log_dir),
-            'RABBITMQ_LOGS': str(self.log_dir / 'rabbitmq-server.log'),
+            # the file its stdout also goes to (both append): one log per daemon
+            'RABBITMQ_LOGS': str(self.log_path('rabbitmq')),
             'RABBITMQ_PID_FILE': str(d / 'rabbitmq.pid'),
             # Without this the distribution port listens on every interface.
             'RABBITMQ_SERVER_ADDITIONAL_ERL_ARGS': '-kernel inet_dist_use_interface {127,0,0,1}',
@@ -346,6 +352,7 @@ mon data avail warn = 2
 mon data avail crit = 1
 run dir = {c}/run
 crash dir = {c}/crash
+# Each daemon logs into the file its stdout/stderr go to (both append): one log per daemon.
 
 [client]
 keyring = {c}/$cluster.$name.keyring
@@ -354,7 +361,9 @@ keyring = {c}/$cluster.$name.keyring
 mon data = {c}/mon/$cluster-$id
 keyring = $mon_data/keyring
 admin socket = $run_dir/$cluster-$name.asok
-log file = {lg}/ceph-$name.log
+log file = {lg}/ceph-mon.log
+log to stderr = false
+err to stderr = false
 mon cluster log file = {lg}/ceph-cluster.log
 # restful/nfs are default-on in pacific and only add noise here
 mgr initial modules = iostat
@@ -363,13 +372,17 @@ mgr initial modules = iostat
 mgr data = {c}/mgr/$cluster-$id
 keyring = $mgr_data/keyring
 admin socket = $run_dir/$cluster-$name.asok
-log file = {lg}/ceph-$name.log
+log file = {lg}/ceph-mgr.log
+log to stderr = false
+err to stderr = false
 
 [osd]
 osd data = {c}/osd/$cluster-$id
 keyring = $osd_data/keyring
 admin socket = $run_dir/$cluster-$name.asok
-log file = {lg}/ceph-$name.log
+log file = {lg}/ceph-osd.log
+log to stderr = false
+err to stderr = false
 osd objectstore = bluestore
 bluestore block create = true
 bluestore block size = 21474836480
@@ -379,7 +392,9 @@ osd memory target = 1073741824
 rgw data = {c}/rgw
 keyring = {c}/rgw/keyring
 admin socket = $run_dir/$cluster-$name.asok
-log file = {lg}/ceph-$name.log
+log file = {lg}/radosgw.log
+log to stderr = false
+err to stderr = false
 rgw frontends = beast endpoint={HOST}:{PORTS['rgw']}
 rgw dns name = {HOST}
 """)
@@ -718,13 +733,16 @@ rados_connect_timeout = 20
                      what='cinder: db sync', timeout=300)
             marker.touch()
 
-    def cinder(self) -> None:
+    def cinder_start(self) -> None:
+        """Needs MariaDB, RabbitMQ and Ceph; not Keystone (cinder-api asks it only per request)."""
         d = DATA / 'cinder'
         conf = d / 'cinder.conf'
         for binary in ('cinder-api', 'cinder-scheduler', 'cinder-volume'):
             self.start(binary, [f'{VENV}/bin/{binary}', '--config-file', str(conf),
                                 '--log-file', str(self.log_path(binary))], cwd=d,
                        ports=(PORTS['cinder'],) if binary == 'cinder-api' else ())
+
+    def cinder_ready(self) -> None:
         from cinderclient import client as cinder_client
         cinder = cinder_client.Client('3.60', session=self.admin_session(), region_name=REGION)
 
@@ -735,12 +753,22 @@ rados_connect_timeout = 20
         def services_up() -> bool:
             state = {(s.binary, s.host): (s.state, s.status) for s in cinder.services.list()}
             return all(state.get(k) == ('up', 'enabled') for k in want)
+
+        def volume_ready() -> bool:
+            # After a restart the service table still says `up` for up to a minute and the
+            # scheduler still lists the old pool: the current process's own log is the proof.
+            since = self.log_since_start('cinder-volume')
+            if 'Failed to initialize driver' in since:
+                raise LabError(f'cinder-volume: RBD driver failed to initialise; see '
+                               f'{self.log_path("cinder-volume")}')
+            return 'Driver post RPC initialization completed successfully' in since
         api_root = f'http://{HOST}:{PORTS["cinder"]}/'
         self.wait_for('cinder-api', lambda: self._http_status(api_root) in (200, 300), 90,
                       ('cinder-api',))
+        self.wait_for('cinder-volume to initialise its driver', volume_ready, 120, daemons)
         self.wait_for('cinder-scheduler and cinder-volume to report up', services_up, 120, daemons,
                       interval=1)
-        # The backend pool in the scheduler proves the RBD driver initialised and reported stats.
+        # The backend pool in the scheduler proves the RBD driver reported its stats.
         self.wait_for('the ceph pool in cinder-scheduler',
                       lambda: cinder.pools.list(detailed=True), 120, daemons, interval=1)
         log('cinder: api, scheduler and volume up')
@@ -842,12 +870,19 @@ rados_connect_timeout = 20
     def up(self) -> None:
         if not (VENV / 'bin' / 'cinder-volume').exists():
             raise LabError(f'no lab venv at {VENV}: run tests/lab/install first')
+        missing = [b for b in ('ceph-mon', 'ceph-mgr', 'ceph-osd', 'radosgw', 'radosgw-admin', 'ceph',
+                               'rbd', 'rados', 'monmaptool', 'ceph-authtool', 'mariadbd',
+                               'mariadb-install-db', 'mariadb', 'epmd')
+                   if not shutil.which(b, path=self.env['PATH'])]
+        if missing or not Path('/usr/lib/rabbitmq/bin/rabbitmq-server').exists():
+            raise LabError(f'missing {missing or "rabbitmq-server"}: run tests/lab/install first')
         for d in (DATA, self.log_dir, self.pid_dir):
             d.mkdir(parents=True, exist_ok=True)
         self.load_secrets()
         # Ceph, Keystone (SQLite) and MariaDB+RabbitMQ do not depend on each other: set them up side
-        # by side (keystone-manage, cinder-manage and the OSD's mkfs are the slow steps). Cinder needs
-        # all three but not RGW, which comes up meanwhile (its first start creates its pools: ~10 s).
+        # by side (keystone-manage, cinder-manage and the OSD's mkfs are the slow steps). Cinder's
+        # daemons start once MariaDB, RabbitMQ and Ceph's RBD pool are there, while Keystone may
+        # still be starting; RGW (not needed by Cinder) comes up meanwhile.
         with concurrent.futures.ThreadPoolExecutor(2) as pool:
             ceph = pool.submit(self.ceph_rbd)
             keystone = pool.submit(self.keystone)
@@ -855,10 +890,11 @@ rados_connect_timeout = 20
             self.rabbitmq()
             self.cinder_db()
             self.wait_rabbitmq()
-            keystone.result()
             ceph.result()
+            self.cinder_start()
             rgw = pool.submit(self.ceph_rgw)
-            self.cinder()
+            keystone.result()
+            self.cinder_ready()
             rgw.result()
         health = self.ceph_health()
         self.write_lab_json(health)
@@ -888,10 +924,16 @@ def main() -> int:
     try:
         Lab().up()
     except LabError as exc:
-        print(f'[lab up] ERROR: {exc}\n[lab up] daemons already started keep running; '
-              'stop them with tests/lab/down', file=sys.stderr)
-        return 1
-    return 0
+        print(f'[lab up] ERROR: {exc}', file=sys.stderr)
+    except Exception:  # noqa: BLE001 - unexpected: show where, then the same hint
+        import traceback
+        traceback.print_exc()
+        print('[lab up] ERROR: unexpected failure (traceback above)', file=sys.stderr)
+    else:
+        return 0
+    print('[lab up] daemons already started keep running; stop them with tests/lab/down',
+          file=sys.stderr)
+    return 1
 
 
 if __name__ == '__main__':

@@ -111,7 +111,8 @@ def main() -> int:
         sess.get_token()
     cinder = cinder_client.Client('3.60', session=sess, region_name=ks['region_name'],
                                   service_type='volumev3', interface='public')
-    print(f'  cinder endpoint from the catalog: {sess.get_endpoint(service_type="volumev3", interface="public")}')
+    endpoint = sess.get_endpoint(service_type='volumev3', interface='public')
+    print(f'  cinder endpoint from the catalog: {endpoint}')
 
     cluster = rados.Rados(conffile=ceph['conf'], rados_id=ceph['rbd_user'],
                           conf={'keyring': ceph['client_cinder_keyring']})
@@ -167,7 +168,8 @@ def main() -> int:
         print('non-multiattach volume (lab-rbd):')
         vol_id, sha, length = new_volume(CFG['cinder']['volume_types']['default'])
         att, conn, dev, got = attach_and_read(vol_id, props, length, 'host a')
-        print(f'  sha256 written {sha[:16]}…, read {got[:16]}… -> {"MATCH" if got == sha else "MISMATCH"}')
+        verdict = 'MATCH' if got == sha else 'MISMATCH'
+        print(f'  sha256 written {sha[:16]}…, read {got[:16]}… -> {verdict}')
         ok &= got == sha
         with timed('host a: attachments.complete'):
             cinder.attachments.complete(att['id'])

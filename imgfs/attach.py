@@ -1,0 +1,208 @@
+"""Cinder multi-attach semantics, enforced by the daemon (the policy; backends/cinder.py does the calls).
+
+- One attachment per volume per host, shared by every open file of it (a refcount). Attaching is lazy:
+  the first chunk that must come from the volume attaches it, so a fully cached image never touches
+  Cinder. The last close starts an idle timer; when it runs out the volume is detached.
+- Attach and detach of one volume never race (one lock per volume), and once begun they finish
+  (shielded): an attachment is never left half-made or forgotten.
+- A volume another host holds is never taken over. Cinder refuses the attachment (HTTP 400, status
+  ``in-use``); transitional states (``attaching``, ``detaching``, ...) are waited out with backoff up to
+  ``attach_timeout``; then the reader falls back to another store or gets EBUSY.
+- Start-up removes attachments a crashed daemon of this host left behind; shutdown detaches everything,
+  shielded, within ``detach_deadline``.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import trio
+
+from .errors import Busy, ImgfsError
+from .model import Location
+
+log = logging.getLogger(__name__)
+
+
+class VolumeOps(Protocol):
+    """The blocking operations a cinder backend provides (run in worker threads)."""
+
+    name: str
+
+    def attach(self, volume_id: str) -> object: ...
+
+    def detach(self, volume_id: str) -> None: ...
+
+    def stale_attachments(self) -> list[tuple[str, str]]: ...
+
+    def delete_attachment(self, attachment_id: str) -> None: ...
+
+
+@dataclass
+class _Volume:
+    volume_id: str
+    refs: int = 0
+    attached: bool = False
+    attached_at: float = 0.0
+    idle_since: float | None = None
+    lock: trio.Lock = field(default_factory=trio.Lock)
+    idle_scope: trio.CancelScope | None = None
+
+
+class Attachments:
+    def __init__(
+        self,
+        ops: VolumeOps,
+        *,
+        idle_timeout: float,
+        attach_timeout: float,
+        detach_deadline: float,
+        limiter: trio.CapacityLimiter,
+    ) -> None:
+        self.ops = ops
+        self.idle_timeout = idle_timeout
+        self.attach_timeout = attach_timeout
+        self.detach_deadline = detach_deadline
+        self._limiter = limiter
+        self._volumes: dict[str, _Volume] = {}
+        self._nursery: trio.Nursery | None = None
+        self.attaches = 0
+        self.detaches = 0
+
+    def start(self, nursery: trio.Nursery) -> None:
+        self._nursery = nursery
+
+    def _volume(self, volume_id: str) -> _Volume:
+        v = self._volumes.get(volume_id)
+        if v is None:
+            v = self._volumes[volume_id] = _Volume(volume_id)
+        return v
+
+    # ---- what open files do -------------------------------------------------------------------------
+
+    def hold(self, loc: Location) -> None:
+        v = self._volume(loc.version)
+        v.refs += 1
+        v.idle_since = None
+        if v.idle_scope is not None:
+            v.idle_scope.cancel()
+            v.idle_scope = None
+
+    def release(self, loc: Location) -> None:
+        v = self._volumes.get(loc.version)
+        if v is None or v.refs == 0:
+            return
+        v.refs -= 1
+        if v.refs == 0:
+            v.idle_since = time.monotonic()
+            if v.attached and self._nursery is not None:
+                self._nursery.start_soon(self._detach_when_idle, v)
+            elif not v.attached:
+                self._volumes.pop(v.volume_id, None)
+
+    async def ready(self, loc: Location) -> None:
+        """Make the volume readable on this host: attach it unless an attachment is already shared."""
+        v = self._volume(loc.version)
+        if v.attached:
+            return
+        async with v.lock:
+            if not v.attached:
+                await self._attach(v, loc)
+
+    # ---- attach and detach --------------------------------------------------------------------------
+
+    async def _attach(self, v: _Volume, loc: Location) -> None:
+        deadline = trio.current_time() + self.attach_timeout
+        delay = 0.5
+        while True:
+            started = trio.current_time()
+            try:
+                # Once Cinder is asked, see it through: a cancelled attach would leave an attachment
+                # nobody knows to delete.
+                with trio.CancelScope(shield=True):
+                    await trio.to_thread.run_sync(self.ops.attach, v.volume_id, limiter=self._limiter)
+            except Busy as e:
+                if getattr(e, "transitional", False) and trio.current_time() + delay < deadline:
+                    log.info("volume %s of image %s is %s; retrying in %.1fs", v.volume_id, loc.image_id, getattr(e, "status", "busy"), delay)
+                    await trio.sleep(delay)
+                    delay = min(delay * 2, 5.0)
+                    continue
+                log.warning("%s", e)
+                raise
+            v.attached, v.attached_at = True, time.monotonic()
+            self.attaches += 1
+            log.info("attached volume %s (image %s, store '%s') read-only in %.2fs", v.volume_id, loc.image_id, self.ops.name, trio.current_time() - started)
+            if v.refs == 0 and self._nursery is not None:  # every reader left while we attached
+                v.idle_since = time.monotonic()
+                self._nursery.start_soon(self._detach_when_idle, v)
+            return
+
+    async def _detach_when_idle(self, v: _Volume) -> None:
+        with trio.CancelScope() as scope:
+            v.idle_scope = scope
+            await trio.sleep(self.idle_timeout)
+        if scope.cancelled_caught:
+            return
+        async with v.lock:
+            if v.refs == 0 and v.attached:
+                await self._detach(v, "idle")
+                if v.refs == 0 and not v.attached:
+                    self._volumes.pop(v.volume_id, None)
+
+    async def _detach(self, v: _Volume, why: str) -> None:
+        with trio.CancelScope(shield=True):
+            try:
+                await trio.to_thread.run_sync(self.ops.detach, v.volume_id, limiter=self._limiter)
+            except ImgfsError as e:
+                log.error("%s; will retry", e)
+                return
+        v.attached = False
+        self.detaches += 1
+        log.info("detached volume %s from store '%s' (%s)", v.volume_id, self.ops.name, why)
+
+    # ---- start-up and shutdown ----------------------------------------------------------------------
+
+    async def remove_stale(self) -> int:
+        """Delete the attachments a previous run of imgfs on this host left in Cinder (crash, SIGKILL)."""
+        stale = await trio.to_thread.run_sync(self.ops.stale_attachments, limiter=self._limiter)
+        for volume_id, attachment_id in stale:
+            with trio.CancelScope(shield=True):
+                await trio.to_thread.run_sync(self.ops.delete_attachment, attachment_id, limiter=self._limiter)
+            log.info("removed stale attachment %s of volume %s left by an earlier imgfs on this host", attachment_id, volume_id)
+        return len(stale)
+
+    async def close(self) -> None:
+        """Detach every volume, concurrently, within ``detach_deadline``; whatever remains is named."""
+        attached = [v for v in self._volumes.values() if v.attached]
+        if not attached:
+            return
+        with trio.CancelScope(shield=True):
+            with trio.move_on_after(self.detach_deadline):
+                async with trio.open_nursery() as nursery:
+                    for v in attached:
+                        nursery.start_soon(self._detach_locked, v)
+        left = [v.volume_id for v in attached if v.attached]
+        if left:
+            log.error("shutdown: %d volumes still attached after %gs: %s; the next start removes them", len(left), self.detach_deadline, ", ".join(left))
+
+    async def _detach_locked(self, v: _Volume) -> None:
+        async with v.lock:
+            if v.attached:
+                await self._detach(v, "shutdown")
+
+    def status(self) -> list[dict]:
+        now = time.monotonic()
+        return [
+            {
+                "store": self.ops.name,
+                "volume_id": v.volume_id,
+                "refcount": v.refs,
+                "attached": v.attached,
+                "attached_for": round(now - v.attached_at, 1) if v.attached else None,
+                "idle_for": None if v.idle_since is None else round(now - v.idle_since, 1),
+            }
+            for v in self._volumes.values()
+        ]

@@ -1,0 +1,429 @@
+"""Glance's cinder store: each image is a Cinder volume ``image-<id>`` read through an os-brick attachment.
+
+This module is the mechanism, all blocking (called from worker threads): a Keystone session, the
+cinderclient calls, os-brick's connector and a read-only view of the attached volume. The policy --
+one attachment per volume per host shared by every open file, idle detach, retries on transitional
+states, never taking a volume another host holds -- lives in ``imgfs.attach``.
+
+Read-only by construction: measured on a real Cinder + RBD, an ``ro`` attachment still hands out a
+writable librbd handle and a write through it lands in the image. So imgfs never keeps that handle where
+anything could write to it: ``ReadOnlyVolume`` holds it privately and exposes only ``pread``; a device
+path is opened O_RDONLY.
+
+Our attachments are recognisable in Cinder: the connector carries ``mountpoint = imgfs:<store>``, which
+Cinder records as the attachment's device, so a restarted daemon can find and delete exactly the
+attachments a crashed one left behind on this host -- never glance-api's (``glance_store``) or
+another host's.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import socket
+import sys
+import threading
+import warnings
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from typing import Any
+
+from ..config import CinderStoreConfig, ImgfsOptions
+from ..errors import BackendAccessDenied, BackendError, BackendUnavailable, Busy, ShortRead, StaleImage
+from ..model import Location
+from .base import valid_image_name
+
+log = logging.getLogger(__name__)
+
+API_VERSION = "3.54"  # attachments API with attach mode
+_IN_USE = re.compile(r"current status is (\w+)")
+# Cinder states another host passes through briefly; waiting for them is worthwhile, 'in-use' is not.
+TRANSITIONAL = {"attaching", "detaching", "reserved", "downloading", "creating", "maintenance"}
+_SECRET_KEYS = ("keyring", "auth_password", "secret", "password", "token", "key")
+
+
+class VolumeBusy(Busy):
+    """The volume is held elsewhere (non-multiattach) or passing through a state that forbids attaching."""
+
+    def __init__(self, message: str, status: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.transitional = status in TRANSITIONAL
+
+
+def mask(value: Any) -> Any:
+    """connection_info with every credential replaced: the only form of it that may reach a log."""
+    if isinstance(value, dict):
+        return {k: ("***" if any(s in str(k).lower() for s in _SECRET_KEYS) else mask(v)) for k, v in value.items()}
+    if isinstance(value, list):
+        return [mask(v) for v in value]
+    return value
+
+
+class ReadOnlyVolume:
+    """Positional reads of an attached volume, and nothing else."""
+
+    def __init__(self, path: Any) -> None:
+        self._lock = threading.Lock()  # os-brick's RBD handle is a seek+read file object: one reader at a time
+        self._fd: int | None = None
+        self._handle: Any = None
+        if isinstance(path, str):
+            self._fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        else:
+            self._handle = path
+
+    def pread(self, offset: int, length: int) -> bytes:
+        with self._lock:
+            if self._fd is not None:
+                data = os.pread(self._fd, length, offset)
+                while len(data) < length:
+                    more = os.pread(self._fd, length - len(data), offset + len(data))
+                    if not more:
+                        break
+                    data += more
+                return data
+            if self._handle is None:
+                raise BackendError("volume is detached")
+            self._handle.seek(offset)
+            return self._handle.read(length)
+
+    def close(self) -> None:
+        with self._lock:  # waits for a read in progress
+            if self._fd is not None:
+                os.close(self._fd)
+                self._fd = None
+            self._handle = None  # os-brick's disconnect_volume closes the handle itself
+
+
+@dataclass
+class Attachment:
+    volume_id: str
+    attachment_id: str
+    protocol: str
+    connection_data: dict = None  # type: ignore[assignment]
+    device_info: dict = None  # type: ignore[assignment]
+    volume: ReadOnlyVolume | None = None
+    multiattach: bool = False
+
+    @property
+    def private_connection(self) -> bool:
+        """An RBD connection without a local device is this process's own librbd handle: disconnecting
+        it can never pull a device from under another user on the host."""
+        return self.protocol.upper() == "RBD" and not (self.device_info and isinstance(self.device_info.get("path"), str))
+
+
+def _init_os_brick() -> None:
+    """os-brick probes the host through an oslo.privsep daemon. imgfs runs as root (FUSE needs it), so
+    the daemon is started directly (root helper ``env``) from this interpreter's bin directory."""
+    warnings.filterwarnings("ignore", message=r"\s*Eventlet is deprecated")
+    bindir = os.path.dirname(sys.executable)
+    if bindir not in os.environ.get("PATH", "").split(os.pathsep):
+        os.environ["PATH"] = bindir + os.pathsep + os.environ.get("PATH", "")
+    from oslo_privsep import priv_context
+
+    priv_context.init(root_helper=["env"] if os.geteuid() == 0 else ["sudo"])
+
+
+_BRICK_READY = False
+_BRICK_LOCK = threading.Lock()
+
+
+class CinderBackend:
+    kind = "cinder"
+
+    def __init__(self, cfg: CinderStoreConfig, options: ImgfsOptions) -> None:
+        from cinderclient import client as cinder_client
+        from keystoneauth1 import session as ks_session
+        from keystoneauth1.identity import v3
+
+        self.cfg = cfg
+        self.name = cfg.name
+        self.host = options.host or socket.gethostname()
+        self.mountpoint = f"imgfs:{cfg.name}"
+        self.lock_path = options.lock_path
+        self._where = f"store '{cfg.name}' (cinder via {cfg.auth_url})"
+        if cfg.application_credential_id and cfg.application_credential_secret:
+            auth = v3.ApplicationCredential(
+                auth_url=cfg.auth_url,
+                application_credential_id=cfg.application_credential_id,
+                application_credential_secret=cfg.application_credential_secret,
+            )
+        else:
+            auth = v3.Password(
+                auth_url=cfg.auth_url, username=cfg.user_name, password=cfg.password, project_name=cfg.project_name,
+                user_domain_name=cfg.user_domain_name, project_domain_name=cfg.project_domain_name,
+            )
+        verify: bool | str = False if cfg.api_insecure else (cfg.ca_certificates_file or True)
+        self.session = ks_session.Session(auth=auth, verify=verify, timeout=options.cinder_api_timeout)
+        service_type, service_name, interface = cfg.catalog_info.split(":")
+        self._client_args = dict(
+            session=self.session, region_name=cfg.region_name, service_type=service_type,
+            service_name=service_name or None, interface=interface.replace("URL", ""), retries=cfg.http_retries,
+        )
+        self._endpoint_template = cfg.endpoint_template
+        self._client_factory = cinder_client.Client
+        self._client: Any = None
+        self._keyring = open(cfg.rbd_keyring_file).read() if cfg.rbd_keyring_file else None
+        self._attached: dict[str, Attachment] = {}
+        self._connector_props: dict | None = None
+        self._connectors: dict[str, Any] = {}
+
+    # ---- the API client -----------------------------------------------------------------------------
+
+    @property
+    def client(self) -> Any:
+        if self._client is None:
+            args = dict(self._client_args)
+            if self._endpoint_template:
+                args["endpoint_override"] = self._endpoint_template % {"project_id": self.session.get_project_id()}
+            self._client = self._client_factory(API_VERSION, **args)
+        return self._client
+
+    def _error(self, e: Exception, what: str) -> BackendError:
+        from cinderclient import exceptions as cexc
+        from keystoneauth1 import exceptions as kexc
+
+        if isinstance(e, (kexc.Unauthorized, cexc.Unauthorized)):
+            return BackendAccessDenied(f"{self._where}: authentication failed while {what}; check cinder_store_user_name / cinder_store_password / cinder_store_project_name")
+        if isinstance(e, (cexc.Forbidden, kexc.Forbidden)):
+            return BackendAccessDenied(f"{self._where}: forbidden while {what}; the store user needs a role on project '{self.cfg.project_name}'")
+        if isinstance(e, kexc.EndpointNotFound):
+            return BackendError(f"{self._where}: no Cinder endpoint in the catalog for {self.cfg.catalog_info}; check cinder_catalog_info / cinder_os_region_name")
+        if isinstance(e, (kexc.ConnectFailure, kexc.ConnectTimeout, kexc.DiscoveryFailure, kexc.ServiceUnavailable, cexc.ConnectionRefused)):
+            return BackendUnavailable(f"{self._where}: cannot reach Keystone or Cinder while {what}; is the service up?")
+        if isinstance(e, (kexc.RequestTimeout, kexc.ConnectTimeout)) or "timed out" in str(e).lower():
+            return BackendUnavailable(f"{self._where}: timed out while {what}")
+        if isinstance(e, cexc.ClientException):
+            return BackendError(f"{self._where}: {what} failed: HTTP {getattr(e, 'code', '?')} {_one_line(getattr(e, 'message', ''))}")
+        return BackendError(f"{self._where}: {what} failed: {type(e).__name__}")
+
+    # ---- listing ------------------------------------------------------------------------------------
+
+    def _location(self, volume: Any) -> Location | None:
+        name = getattr(volume, "name", None) or ""
+        meta = getattr(volume, "metadata", None) or {}
+        image_id = meta.get("glance_image_id") or (name[len("image-"):] if name.startswith("image-") else None)
+        if not image_id or not name.startswith("image-") or not valid_image_name(image_id):
+            return None
+        if self.cfg.volume_type and getattr(volume, "volume_type", None) != self.cfg.volume_type:
+            return None
+        if volume.status not in ("available", "in-use"):
+            return None  # being written by Glance, or in error: not an image yet
+        try:
+            size = int(meta["image_size"])
+        except (KeyError, ValueError):
+            log.debug("%s: volume %s has no image_size metadata; not serving it", self._where, volume.id)
+            return None
+        return Location(self.name, image_id, size, volume.id, _timestamp(getattr(volume, "created_at", None)))
+
+    def _volumes(self, search_opts: dict | None = None) -> list[Any]:
+        return self.client.volumes.list(detailed=True, search_opts=search_opts or {})
+
+    def list_images(self) -> list[Location]:
+        try:
+            volumes = self._volumes()
+        except Exception as e:
+            raise self._error(e, "listing image-volumes") from None
+        found: dict[str, Location] = {}
+        for volume in volumes:
+            loc = self._location(volume)
+            if loc is not None and (loc.image_id not in found or loc.mtime > found[loc.image_id].mtime):
+                found[loc.image_id] = loc
+        return list(found.values())
+
+    def stat(self, image_id: str) -> Location | None:
+        if not valid_image_name(image_id):
+            return None
+        try:
+            volumes = self._volumes({"name": f"image-{image_id}"})
+        except Exception as e:
+            raise self._error(e, f"looking up image {image_id}") from None
+        locations = [loc for loc in map(self._location, volumes) if loc is not None and loc.image_id == image_id]
+        return max(locations, key=lambda l: l.mtime) if locations else None
+
+    # ---- attach / detach (one call each; attach.py decides when) -----------------------------------
+
+    def _brick(self, protocol: str) -> Any:
+        global _BRICK_READY
+        from os_brick.initiator import connector as brick
+
+        with _BRICK_LOCK:
+            if not _BRICK_READY:
+                _init_os_brick()
+                _BRICK_READY = True
+            if self._connector_props is None:
+                my_ip = _host_ip(self.host)
+                props = brick.get_connector_properties(
+                    "env", my_ip, self.cfg.use_multipath, self.cfg.enforce_multipath, host=self.host
+                )
+                props["mountpoint"] = self.mountpoint
+                self._connector_props = props
+            conn = self._connectors.get(protocol)
+            if conn is None:
+                conn = self._connectors[protocol] = brick.InitiatorConnector.factory(
+                    protocol, "env", use_multipath=self.cfg.use_multipath, do_local_attach=False,
+                )
+            return conn
+
+    def attach(self, volume_id: str) -> Attachment:
+        """Create a read-only attachment, connect it, complete it. Raises VolumeBusy if Cinder refuses
+        because of the volume's state; leaves nothing behind on any failure."""
+        from cinderclient import exceptions as cexc
+
+        self._brick("RBD")  # props first: they name this host
+        assert self._connector_props is not None
+        try:
+            volume = self.client.volumes.get(volume_id)
+        except cexc.NotFound:
+            raise StaleImage(f"{self._where}: volume {volume_id} no longer exists") from None
+        except Exception as e:
+            raise self._error(e, f"looking up volume {volume_id}") from None
+        try:
+            created = self.client.attachments.create(volume_id, self._connector_props, mode="ro")
+        except cexc.BadRequest as e:
+            found = _IN_USE.search(str(getattr(e, "message", e)))
+            if found:
+                status = found.group(1)
+                raise VolumeBusy(f"{self._where}: volume {volume_id} is {status} (held by another host or busy); not taking it", status) from None
+            raise self._error(e, f"attaching volume {volume_id}") from None
+        except Exception as e:
+            raise self._error(e, f"attaching volume {volume_id}") from None
+        att = Attachment(volume_id, created["id"], "", multiattach=bool(getattr(volume, "multiattach", False)))
+        try:
+            info = created.get("connection_info") or {}
+            protocol = str(info.get("driver_volume_type", "")).upper()
+            data = dict(info.get("data", info))
+            data.pop("driver_volume_type", None)
+            if protocol == "RBD" and self._keyring and not data.get("keyring"):
+                data["keyring"] = self._keyring
+            att.protocol, att.connection_data = protocol, data
+            log.debug("%s: attachment %s of volume %s: %s", self._where, att.attachment_id, volume_id, mask(data))
+            att.device_info = self._brick(protocol).connect_volume(data)
+            att.volume = ReadOnlyVolume(att.device_info["path"])
+            self.client.attachments.complete(att.attachment_id)
+        except Exception as e:
+            self._undo(att)
+            if isinstance(e, BackendError):
+                raise
+            raise self._error(e, f"connecting volume {volume_id}") from None
+        self._attached[volume_id] = att
+        return att
+
+    def _undo(self, att: Attachment) -> None:
+        try:
+            if att.device_info is not None:
+                self._brick(att.protocol).disconnect_volume(att.connection_data, att.device_info)
+        except Exception:  # noqa: BLE001 - best effort; the attachment delete below matters more
+            log.warning("%s: disconnecting volume %s after a failed attach failed", self._where, att.volume_id)
+        try:
+            self.client.attachments.delete(att.attachment_id)
+        except Exception as e:  # noqa: BLE001
+            log.error("%s; attachment %s may be left in Cinder (the next start removes it)", self._error(e, "removing a failed attachment"), att.attachment_id)
+
+    def detach(self, volume_id: str) -> None:
+        """Disconnect and delete our attachment, under glance_store's own lock for this volume, and
+        disconnect a shared device only if Cinder counts at most one attachment of this host (the rule
+        glance-api follows, so neither pulls the device from under the other)."""
+        from oslo_concurrency import lockutils
+
+        att = self._attached.pop(volume_id, None)
+        if att is None:
+            return
+        if att.volume is not None:
+            att.volume.close()
+        with lockutils.external_lock(volume_id, lock_file_prefix="glance_store-", lock_path=self.lock_path):
+            disconnect = True
+            if not att.private_connection and att.multiattach:
+                try:
+                    mine = [a for a in self.client.volumes.get(volume_id).attachments if a.get("host_name") == self.host]
+                    disconnect = len(mine) <= 1
+                except Exception as e:  # noqa: BLE001
+                    log.warning("%s; keeping the device connected to be safe", self._error(e, f"counting attachments of {volume_id}"))
+                    disconnect = False
+            if disconnect and att.device_info is not None:
+                try:
+                    self._brick(att.protocol).disconnect_volume(att.connection_data, att.device_info)
+                except Exception:  # noqa: BLE001
+                    log.warning("%s: disconnect of volume %s failed; deleting the attachment anyway", self._where, volume_id)
+            try:
+                self.client.attachments.delete(att.attachment_id)
+            except Exception as e:
+                self._attached.setdefault(volume_id, att)  # keep it known so shutdown/cleanup retries
+                raise self._error(e, f"deleting attachment {att.attachment_id} of volume {volume_id}") from None
+
+    def stale_attachments(self) -> list[tuple[str, str]]:
+        """(volume id, attachment id) of every attachment in this store that this host's imgfs made but
+        no longer knows: what a crashed daemon left behind."""
+        try:
+            volumes = self._volumes()
+        except Exception as e:
+            raise self._error(e, "looking for stale attachments") from None
+        known = {a.attachment_id for a in self._attached.values()}
+        return [
+            (v.id, a.get("attachment_id") or a.get("id"))
+            for v in volumes
+            for a in (getattr(v, "attachments", None) or [])
+            if a.get("host_name") == self.host and a.get("device") == self.mountpoint
+            and (a.get("attachment_id") or a.get("id")) not in known
+        ]
+
+    def delete_attachment(self, attachment_id: str) -> None:
+        from cinderclient import exceptions as cexc
+
+        try:
+            self.client.attachments.delete(attachment_id)
+        except cexc.NotFound:
+            pass
+        except Exception as e:
+            raise self._error(e, f"deleting stale attachment {attachment_id}") from None
+
+    def attached(self) -> list[Attachment]:
+        return list(self._attached.values())
+
+    # ---- reads --------------------------------------------------------------------------------------
+
+    def read(self, location: Location, offset: int, length: int) -> bytes:
+        att = self._attached.get(location.version)
+        if att is None or att.volume is None:
+            raise BackendError(f"{self._where}: volume {location.version} of image {location.image_id} is not attached")
+        try:
+            data = att.volume.pread(offset, length)
+        except BackendError:
+            raise
+        except Exception as e:  # librbd errors, EIO from a device
+            raise BackendError(f"{self._where}: read error on volume {location.version} at {offset}: {type(e).__name__}") from None
+        if len(data) != length:
+            raise ShortRead(f"{self._where}: volume {location.version}: {len(data)} of {length} bytes at {offset}")
+        return data
+
+    def describe(self) -> dict[str, str]:
+        return {"type": "cinder", "auth_url": self.cfg.auth_url, "project": self.cfg.project_name, "host": self.host}
+
+    def close(self) -> None:
+        self.session.session.close()
+
+
+def _timestamp(text: str | None) -> float:
+    if not text:
+        return 0.0
+    try:
+        when = datetime.fromisoformat(text.replace("Z", "+00:00"))
+    except ValueError:
+        return 0.0
+    return (when if when.tzinfo else when.replace(tzinfo=timezone.utc)).timestamp()  # Cinder speaks UTC
+
+
+def _host_ip(host: str) -> str:
+    for family in (socket.AF_INET, socket.AF_INET6):
+        try:
+            return socket.getaddrinfo(host, None, family)[0][4][0]
+        except socket.gaierror:
+            continue
+    return "127.0.0.1"
+
+
+def _one_line(text: str) -> str:
+    return " ".join(str(text).split())[:300]
+
+
