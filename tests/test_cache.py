@@ -36,14 +36,14 @@ async def test_roundtrip_and_survives_restart(tmp_path):
     for i in range(5):
         await cache.put(key(i), data(i))
     assert cache.count == 5 and len(chunk_files(tmp_path)) == 5
-    assert bytes(await cache.get(key(3))) == data(3)
+    assert bytes(await cache.get(key(3), CS)) == data(3)
 
     again = make(tmp_path)
     await again.open()
     assert again.count == 5
     for i in range(5):
-        assert bytes(await again.get(key(i))) == data(i)
-    assert await again.get(key(9)) is None
+        assert bytes(await again.get(key(i), CS)) == data(i)
+    assert await again.get(key(9), CS) is None
     assert again.stats.hits == 5 and again.stats.misses == 1
 
 
@@ -51,9 +51,9 @@ async def test_other_version_or_chunk_size_is_a_miss(tmp_path):
     cache = make(tmp_path)
     await cache.open()
     await cache.put(key(0), data(0))
-    assert await cache.get(key(0, version="v2")) is None
-    assert await cache.get(ChunkKey("s", "img", "v1", CS * 2, 0)) is None
-    assert await cache.get(key(0, store="other")) is None
+    assert await cache.get(key(0, version="v2"), CS) is None
+    assert await cache.get(ChunkKey("s", "img", "v1", CS * 2, 0), CS) is None
+    assert await cache.get(key(0, store="other"), CS) is None
 
 
 @pytest.mark.parametrize("damage", ["bitflip", "truncate", "delete", "garbage_header"])
@@ -72,22 +72,44 @@ async def test_damaged_chunk_is_dropped_never_returned(tmp_path, damage):
         path.unlink()
     else:
         path.write_bytes(b"\x00" * 64 + raw[64:])
-    assert await cache.get(key(0)) is None
+    assert await cache.get(key(0), CS) is None
     assert not path.exists()
     assert cache.count == 0
     assert cache.stats.corrupt == (0 if damage == "delete" else 1)
     # and a fresh fill works again
     await cache.put(key(0), data(0))
-    assert bytes(await cache.get(key(0))) == data(0)
+    assert bytes(await cache.get(key(0), CS)) == data(0)
+
+
+async def test_small_reads_verify_only_their_blocks(tmp_path):
+    from imgfs.cache import BLOCK
+
+    size = 8 * BLOCK + 100
+    payload = bytes(range(256)) * (size // 256) + bytes(size % 256)
+    cache = make(tmp_path)
+    await cache.open()
+    k = ChunkKey("s", "img", "v1", size, 0)
+    await cache.put(k, payload)
+    assert bytes(await cache.read(k, 5, 4101, size)) == payload[5:4101]
+    assert bytes(await cache.read(k, 3 * BLOCK - 10, 5 * BLOCK + 7, size)) == payload[3 * BLOCK - 10 : 5 * BLOCK + 7]
+    assert bytes(await cache.read(k, size - 50, size, size)) == payload[-50:]
+    (path,) = chunk_files(tmp_path)
+    raw = bytearray(path.read_bytes())
+    raw[len(raw) - size + 6 * BLOCK + 3] ^= 0xFF  # damage block 6 only
+    path.write_bytes(raw)
+    assert bytes(await cache.read(k, 0, 100, size)) == payload[:100]  # block 0 is intact and verified
+    assert await cache.read(k, 6 * BLOCK, 6 * BLOCK + 10, size) is None  # block 6 is not: the file goes
+    assert not path.exists() and cache.stats.corrupt == 1
+    assert await cache.read(k, 0, 100, size) is None
 
 
 async def test_lru_eviction_by_size_and_count(tmp_path):
-    entry = CS + 200  # data + header + key
+    entry = CS + 216  # data + header + key + one block digest
     cache = make(tmp_path, max_bytes=4 * entry)
     await cache.open()
     for i in range(4):
         await cache.put(key(i), data(i))
-    assert await cache.get(key(0)) is not None  # 0 is now the most recently used
+    assert await cache.get(key(0), CS) is not None  # 0 is now the most recently used
     await cache.put(key(4), data(4))
     assert cache.count == 4 and cache.stats.evictions == 1
     assert not cache.contains(key(1)) and cache.contains(key(0))
@@ -122,8 +144,8 @@ async def test_drop_other_versions(tmp_path):
     await cache.put(key(0, image="other", version="old"), data(0))
     assert await cache.drop("s", "img", keep_version="new") == 2
     assert cache.get_memory(key(0, version="old")) is None
-    assert await cache.get(key(0, version="old")) is None
-    assert bytes(await cache.get(key(0, version="new"))) == data(7)
+    assert await cache.get(key(0, version="old"), CS) is None
+    assert bytes(await cache.get(key(0, version="new"), CS)) == data(7)
     assert cache.contains(key(0, image="other", version="old"))
     assert cache.cached_chunks("s", "img", "new", CS) == 1
 
@@ -151,7 +173,7 @@ async def test_unusable_cache_dir_means_no_disk_cache_not_failure(tmp_path, capl
     await cache.open()
     assert not cache.disk_ok
     await cache.put(key(0), data(0))  # no exception
-    assert await cache.get(key(0)) is None
+    assert await cache.get(key(0), CS) is None
     assert "serving without a disk cache" in caplog.text
 
 
@@ -175,5 +197,5 @@ async def test_full_disk_logs_and_keeps_going(tiny_fs, caplog):
     assert cache.count == cache.stats.fills  # the index holds exactly what is on disk
     assert not list((tiny_fs / "tmp").iterdir())  # failed fills leave nothing behind
     for i in range(8):
-        got = await cache.get(key(i))
+        got = await cache.get(key(i), CS)
         assert got is None or bytes(got) == data(i)
