@@ -27,8 +27,10 @@ import os
 import shutil
 import struct
 import time
+from typing import Any
 from collections import OrderedDict
 from dataclasses import dataclass, field
+from functools import lru_cache
 
 import trio
 import xxhash
@@ -98,6 +100,7 @@ class ChunkCache:
         self._entries: OrderedDict[str, _Entry] = OrderedDict()  # relative path -> entry, LRU first
         self._by_image: dict[str, set[str]] = {}
         self._bytes = 0
+        self._heads: OrderedDict[str, bytes] = OrderedDict()  # rel -> verified header + digest table
         self._memory: OrderedDict[ChunkKey, memoryview] = OrderedDict()
         self._memory_used = 0
         self._limiter = trio.CapacityLimiter(io_threads)
@@ -157,6 +160,7 @@ class ChunkCache:
     # ---- bookkeeping (trio loop only) ---------------------------------------------------------------
 
     @staticmethod
+    @lru_cache(maxsize=65536)  # asked several times per kernel read; two hashes and a format each
     def _rel(key: ChunkKey) -> str:
         return f"{_image_tag(key.store, key.image_id)}/{_version_tag(key.version)}.{key.chunk_size}.{key.index}"
 
@@ -166,6 +170,7 @@ class ChunkCache:
         self._bytes += size
 
     def _remove(self, rel: str) -> None:
+        self._heads.pop(rel, None)
         entry = self._entries.pop(rel, None)
         if entry is None:
             return
@@ -245,9 +250,16 @@ class ChunkCache:
             return None
         self._entries.move_to_end(rel)
         path = os.path.join(self.chunks_dir, rel)
+        head = self._heads.get(rel)
         async with self._limiter:
-            result = await trio.to_thread.run_sync(_read_verified, path, _key_bytes(key), start, end, length)
+            result = await trio.to_thread.run_sync(_read_verified, path, _key_bytes(key), start, end, length, head)
+        if isinstance(result, tuple):
+            result, head = result
+            self._heads[rel] = head
+            if len(self._heads) > 4096:  # ~1 KiB each for 8 MiB chunks
+                self._heads.popitem(last=False)
         if result is None or result is _CORRUPT:
+            self._heads.pop(rel, None)
             if self._entries.get(rel) is entry:
                 self._remove(rel)
             if result is _CORRUPT:
@@ -338,8 +350,12 @@ class ChunkCache:
 # ---- worker-thread functions: bytes and files only -------------------------------------------------
 
 
-def _read_verified(path: str, key: bytes, start: int, end: int, length: int) -> memoryview | object | None:
-    """Bytes [start, end) of the chunk file, each covering block checked against its digest."""
+def _read_verified(path: str, key: bytes, start: int, end: int, length: int, head: bytes | None) -> Any:
+    """Bytes [start, end) of the chunk file, each covering block checked against its digest.
+
+    ``head`` is the header + digest table a previous read verified (None: read and verify it, and
+    return it along with the data so the caller can keep it). The data is always read from the file.
+    """
     try:
         fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     except FileNotFoundError:
@@ -347,15 +363,17 @@ def _read_verified(path: str, key: bytes, start: int, end: int, length: int) -> 
     except OSError:
         return _CORRUPT
     try:
-        size = os.fstat(fd).st_size
         blocks = -(-length // BLOCK)
         data_off = _HEADER.size + len(key) + 8 * blocks
-        head = os.pread(fd, data_off, 0)
-        if len(head) != data_off or size != data_off + length:
-            return _CORRUPT
-        magic, key_len, data_len, block = _HEADER.unpack_from(head)
-        if magic != _MAGIC or key_len != len(key) or data_len != length or block != BLOCK or head[_HEADER.size:_HEADER.size + key_len] != key:
-            return _CORRUPT
+        fresh = head is None
+        if head is None:
+            head = os.pread(fd, data_off, 0)
+            if len(head) != data_off or os.fstat(fd).st_size != data_off + length:
+                return _CORRUPT
+            magic, key_len, data_len, block = _HEADER.unpack_from(head)
+            if magic != _MAGIC or key_len != len(key) or data_len != length or block != BLOCK or head[_HEADER.size:_HEADER.size + key_len] != key:
+                return _CORRUPT
+        key_len = len(key)
         first, last = start // BLOCK, (end - 1) // BLOCK
         lo, hi = first * BLOCK, min((last + 1) * BLOCK, length)
         buf = os.pread(fd, hi - lo, data_off + lo)
@@ -368,7 +386,8 @@ def _read_verified(path: str, key: bytes, start: int, end: int, length: int) -> 
                 return _CORRUPT
         if start == 0:
             os.utime(fd)  # marks the chunk used for the LRU order the next start rebuilds (once per pass)
-        return view[start - lo : end - lo]
+        data = view[start - lo : end - lo]
+        return (data, head) if fresh else data
     except OSError:
         return _CORRUPT
     finally:

@@ -1,0 +1,165 @@
+"""Cinder image-volumes through a real kernel FUSE mount, on a REAL Keystone + Cinder + Ceph RBD (the
+project's lab, tests/lab): imgfs authenticates with Keystone, lists image-volumes with cinderclient,
+attaches read-only with the attachments API and reads through os-brick's RBD connector (librbd)."""
+
+from __future__ import annotations
+
+import errno
+import os
+import signal
+import subprocess
+import uuid
+
+import pytest
+
+from .conftest import (
+    host_attachments,
+    is_mounted,
+    sha256,
+    sha256_file,
+    volume_bytes,
+    wait_for,
+    write_cinder_config,
+)
+
+pytestmark = [pytest.mark.mount, pytest.mark.lab]
+MiB = 1 << 20
+
+
+@pytest.fixture
+def host():
+    """A host name of our own per test, so tests never see each other's attachments."""
+    return f"imgfs-test-{uuid.uuid4().hex[:8]}"
+
+
+def config(tmp_path, lab, host, **options):
+    return write_cinder_config(tmp_path / "imgfs.conf", lab, cache_dir=tmp_path / "cache", host=host, **options)
+
+
+def test_image_volume_reads_back_exactly(tmp_path, lab, cinder, image_volume, host, mounter):
+    vol = image_volume(5 * MiB + 4321)
+    m = mounter(config(tmp_path, lab, host))
+    path = m.images / vol.image_id
+    assert path.stat().st_size == len(vol.data)  # image_size, not the 1 GiB volume
+    assert sha256_file(path) == sha256(vol.data)
+    assert sha256_file(m.path / "stores" / "cinderstore" / vol.image_id) == sha256(vol.data)
+    assert os.getxattr(path, "user.imgfs.version").decode() == vol.volume_id
+    assert os.getxattr(path, "user.imgfs.store") == b"cinderstore"
+    assert "attached volume" in m.log() and lab["keystone"]["users"]["imgfs"]["password"] not in m.log()
+
+
+def test_two_readers_share_one_attachment_until_idle(tmp_path, lab, cinder, image_volume, host, mounter):
+    vol = image_volume(3 * MiB)
+    m = mounter(config(tmp_path, lab, host, attach_idle_timeout=2, memory_cache_mb=0))
+    path = m.images / vol.image_id
+    a, b = os.open(path, os.O_RDONLY), os.open(path, os.O_RDONLY)
+    try:
+        assert os.pread(a, MiB, 0) == vol.data[:MiB]
+        assert os.pread(b, MiB, 2 * MiB) == vol.data[2 * MiB : 3 * MiB]
+        attached = host_attachments(cinder, vol.volume_id, host)
+        assert len(attached) == 1 and attached[0]["device"] == "imgfs:cinderstore"
+    finally:
+        os.close(a)
+        os.close(b)
+    wait_for(lambda: not host_attachments(cinder, vol.volume_id, host), 30, "the idle detach")
+    assert cinder.volumes.get(vol.volume_id).status == "available"
+    assert "detached volume" in m.log() and "(idle)" in m.log()
+
+
+def test_volume_held_by_another_host_is_never_taken(tmp_path, lab, cinder, image_volume, host, mounter):
+    """Non-multiattach volume already attached by another host: EBUSY with one log line, and the other
+    host's attachment untouched; with a second store holding the image, the read completes from it."""
+    vol = image_volume(2 * MiB)
+    other = {"host": "other-host", "platform": "x86_64", "os_type": "linux", "ip": "127.0.0.2", "multipath": False}
+    theirs = cinder.attachments.create(vol.volume_id, other, mode="ro")
+    cinder.attachments.complete(theirs["id"])
+    try:
+        m = mounter(config(tmp_path, lab, host, attach_timeout=2))
+        with pytest.raises(OSError) as info:
+            with open(m.images / vol.image_id, "rb") as f:
+                f.read(4096)
+        assert info.value.errno == errno.EBUSY
+        assert [a["attachment_id"] for a in cinder.volumes.get(vol.volume_id).attachments] == [theirs["id"]]
+        assert sum("not taking it" in line for line in m.log().splitlines()) >= 1
+        assert m.stop() == 0
+
+        # the same image in a file store too: the reader falls back to it and gets the right bytes
+        files = tmp_path / "files"
+        files.mkdir()
+        (files / vol.image_id).write_bytes(vol.data)
+        cfg2 = write_cinder_config(tmp_path / "fallback.conf", lab, cache_dir=tmp_path / "cache2", host=host,
+                                   file_dir=files, attach_timeout=2)
+        m2 = mounter(cfg2, name="mnt2")
+        assert sha256_file(m2.images / vol.image_id) == sha256(vol.data)
+        assert "reading from store 'filestore' instead" in m2.log()
+        assert [a["attachment_id"] for a in cinder.volumes.get(vol.volume_id).attachments] == [theirs["id"]]
+    finally:
+        cinder.attachments.delete(theirs["id"])
+
+
+def test_multiattach_volume_attaches_alongside_another_host(tmp_path, lab, cinder, image_volume, host, mounter):
+    vol = image_volume(2 * MiB + 1, multiattach=True)
+    other = {"host": "other-host", "platform": "x86_64", "os_type": "linux", "ip": "127.0.0.2", "multipath": False}
+    theirs = cinder.attachments.create(vol.volume_id, other, mode="ro")
+    cinder.attachments.complete(theirs["id"])
+    try:
+        m = mounter(config(tmp_path, lab, host))
+        assert sha256_file(m.images / vol.image_id) == sha256(vol.data)
+        hosts = sorted(a["host_name"] for a in cinder.volumes.get(vol.volume_id).attachments)
+        assert hosts == sorted([host, "other-host"])
+        assert m.stop() == 0
+        assert [a["host_name"] for a in cinder.volumes.get(vol.volume_id).attachments] == ["other-host"]
+    finally:
+        cinder.attachments.delete(theirs["id"])
+
+
+def test_sigkill_then_restart_removes_the_stale_attachment(tmp_path, lab, cinder, image_volume, host, mounter):
+    vol = image_volume(MiB)
+    cfg = config(tmp_path, lab, host)
+    m = mounter(cfg)
+    assert sha256_file(m.images / vol.image_id) == sha256(vol.data)
+    assert len(host_attachments(cinder, vol.volume_id, host)) == 1
+    m.stop(signal.SIGKILL)
+    subprocess.run(["fusermount3", "-uz", str(m.path)], check=True)
+    assert len(host_attachments(cinder, vol.volume_id, host)) == 1  # left behind by the crash
+    m2 = mounter(cfg, name="mnt2")  # ready = after the stale attachments are gone
+    assert host_attachments(cinder, vol.volume_id, host) == []
+    assert "removed stale attachment" in m2.log()
+
+
+def test_sigterm_leaves_zero_attachments(tmp_path, lab, cinder, image_volume, host, mounter):
+    vols = [image_volume(MiB + i) for i in range(2)]
+    m = mounter(config(tmp_path, lab, host, attach_idle_timeout=600))
+    fd = os.open(m.images / vols[0].image_id, os.O_RDONLY)
+    os.pread(fd, 4096, 0)  # one held open, one idle-but-attached
+    sha256_file(m.images / vols[1].image_id)
+    assert all(len(host_attachments(cinder, v.volume_id, host)) == 1 for v in vols)
+    try:
+        assert m.stop(signal.SIGTERM) == 0
+    finally:
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+    assert not is_mounted(m.path)
+    assert all(host_attachments(cinder, v.volume_id, host) == [] for v in vols)
+
+
+def test_writes_refused_and_the_volume_unchanged(tmp_path, lab, cinder, rbd_pool, image_volume, host, mounter):
+    vol = image_volume(MiB)
+    m = mounter(config(tmp_path, lab, host))
+    path = m.images / vol.image_id
+    sha256_file(path)  # attached now
+    for attempt in (lambda: os.open(path, os.O_WRONLY), lambda: os.open(path, os.O_RDWR), lambda: os.truncate(path, 0)):
+        with pytest.raises(OSError) as info:
+            attempt()
+        assert info.value.errno in (errno.EROFS, errno.EACCES)
+    assert volume_bytes(rbd_pool, vol.volume_id, len(vol.data)) == vol.data
+
+
+def test_read_only_volume_offers_no_way_to_write():
+    """By construction: the only object imgfs keeps of an attached volume exposes reads, nothing else."""
+    from imgfs.backends.cinder import ReadOnlyVolume
+
+    public = {name for name in dir(ReadOnlyVolume) if not name.startswith("_")}
+    assert public == {"pread", "close"}
