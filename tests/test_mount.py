@@ -42,7 +42,7 @@ def store(s3, tmp_path):
 
 def config_for(tmp_path, proxy, s3, file_dir=None, **options):
     return write_config(tmp_path / "imgfs.conf", s3_url=proxy.url, bucket=s3.bucket, cache_dir=tmp_path / "cache",
-                        file_dir=file_dir, **options)
+                        file_dir=file_dir, access=s3.server.access_key, secret=s3.server.secret_key, **options)
 
 
 def test_every_image_reads_back_exactly(tmp_path, proxy, s3, store, mounter):
@@ -199,7 +199,7 @@ def test_xattrs_describe_without_secrets(tmp_path, proxy, s3, store, mounter):
     wait_for(lambda: os.getxattr(path, "user.imgfs.cached_fraction") == b"1.0000", 10, "the cache to fill")
     dump = subprocess.run(["getfattr", "-d", "-m", "-", str(path)], capture_output=True, text=True, check=True).stdout
     assert "user.imgfs.store" in dump
-    assert SECRET_KEY not in dump and ACCESS_KEY not in dump
+    assert s3.server.secret_key not in dump and s3.server.access_key not in dump
 
 
 def test_secrets_never_in_logs_or_errors(tmp_path, proxy, s3, store, mounter):
@@ -227,7 +227,7 @@ def test_secrets_never_in_logs_or_errors(tmp_path, proxy, s3, store, mounter):
     assert "access denied while listing the bucket (HTTP 403" in check.stdout
     assert "check s3_store_access_key / s3_store_secret_key" in m2.log()
     everything = good_log + m2.log() + str(info.value) + check.stdout + check.stderr
-    for secret in (SECRET_KEY, ACCESS_KEY):
+    for secret in (SECRET_KEY, ACCESS_KEY, s3.server.access_key, s3.server.secret_key):
         assert secret not in everything
 
 
