@@ -62,38 +62,60 @@ def mask(value: Any) -> Any:
 
 
 class ReadOnlyVolume:
-    """Positional reads of an attached volume, and nothing else."""
+    """Positional reads of an attached volume, and nothing else.
+
+    os-brick's RBD handle exposes its librbd image (``rbd_image``), whose ``read(offset, length)`` is
+    positional and releases the GIL, so prefetch reads a volume in parallel; any other file-like handle
+    is read with seek+read, one reader at a time. ``close`` waits for reads in flight."""
 
     def __init__(self, path: Any) -> None:
-        self._lock = threading.Lock()  # os-brick's RBD handle is a seek+read file object: one reader at a time
+        self._cond = threading.Condition()
+        self._active = 0
+        self._closed = False
         self._fd: int | None = None
+        self._image: Any = None
         self._handle: Any = None
+        self._seek_lock = threading.Lock()
         if isinstance(path, str):
             self._fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        elif getattr(path, "rbd_image", None) is not None:
+            self._image = path.rbd_image
         else:
             self._handle = path
 
     def pread(self, offset: int, length: int) -> bytes:
-        with self._lock:
+        with self._cond:
+            if self._closed:
+                raise BackendError("volume is detached")
+            self._active += 1
+        try:
             if self._fd is not None:
                 data = os.pread(self._fd, length, offset)
-                while len(data) < length:
+                while 0 < len(data) < length:
                     more = os.pread(self._fd, length - len(data), offset + len(data))
                     if not more:
                         break
                     data += more
                 return data
-            if self._handle is None:
-                raise BackendError("volume is detached")
-            self._handle.seek(offset)
-            return self._handle.read(length)
+            if self._image is not None:
+                return self._image.read(offset, length)
+            with self._seek_lock:
+                self._handle.seek(offset)
+                return self._handle.read(length)
+        finally:
+            with self._cond:
+                self._active -= 1
+                self._cond.notify_all()
 
     def close(self) -> None:
-        with self._lock:  # waits for a read in progress
+        with self._cond:
+            self._closed = True
+            while self._active:
+                self._cond.wait()
             if self._fd is not None:
                 os.close(self._fd)
                 self._fd = None
-            self._handle = None  # os-brick's disconnect_volume closes the handle itself
+            self._image = self._handle = None  # os-brick's disconnect_volume closes the image itself
 
 
 @dataclass
