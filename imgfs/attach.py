@@ -40,6 +40,8 @@ class VolumeOps(Protocol):
 
     def delete_attachment(self, attachment_id: str) -> None: ...
 
+    def prepare(self) -> None: ...
+
 
 @dataclass
 class _Volume:
@@ -74,6 +76,13 @@ class Attachments:
 
     def start(self, nursery: trio.Nursery) -> None:
         self._nursery = nursery
+
+    async def prepare(self) -> None:
+        """Ready os-brick before serving, so the first read does not pay for it."""
+        try:
+            await trio.to_thread.run_sync(self.ops.prepare, limiter=self._limiter)
+        except Exception as e:  # noqa: BLE001 - the first attach will try again and report properly
+            log.warning("store '%s': preparing os-brick failed (%s); will retry at the first attach", self.ops.name, type(e).__name__)
 
     def _volume(self, volume_id: str) -> _Volume:
         v = self._volumes.get(volume_id)

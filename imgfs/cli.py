@@ -8,11 +8,12 @@ from __future__ import annotations
 
 import argparse
 import logging
+import re
 import os
 import sys
 
 from . import __version__
-from .config import Config, S3StoreConfig
+from .config import CinderStoreConfig, Config, S3StoreConfig
 from .errors import ConfigError, ImgfsError
 
 EXIT_OK, EXIT_FAILURE, EXIT_CONFIG = 0, 1, 2
@@ -20,8 +21,10 @@ DEFAULT_CONFIG = "/etc/imgfs/imgfs.conf"
 
 log = logging.getLogger("imgfs")
 
-# Their DEBUG output carries request headers (the access key id is in every Authorization header).
-_CHATTY_LIBRARIES = ("botocore", "boto3", "urllib3", "s3transfer")
+# Their DEBUG output carries request headers (the access key id is in every Authorization header),
+# connection properties (os-brick) or tokens (keystoneauth): kept at WARNING even under --debug.
+_CHATTY_LIBRARIES = ("botocore", "boto3", "urllib3", "s3transfer", "os_brick", "oslo_privsep",
+                     "oslo_concurrency", "keystoneauth", "keystoneauth1", "cinderclient", "stevedore")
 
 
 class RedactSecrets(logging.Filter):
@@ -58,15 +61,27 @@ def setup_logging(level: str) -> logging.Handler:
     root.setLevel(level)
     for name in _CHATTY_LIBRARIES:
         logging.getLogger(name).setLevel(logging.WARNING)
+    # os-brick warns at every start about initiators this host does not have (iSCSI, NVMe) and privsep
+    # relays eventlet's deprecation notice: noise. Their real failures reach us as exceptions.
+    for name in ("os_brick", "oslo_privsep"):
+        logging.getLogger(name).setLevel(logging.ERROR)
     logging.getLogger("pyfuse3").setLevel(logging.INFO if level == "DEBUG" else logging.WARNING)
     return handler
 
 
 def secrets_of(config: Config) -> list[str]:
-    found = []
+    found: list[str] = []
     for store in config.stores:
         if isinstance(store, S3StoreConfig):
             found += [store.access_key, store.secret_key]
+        elif isinstance(store, CinderStoreConfig):
+            found += [store.password, store.application_credential_secret or ""]
+            if store.rbd_keyring_file:
+                try:
+                    with open(store.rbd_keyring_file) as f:
+                        found += re.findall(r"^\s*key\s*=\s*(\S+)", f.read(), re.MULTILINE)
+                except OSError:
+                    pass
     return found
 
 

@@ -181,6 +181,7 @@ async def serve(
             await attachments.remove_stale()
         except ImgfsError as e:
             log.error("%s; stale attachments of this host may remain in Cinder", e)
+        await attachments.prepare()
     mounted = False
     try:
         async with trio.open_nursery() as nursery:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import errno
 import os
+import re
 import signal
 import subprocess
 import uuid
@@ -38,14 +39,22 @@ def config(tmp_path, lab, host, **options):
 
 def test_image_volume_reads_back_exactly(tmp_path, lab, cinder, image_volume, host, mounter):
     vol = image_volume(5 * MiB + 4321)
-    m = mounter(config(tmp_path, lab, host))
+    m = mounter(config(tmp_path, lab, host), "--debug")
     path = m.images / vol.image_id
     assert path.stat().st_size == len(vol.data)  # image_size, not the 1 GiB volume
     assert sha256_file(path) == sha256(vol.data)
     assert sha256_file(m.path / "stores" / "cinderstore" / vol.image_id) == sha256(vol.data)
     assert os.getxattr(path, "user.imgfs.version").decode() == vol.volume_id
     assert os.getxattr(path, "user.imgfs.store") == b"cinderstore"
-    assert "attached volume" in m.log() and lab["keystone"]["users"]["imgfs"]["password"] not in m.log()
+    dump = subprocess.run(["getfattr", "-d", "-m", "-", str(path)], capture_output=True, text=True, check=True).stdout
+    assert m.stop() == 0
+    log = m.log()
+    assert "attached volume" in log and "DEBUG" in log
+    keyring = open(lab["ceph"]["client_cinder_keyring"]).read()
+    secrets = [lab["keystone"]["users"]["imgfs"]["password"]] + re.findall(r"key\s*=\s*(\S+)", keyring)
+    assert len(secrets) == 2
+    for secret in secrets:
+        assert secret not in log and secret not in dump
 
 
 def test_two_readers_share_one_attachment_until_idle(tmp_path, lab, cinder, image_volume, host, mounter):

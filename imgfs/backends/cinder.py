@@ -288,6 +288,11 @@ class CinderBackend:
                 )
             return conn
 
+    def prepare(self) -> None:
+        """Start os-brick's privsep daemon and probe this host's connector now (~1 s the first time),
+        so the first read of an image does not pay for it."""
+        self._brick("RBD")
+
     def attach(self, volume_id: str) -> Attachment:
         """Create a read-only attachment, connect it, complete it. Raises VolumeBusy if Cinder refuses
         because of the volume's state; leaves nothing behind on any failure."""

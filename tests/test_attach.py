@@ -1,0 +1,145 @@
+"""The multi-attach policy (imgfs.attach) on a fake Cinder, with trio's autojump clock: refcounts,
+lazy attach, idle detach, retries only on transitional states, shutdown. The same rules run against
+the real Cinder in test_cinder.py; here every interleaving is deterministic."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+import trio
+
+from imgfs.attach import Attachments
+from imgfs.backends.cinder import VolumeBusy
+from imgfs.model import Location
+
+
+class FakeCinder:
+    name = "fake"
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.attached: dict[str, int] = {}  # volume -> attachments of ours
+        self.calls: list[tuple[str, str]] = []
+        self.refuse: dict[str, list[str]] = {}  # volume -> statuses to answer with, in order
+        self.stale: list[tuple[str, str]] = []
+
+    def attach(self, volume_id: str) -> object:
+        with self.lock:
+            self.calls.append(("attach", volume_id))
+            statuses = self.refuse.get(volume_id)
+            if statuses:
+                status = statuses.pop(0)
+                raise VolumeBusy(f"volume {volume_id} is {status}", status)
+            self.attached[volume_id] = self.attached.get(volume_id, 0) + 1
+        return object()
+
+    def detach(self, volume_id: str) -> None:
+        with self.lock:
+            self.calls.append(("detach", volume_id))
+            self.attached[volume_id] -= 1
+
+    def stale_attachments(self) -> list[tuple[str, str]]:
+        return list(self.stale)
+
+    def delete_attachment(self, attachment_id: str) -> None:
+        self.calls.append(("delete", attachment_id))
+
+    def prepare(self) -> None:
+        pass
+
+
+async def until(predicate) -> None:
+    """Let worker threads finish (the autojump clock does not wait for them)."""
+    for _ in range(10_000):
+        if predicate():
+            return
+        await trio.sleep(0.001)
+    raise AssertionError("condition never became true")
+
+
+def loc(volume: str) -> Location:
+    return Location("fake", "img-" + volume, 10, volume, 0.0)
+
+
+@pytest.fixture
+async def policy(nursery):
+    fake = FakeCinder()
+    a = Attachments(fake, idle_timeout=60, attach_timeout=30, detach_deadline=10, limiter=trio.CapacityLimiter(4))
+    a.start(nursery)
+    return fake, a
+
+
+async def test_one_attachment_shared_then_idle_detach(policy, autojump_clock):
+    fake, a = policy
+    a.hold(loc("v1"))
+    a.hold(loc("v1"))
+    async with trio.open_nursery() as n:  # many concurrent first reads: one attach
+        for _ in range(5):
+            n.start_soon(a.ready, loc("v1"))
+    assert fake.attached == {"v1": 1} and fake.calls == [("attach", "v1")]
+    a.release(loc("v1"))
+    await trio.sleep(120)
+    assert fake.attached == {"v1": 1}  # one reader still holds it
+    a.release(loc("v1"))
+    await trio.sleep(59)
+    assert fake.attached == {"v1": 1}  # idle, not yet timed out
+    await trio.sleep(2)
+    await until(lambda: fake.attached == {"v1": 0})
+    assert fake.calls[-1] == ("detach", "v1")
+
+
+async def test_reopen_during_idle_keeps_the_attachment(policy, autojump_clock):
+    fake, a = policy
+    a.hold(loc("v1"))
+    await a.ready(loc("v1"))
+    a.release(loc("v1"))
+    await trio.sleep(30)
+    a.hold(loc("v1"))
+    await a.ready(loc("v1"))
+    await trio.sleep(600)
+    assert fake.calls == [("attach", "v1")] and fake.attached == {"v1": 1}
+
+
+async def test_transitional_states_are_waited_out(policy, autojump_clock):
+    fake, a = policy
+    fake.refuse["v1"] = ["attaching", "detaching", "reserved"]
+    a.hold(loc("v1"))
+    start = trio.current_time()
+    await a.ready(loc("v1"))
+    assert fake.attached == {"v1": 1} and len(fake.calls) == 4
+    assert 0 < trio.current_time() - start < 30
+
+
+async def test_in_use_elsewhere_is_refused_at_once(policy, autojump_clock):
+    fake, a = policy
+    fake.refuse["v1"] = ["in-use"]
+    a.hold(loc("v1"))
+    start = trio.current_time()
+    with pytest.raises(VolumeBusy) as info:
+        await a.ready(loc("v1"))
+    assert info.value.errno == 16  # EBUSY
+    assert trio.current_time() == start and fake.calls == [("attach", "v1")]
+
+
+async def test_transitional_state_that_lasts_gives_ebusy_after_the_timeout(policy, autojump_clock):
+    fake, a = policy
+    fake.refuse["v1"] = ["attaching"] * 1000
+    a.hold(loc("v1"))
+    start = trio.current_time()
+    with pytest.raises(VolumeBusy):
+        await a.ready(loc("v1"))
+    assert 25 < trio.current_time() - start <= 30
+
+
+async def test_close_detaches_everything_and_stale_ones_are_removed(policy):  # real clock: the deadline must not jump
+    fake, a = policy
+    fake.stale = [("v9", "att-9")]
+    assert await a.remove_stale() == 1 and ("delete", "att-9") in fake.calls
+    for v in ("v1", "v2"):
+        a.hold(loc(v))
+        await a.ready(loc(v))
+    a.release(loc("v2"))  # one open, one idle
+    await a.close()
+    assert fake.attached == {"v1": 0, "v2": 0}
+    assert [s["attached"] for s in a.status()] == [False, False]
