@@ -156,6 +156,11 @@ class ChunkFetcher:
         try:
             data = await self.cache.get(key, self.chunk_length(loc, index))
             if data is None:
+                holder = self.holders.get(loc.store)
+                if holder is not None:
+                    # Before taking a fetch slot: an attach waiting out another host's transitional
+                    # state must not starve reads of every other image.
+                    await holder.ready(loc)
                 limiter = self._prefetch if prefetch else self._demand
                 async with limiter:
                     data = memoryview(await self._fetch(loc, index))
@@ -181,9 +186,6 @@ class ChunkFetcher:
     async def _fetch(self, loc: Location, index: int) -> bytes:
         length = self.chunk_length(loc, index)
         backend = self.backends[loc.store]
-        holder = self.holders.get(loc.store)
-        if holder is not None:
-            await holder.ready(loc)
         started = trio.current_time()
         # A read touches no shared state, so a shutdown need not wait out a hung store's timeouts.
         data = await trio.to_thread.run_sync(backend.read, loc, index * self.chunk_size, length, abandon_on_cancel=True)

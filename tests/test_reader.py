@@ -153,3 +153,33 @@ async def test_interrupted_reader_does_not_break_the_fetch(parts):
         await ImageReader(fetcher, [loc], prefetch_max=0).read(0, CS)
     assert await ImageReader(fetcher, [loc], prefetch_max=0).read(0, CS) == data
     assert backend.reads[("img", 0)] == 1  # the second reader joined the first fetch
+
+
+async def test_a_stuck_attach_does_not_starve_other_stores(tmp_path, nursery):
+    """Many readers waiting on one volume (another host's 'attaching') hold no fetch slot."""
+    stuck, other = MemoryBackend(name="cinder"), MemoryBackend(name="s3")
+
+    class Attaching:
+        def hold(self, loc):
+            pass
+
+        def release(self, loc):
+            pass
+
+        async def ready(self, loc):
+            await trio.sleep_forever()
+
+    cache = ChunkCache(str(tmp_path / "c"), max_bytes=1 << 30, max_count=1000, memory_bytes=0)
+    await cache.open()
+    fetcher = ChunkFetcher(cache, {"cinder": stuck, "s3": other}, chunk_size=CS, max_connections=2,
+                           holders={"cinder": Attaching()})
+    fetcher.attach(nursery)
+    waiting = stuck.put("img", image(8 * CS))
+    for i in range(8):  # far more than the 2 demand slots
+        nursery.start_soon(ImageReader(fetcher, [waiting], prefetch_max=0).read, i * CS, 10)
+    await trio.sleep(0.05)
+    data = image(3 * CS, seed=9)
+    loc = other.put("img2", data)
+    with trio.fail_after(5):
+        assert await ImageReader(fetcher, [loc], prefetch_max=0).read(0, 3 * CS) == data
+    nursery.cancel_scope.cancel()
