@@ -284,9 +284,13 @@ class ChunkCache:
             async with self._limiter:
                 await trio.to_thread.run_sync(_advise_willneed, os.path.join(self.chunks_dir, self._rel(key)))
 
-    async def put(self, key: ChunkKey, data: bytes | memoryview) -> None:
-        """Store a chunk; failure is logged and swallowed (the reader already has its bytes)."""
-        self.remember(key, data)
+    async def put(self, key: ChunkKey, data: bytes | memoryview, *, remember: bool = True) -> None:
+        """Store a chunk; failure is logged and swallowed (the reader already has its bytes).
+
+        ``remember=False`` keeps it out of the memory tier: for slices of a larger buffer, which the
+        tier would count at their own size while keeping the whole buffer alive."""
+        if remember:
+            self.remember(key, data)
         if not self.disk_ok:
             return
         rel = self._rel(key)

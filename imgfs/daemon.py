@@ -153,8 +153,13 @@ def _tune_kernel(mountpoint: str, read_ahead_kb: int) -> None:
     settings = []
     if read_ahead_kb:
         settings.append((f"/sys/class/bdi/{os.major(dev)}:{os.minor(dev)}/read_ahead_kb", str(read_ahead_kb)))
-    settings.append((f"/sys/fs/fuse/connections/{os.minor(dev)}/max_background", "64"))
-    settings.append((f"/sys/fs/fuse/connections/{os.minor(dev)}/congestion_threshold", "48"))
+    connection = f"/sys/fs/fuse/connections/{os.minor(dev)}"
+    if os.path.isdir(connection):
+        settings.append((f"{connection}/max_background", "64"))
+        settings.append((f"{connection}/congestion_threshold", "48"))
+    else:
+        log.info("fusectl is not mounted, so the kernel's default of 12 parallel FUSE reads applies; "
+                 "'mount -t fusectl none /sys/fs/fuse/connections' (systemd does it at boot) lets imgfs raise it")
     for path, value in settings:
         try:
             with open(path, "w") as f:

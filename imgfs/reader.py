@@ -26,6 +26,8 @@ from .model import ChunkKey, Location
 
 log = logging.getLogger(__name__)
 
+RUN_BYTES = 32 * 1024 * 1024  # the largest single request a sequential prefetch makes
+
 
 class Holder(Protocol):
     """A store whose locations must be made ready before reading (Cinder: attached), and are held
@@ -109,7 +111,7 @@ class ChunkFetcher:
     def inflight(self) -> int:
         return len(self._inflight)
 
-    def start(self, loc: Location, index: int, *, prefetch: bool = False) -> _Flight | memoryview:
+    def start(self, loc: Location, index: int) -> _Flight | memoryview:
         """The chunk if it is in memory, else the flight fetching it (started if none is)."""
         key = self.key(loc, index)
         data = self.cache.get_memory(key)
@@ -118,15 +120,66 @@ class ChunkFetcher:
         flight = self._inflight.get(key)
         if flight is None:
             assert self._nursery is not None, "ChunkFetcher.attach() was not called"
-            if prefetch and self.cache.contains(key):
-                # On disk already: have the kernel read it ahead rather than hold it in our memory.
-                self._nursery.start_soon(self.cache.willneed, key)
-                return _DONE
             flight = self._inflight[key] = _Flight()
-            self._nursery.start_soon(self._fly, key, loc, index, flight, prefetch)
-            if prefetch:
-                self.stats.prefetches += 1
+            self._nursery.start_soon(self._fly, key, loc, index, flight)
         return flight
+
+    def prefetch(self, loc: Location, first: int, last: int) -> None:
+        """Prefetch chunks [first, last): on-disk ones into the page cache, the rest from the store in
+        runs of adjacent chunks, one ranged request per run of up to ``RUN_BYTES``. Every request
+        costs the store and us the same whatever its size (measured: 8 MiB GETs cost s3rver twice the
+        CPU per GiB of 32 MiB ones)."""
+        assert self._nursery is not None, "ChunkFetcher.attach() was not called"
+        per_run = max(1, RUN_BYTES // self.chunk_size)
+        run: list[tuple[int, ChunkKey, _Flight]] = []
+        for index in range(first, last + 1):
+            key = self.key(loc, index) if index < last else None
+            wanted = key is not None and key not in self._inflight and self.cache.get_memory(key) is None
+            if wanted and self.cache.contains(key):  # type: ignore[arg-type]
+                self._nursery.start_soon(self.cache.willneed, key)
+                wanted = False
+            if wanted:
+                run.append((index, key, _Flight()))  # type: ignore[arg-type]
+            if run and (not wanted or len(run) == per_run):
+                for _, k, flight in run:
+                    self._inflight[k] = flight
+                self._nursery.start_soon(self._fly_run, loc, run)
+                self.stats.prefetches += len(run)
+                run = []
+
+    async def _fly_run(self, loc: Location, run: list[tuple[int, ChunkKey, _Flight]]) -> None:
+        first = run[0][0]
+        try:
+            holder = self.holders.get(loc.store)
+            if holder is not None:
+                await holder.ready(loc)
+            async with self._prefetch:
+                lengths = [self.chunk_length(loc, i) for i, _, _ in run]
+                data = memoryview(await self._fetch_range(loc, first * self.chunk_size, sum(lengths)))
+                for (i, _, flight), length in zip(run, lengths):
+                    offset = (i - first) * self.chunk_size
+                    flight.data = data[offset : offset + length]
+                    flight.done.set()
+                for _, key, flight in run:
+                    await self.cache.put(key, flight.data, remember=False)  # type: ignore[arg-type]
+        except ImgfsError as e:
+            for _, _, flight in run:
+                flight.error = e
+            self._count_error(e, loc, prefetch=True)
+        except Exception as e:  # a bug must fail these reads, not the daemon
+            log.exception("unexpected error prefetching chunks of image %s", loc.image_id)
+            for _, _, flight in run:
+                flight.error = BackendError(f"internal error fetching image {loc.image_id}: {type(e).__name__}")
+        finally:
+            for _, key, flight in run:
+                del self._inflight[key]
+                flight.done.set()
+
+    def _count_error(self, e: ImgfsError, loc: Location, *, prefetch: bool) -> None:
+        self.stats.errors[type(e).__name__] = self.stats.errors.get(type(e).__name__, 0) + 1
+        if isinstance(e, StaleImage):
+            self.on_stale(loc)
+        log.log(logging.DEBUG if prefetch else logging.WARNING, "%s", e)
 
     async def get(self, loc: Location, index: int) -> memoryview:
         got = self.start(loc, index)
@@ -152,7 +205,7 @@ class ChunkFetcher:
                 return data
         return (await self.get(loc, index))[start:end]
 
-    async def _fly(self, key: ChunkKey, loc: Location, index: int, flight: _Flight, prefetch: bool) -> None:
+    async def _fly(self, key: ChunkKey, loc: Location, index: int, flight: _Flight) -> None:
         try:
             data = await self.cache.get(key, self.chunk_length(loc, index))
             if data is None:
@@ -161,8 +214,7 @@ class ChunkFetcher:
                     # Before taking a fetch slot: an attach waiting out another host's transitional
                     # state must not starve reads of every other image.
                     await holder.ready(loc)
-                limiter = self._prefetch if prefetch else self._demand
-                async with limiter:
+                async with self._demand:
                     data = memoryview(await self._fetch(loc, index))
                     flight.data = data
                     flight.done.set()
@@ -172,10 +224,7 @@ class ChunkFetcher:
             flight.data = data
         except ImgfsError as e:
             flight.error = e
-            self.stats.errors[type(e).__name__] = self.stats.errors.get(type(e).__name__, 0) + 1
-            if isinstance(e, StaleImage):
-                self.on_stale(loc)
-            log.log(logging.DEBUG if prefetch else logging.WARNING, "%s", e)
+            self._count_error(e, loc, prefetch=False)
         except Exception as e:  # a bug must fail this read, not the daemon
             log.exception("unexpected error fetching chunk %d of image %s", index, loc.image_id)
             flight.error = BackendError(f"internal error fetching image {loc.image_id}: {type(e).__name__}")
@@ -184,21 +233,20 @@ class ChunkFetcher:
             flight.done.set()
 
     async def _fetch(self, loc: Location, index: int) -> bytes:
-        length = self.chunk_length(loc, index)
+        return await self._fetch_range(loc, index * self.chunk_size, self.chunk_length(loc, index))
+
+    async def _fetch_range(self, loc: Location, offset: int, length: int) -> bytes:
         backend = self.backends[loc.store]
         started = trio.current_time()
         # A read touches no shared state, so a shutdown need not wait out a hung store's timeouts.
-        data = await trio.to_thread.run_sync(backend.read, loc, index * self.chunk_size, length, abandon_on_cancel=True)
-        log.debug("fetched chunk %d of image %s from store '%s' in %.1f ms", index, loc.image_id, loc.store,
-                  (trio.current_time() - started) * 1e3)
+        data = await trio.to_thread.run_sync(backend.read, loc, offset, length, abandon_on_cancel=True)
+        log.debug("fetched %d bytes at %d of image %s from store '%s' in %.1f ms", length, offset, loc.image_id,
+                  loc.store, (trio.current_time() - started) * 1e3)
         if len(data) != length:  # backends promise this; bytes are too important to trust a promise
-            raise ShortRead(f"store '{loc.store}': image {loc.image_id} chunk {index}: got {len(data)} bytes, expected {length}")
+            raise ShortRead(f"store '{loc.store}': image {loc.image_id} at {offset}: got {len(data)} bytes, expected {length}")
         self.stats.fetches += 1
         self.stats.fetched_bytes += length
         return data
-
-
-_DONE = memoryview(b"")
 
 
 class ImageReader:
@@ -244,10 +292,14 @@ class ImageReader:
         cs = self.fetcher.chunk_size
         window = min(self.prefetch_max, max(cs, 2 * self._run))
         first = max(self._prefetched, (end + cs - 1) // cs)
-        last = min((end + window + cs - 1) // cs, (self.loc.size + cs - 1) // cs)
-        for index in range(first, last):
-            self.fetcher.start(self.loc, index, prefetch=True)
-        self._prefetched = max(self._prefetched, last)
+        total = (self.loc.size + cs - 1) // cs
+        last = min((end + window + cs - 1) // cs, total)
+        # Ask in batches (a quarter of the window, at most one run) rather than a chunk at a time, so the
+        # store sees a few large requests instead of many small ones.
+        batch = max(1, min(RUN_BYTES, window // 4) // cs)
+        if last - first >= batch or (last == total and last > first):
+            self.fetcher.prefetch(self.loc, first, last)
+            self._prefetched = last
 
     def _fail_over(self, error: ImgfsError) -> bool:
         """Switch to the next copy after ``error``; False when there is none left."""
