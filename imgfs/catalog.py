@@ -11,13 +11,16 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass
-from typing import Awaitable, Callable, Sequence
+from typing import TYPE_CHECKING, Awaitable, Callable, Sequence
 
 import trio
 
 from .backends.base import Backend
 from .errors import ImgfsError
 from .model import Image, Location
+
+if TYPE_CHECKING:
+    from .glance import GlanceImage, GlanceSource
 
 log = logging.getLogger(__name__)
 
@@ -41,8 +44,12 @@ class Catalog:
         refresh_interval: float,
         negative_ttl: float,
         limiter: trio.CapacityLimiter,
+        source: GlanceSource | None = None,
     ) -> None:
         self.backends = list(backends)  # preference order: the default store first
+        self.source = source
+        self._glance: dict[str, GlanceImage] = {}
+        self._names: dict[str, str] = {}
         self.refresh_interval = refresh_interval
         self.negative_ttl = negative_ttl
         self._limiter = limiter
@@ -50,6 +57,8 @@ class Catalog:
         self._images: dict[str, Image] = {}
         self._missing: dict[str, float] = {}  # image id -> monotonic time it was found missing
         self.stores: dict[str, StoreState] = {b.name: StoreState() for b in self.backends}
+        if source is not None:
+            self.stores["glance"] = StoreState()  # the catalog's own health, shown like a store's
         self.listeners: list[ChangeListener] = []
 
     # ---- queries ------------------------------------------------------------------------------------
@@ -71,17 +80,53 @@ class Catalog:
     def store_names(self) -> list[str]:
         return [b.name for b in self.backends]
 
+    def names(self) -> dict[str, str]:
+        return self._names
+
+    def _compute_names(self) -> dict[str, str]:
+        """by-name/ entries -> image id. Glance names are not unique: the newest image (created_at)
+        takes the plain name, every other one ``<name>~<id>``; '/' becomes '_'; nameless images have none."""
+        by_name: dict[str, list[Image]] = {}
+        for image in self._images.values():
+            if image.name:
+                by_name.setdefault(image.name.replace("/", "_").replace("\0", "_"), []).append(image)
+        result: dict[str, str] = {}
+        for name, images in by_name.items():
+            images.sort(key=lambda i: (i.created_at, i.id), reverse=True)
+            result[name] = images[0].id
+            for other in images[1:]:
+                result[f"{name}~{other.id}"] = other.id
+        return {n: i for n, i in result.items() if len(n.encode()) <= 255 and n not in (".", "..")}
+
     # ---- updates ------------------------------------------------------------------------------------
 
     async def _blocking(self, fn, *args):
         return await trio.to_thread.run_sync(fn, *args, limiter=self._limiter)
 
     async def refresh(self) -> None:
-        """List every store once (concurrently) and publish the changes."""
+        """List every store (and Glance) once, concurrently, and publish the changes."""
         async with trio.open_nursery() as nursery:
             for backend in self.backends:
                 nursery.start_soon(self._list_store, backend)
+            if self.source is not None:
+                nursery.start_soon(self._list_glance)
         await self._publish()
+
+    async def _list_glance(self) -> None:
+        assert self.source is not None
+        state = self.stores["glance"]
+        try:
+            images = await self._blocking(self.source.list_images)
+        except ImgfsError as e:
+            if state.reachable is not False or state.error != str(e):
+                log.error("%s; keeping the last listing (%d images) and retrying every %gs", e, len(self._glance), self.refresh_interval)
+            state.reachable, state.error = False, str(e)
+            return
+        if state.reachable is False:
+            log.info("Glance is reachable again")
+        state.reachable, state.error = True, ""
+        state.images, state.last_listed = len(images), time.time()
+        self._glance = {image.id: image for image in images}
 
     async def _list_store(self, backend: Backend) -> None:
         state = self.stores[backend.name]
@@ -99,15 +144,39 @@ class Catalog:
         self._listings[backend.name] = {loc.image_id: loc for loc in locations}
 
     def _merge(self) -> dict[str, Image]:
+        if self.source is not None:
+            return self._merge_glance()
         merged: dict[str, list[Location]] = {}
         for backend in self.backends:
             for image_id, loc in self._listings[backend.name].items():
                 merged.setdefault(image_id, []).append(loc)
         return {image_id: Image(image_id, tuple(locs)) for image_id, locs in merged.items()}
 
+    def _merge_glance(self) -> dict[str, Image]:
+        """Glance says what exists; each copy is read through imgfs's own stanza of the store Glance
+        names, in imgfs's preference order. A copy whose size differs from Glance's is not that image."""
+        images = {}
+        for g in self._glance.values():
+            locations = []
+            for backend in self.backends:
+                if g.stores and backend.name not in g.stores:
+                    continue
+                loc = self._listings[backend.name].get(g.id)
+                if loc is None:
+                    continue
+                if loc.size != g.size:
+                    log.debug("image %s: store '%s' holds %d bytes, Glance says %d; not using that copy", g.id, backend.name, loc.size, g.size)
+                    continue
+                locations.append(loc)
+            if locations:
+                images[g.id] = Image(g.id, tuple(locations), name=g.name, created_at=g.created_at, meta=g.meta)
+        return images
+
     async def _publish(self) -> None:
         before, after = self._images, self._merge()
         self._images = after
+        if self.source is not None:
+            self._names = self._compute_names()
         for image_id in before.keys() | after.keys():
             old, new = before.get(image_id), after.get(image_id)
             if old != new:
@@ -129,6 +198,16 @@ class Catalog:
         if missing_since is not None and time.monotonic() - missing_since < self.negative_ttl:
             return None
         found = False
+        if self.source is not None:
+            try:
+                g = await self._blocking(self.source.get, image_id)
+            except ImgfsError as e:
+                log.warning("%s", e)
+                g = None
+            if g is None:
+                self._missing[image_id] = time.monotonic()
+                return None
+            self._glance[g.id] = g
         for backend in self.backends:
             try:
                 loc = await self._blocking(backend.stat, image_id)

@@ -41,6 +41,7 @@ class S3StoreConfig:
     addressing_style: str = "auto"  # boto3's names: auto | virtual | path
     region_name: str | None = None
     cacert: str | None = None
+    weight: int = 0
     kind: str = "s3"
 
 
@@ -48,6 +49,7 @@ class S3StoreConfig:
 class FileStoreConfig:
     name: str
     datadir: str
+    weight: int = 0
     kind: str = "file"
 
 
@@ -82,10 +84,27 @@ class CinderStoreConfig:
     # imgfs's own extension: a keyring for os-brick's RBD connector when Cinder's connection info has
     # none and /etc/ceph holds none (os-brick otherwise reads /etc/ceph/<cluster>.client.<user>.keyring).
     rbd_keyring_file: str | None = None
+    weight: int = 0
     kind: str = "cinder"
 
 
 StoreConfig = S3StoreConfig | FileStoreConfig | CinderStoreConfig
+
+
+@dataclass(frozen=True)
+class GlanceCatalogConfig:
+    """Where ``[imgfs] catalog = glance`` lists images from (the Image API v2), as keystoneauth options."""
+
+    auth_url: str
+    username: str
+    password: str = field(repr=False)
+    project_name: str
+    user_domain_name: str = "Default"
+    project_domain_name: str = "Default"
+    region_name: str | None = None
+    interface: str = "public"
+    cafile: str | None = None
+    insecure: bool = False
 
 
 @dataclass(frozen=True)
@@ -111,6 +130,7 @@ class ImgfsOptions:
     attach_timeout: float = 60.0
     detach_deadline: float = 60.0
     cinder_api_timeout: float = 30.0
+    catalog: str = "stores"  # stores: what the stores hold; glance: what Glance says (names, metadata)
 
     @property
     def chunk_size(self) -> int:
@@ -119,9 +139,10 @@ class ImgfsOptions:
 
 @dataclass(frozen=True)
 class Config:
-    stores: tuple[StoreConfig, ...]  # in preference order: default backend first
+    stores: tuple[StoreConfig, ...]  # preference order: highest weight, then the default backend, then declared
     options: ImgfsOptions
     files: tuple[str, ...]
+    glance: GlanceCatalogConfig | None = None
 
 
 @dataclass(frozen=True)
@@ -291,6 +312,7 @@ def _imgfs_options(merged: _Merged) -> ImgfsOptions:
         attach_timeout=sec.number("attach_timeout", d.attach_timeout, minimum=0),
         detach_deadline=sec.number("detach_deadline", d.detach_deadline, minimum=1),
         cinder_api_timeout=sec.number("cinder_api_timeout", d.cinder_api_timeout, minimum=1),
+        catalog=sec.choice("catalog", d.catalog, ("stores", "glance")),
     )
     if opts.cache_max_size_gb * 1024 < opts.chunk_size_mb:
         raise sec._bad("cache_max_size_gb", str(opts.cache_max_size_gb), "smaller than one chunk (chunk_size_mb)")
@@ -349,6 +371,7 @@ def _s3_store(merged: _Merged, name: str, section: str) -> S3StoreConfig:
         addressing_style="virtual" if url_format == "subdomain" else url_format,
         region_name=sec.raw("s3_store_region_name") or None,
         cacert=cacert,
+        weight=_weight(sec),
     )
 
 
@@ -361,7 +384,12 @@ def _file_store(merged: _Merged, name: str, section: str) -> FileStoreConfig:
         )
     sec.required("filesystem_store_datadir", f"store '{name}' (type file) needs it")
     datadir = sec.get("filesystem_store_datadir", "", _parse_abs_path, "an absolute path")
-    return FileStoreConfig(name=name, datadir=datadir)
+    return FileStoreConfig(name=name, datadir=datadir, weight=_weight(sec))
+
+
+def _weight(sec: _Section) -> int:
+    """Glance's per-store ``weight``: among the copies of an image, the higher weight is read first."""
+    return sec.integer("weight", 0, minimum=-(2**31), maximum=2**31 - 1)
 
 
 _CINDER_CREDENTIALS = ("cinder_store_auth_address", "cinder_store_user_name", "cinder_store_password",
@@ -423,6 +451,7 @@ def _cinder_store(merged: _Merged, name: str, section: str) -> CinderStoreConfig
         ca_certificates_file=cafile,
         rootwrap_config=sec.raw("rootwrap_config") or "/etc/glance/rootwrap.conf",
         rbd_keyring_file=keyring,
+        weight=_weight(sec),
     )
 
 
@@ -464,6 +493,8 @@ def load(paths: list[str]) -> Config:
             if default not in names:
                 raise glance_store._bad("default_backend", default, "not one of enabled_backends: " + ", ".join(names))
             stores.sort(key=lambda s: s.name != default)  # stable: the default store first, then declared order
+        # Glance reads the copy in the store of highest weight first; ties keep the order above.
+        stores.sort(key=lambda s: -s.weight)
     else:
         # Legacy single-store glance-api.conf: the store's options live in [glance_store].
         kind = glance_store.raw("default_store")
@@ -481,4 +512,28 @@ def load(paths: list[str]) -> Config:
             f"{paths[-1]}: no S3, file or cinder store configured; set [DEFAULT] enabled_backends = name:s3 (or name:file, name:cinder) "
             "and add the store's section (glance-api.conf's own stanzas work as they are)"
         )
-    return Config(stores=tuple(stores), options=options, files=tuple(paths))
+    glance = _glance_catalog(merged) if options.catalog == "glance" else None
+    return Config(stores=tuple(stores), options=options, files=tuple(paths), glance=glance)
+
+
+def _glance_catalog(merged: _Merged) -> GlanceCatalogConfig:
+    sec = _Section(merged, "glance_catalog", secrets=frozenset({"password"}))
+    why = "[imgfs] catalog = glance lists images from Glance with these credentials"
+    auth_url = sec.required("auth_url", why)
+    if not auth_url.startswith(("http://", "https://")):
+        raise sec._bad("auth_url", auth_url, "expected an http(s):// Keystone URL")
+    cafile = sec.raw("cafile") or None
+    if cafile is not None and not os.path.isfile(cafile):
+        raise sec._bad("cafile", cafile, "no such CA bundle file")
+    return GlanceCatalogConfig(
+        auth_url=auth_url,
+        username=sec.required("username", why),
+        password=sec.required("password", why),
+        project_name=sec.required("project_name", why),
+        user_domain_name=sec.raw("user_domain_name") or "Default",
+        project_domain_name=sec.raw("project_domain_name") or "Default",
+        region_name=sec.raw("region_name") or None,
+        interface=sec.choice("interface", "public", ("public", "internal", "admin")),
+        cafile=cafile,
+        insecure=sec.boolean("insecure", False),
+    )

@@ -87,11 +87,17 @@ def build(config: Config, mountpoint: str) -> Daemon:
         max_count=options.cache_max_count,
         memory_bytes=options.memory_cache_mb * 2**20,
     )
+    source = None
+    if config.glance is not None:
+        from .glance import GlanceSource
+
+        source = GlanceSource(config.glance, timeout=options.cinder_api_timeout)
     catalog = Catalog(
         list(backends.values()),
         refresh_interval=options.refresh_interval,
         negative_ttl=options.negative_lookup_ttl,
         limiter=trio.CapacityLimiter(4),
+        source=source,
     )
     attach_limiter = trio.CapacityLimiter(4)
     attachments = {
@@ -112,10 +118,14 @@ def build(config: Config, mountpoint: str) -> Daemon:
     ops = Operations(catalog, fetcher, prefetch_max=options.prefetch_max_mb * 2**20)
 
     async def forget_old_versions(image_id: str, old: Image | None, new: Image | None) -> None:
+        # A new checksum in Glance means new bytes in every store, whatever the stores' versions say.
+        # (updated_at alone changes on every property edit: the bytes of an active image cannot.)
+        rewritten = old is not None and new is not None and old.get("checksum") != new.get("checksum")
         for loc in old.locations if old else ():
             current = new.at(loc.store) if new else None
-            if current is None or current.version != loc.version:
-                dropped = await cache.drop(loc.store, image_id, keep_version=None if current is None else current.version)
+            if current is None or current.version != loc.version or rewritten:
+                keep = None if current is None or rewritten else current.version
+                dropped = await cache.drop(loc.store, image_id, keep_version=keep)
                 if dropped:
                     log.info("cache: dropped %d chunks of image %s (store '%s', version %s)", dropped, image_id, loc.store, loc.version)
 
@@ -227,6 +237,8 @@ async def serve(
             await attachments.close()
         for backend in daemon.backends.values():
             backend.close()
+        if daemon.catalog.source is not None:
+            daemon.catalog.source.close()
 
 
 async def _fuse_main(scope: trio.CancelScope) -> None:

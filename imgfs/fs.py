@@ -4,6 +4,7 @@ Tree::
 
     /images/<id>             every image, served from its preferred location
     /stores/<store>/<id>     each store's own copy
+    /by-name/<name>          -> ../images/<id>   (with the Glance catalog: names are Glance's)
 
 Everything is read-only: the mount is ``ro`` and every modifying request answers EROFS anyway.
 This is the only module that turns ``ImgfsError`` into ``FUSEError`` (their errno).
@@ -31,6 +32,7 @@ log = logging.getLogger(__name__)
 ROOT = pyfuse3.ROOT_INODE
 IMAGES = ROOT + 1
 STORES = ROOT + 2
+BY_NAME = ROOT + 3
 _FIRST_STORE = 16
 _FIRST_FILE = 1024
 _TIMEOUT = 1.0  # seconds the kernel may trust names and attributes before asking again
@@ -42,6 +44,11 @@ XATTR_PREFIX = "user.imgfs."
 class _File:
     store: str | None  # None: the images/ view (preferred location)
     image_id: str
+
+
+@dataclass(frozen=True, slots=True)
+class _Link:
+    name: str  # an entry of by-name/
 
 
 class Operations(pyfuse3.Operations):
@@ -57,8 +64,10 @@ class Operations(pyfuse3.Operations):
         self.uid, self.gid = uid, gid
         self._store_inodes = {name: _FIRST_STORE + i for i, name in enumerate(catalog.store_names)}
         self._inode_stores = {ino: name for name, ino in self._store_inodes.items()}
-        self._file_inodes: dict[_File, int] = {}
+        self._file_inodes: dict[_File | _Link, int] = {}
         self._files: dict[int, _File] = {}
+        self._links: dict[int, _Link] = {}
+        self.by_name = catalog.source is not None
         self._next_inode = _FIRST_FILE
         self._handles: dict[int, ImageReader] = {}
         self._dirs: dict[int, list[tuple[bytes, int]]] = {}
@@ -68,13 +77,27 @@ class Operations(pyfuse3.Operations):
 
     # ---- inodes -------------------------------------------------------------------------------------
 
-    def _file_inode(self, node: _File) -> int:
+    def _file_inode(self, node: _File | _Link) -> int:
         ino = self._file_inodes.get(node)
         if ino is None:
             ino = self._file_inodes[node] = self._next_inode
-            self._files[ino] = node
+            if isinstance(node, _Link):
+                self._links[ino] = node
+            else:
+                self._files[ino] = node
             self._next_inode += 1
         return ino
+
+    def _link_target(self, node: _Link) -> bytes | None:
+        image_id = self.catalog.names().get(node.name)
+        return None if image_id is None else f"../images/{image_id}".encode()
+
+    def _link_attr(self, ino: int, target: bytes) -> pyfuse3.EntryAttributes:
+        attr = self._attr(ino)
+        attr.st_mode = stat.S_IFLNK | 0o777
+        attr.st_nlink = 1
+        attr.st_size = len(target)
+        return attr
 
     def _location(self, node: _File) -> Location | None:
         return self.catalog.location(node.store, node.image_id)
@@ -119,7 +142,15 @@ class Operations(pyfuse3.Operations):
                 return self._dir_attr(IMAGES)
             if text == "stores":
                 return self._dir_attr(STORES)
+            if text == "by-name" and self.by_name:
+                return self._dir_attr(BY_NAME)
             raise pyfuse3.FUSEError(errno.ENOENT)
+        if parent_inode == BY_NAME:
+            link = _Link(text)
+            target = self._link_target(link)
+            if target is None:
+                raise pyfuse3.FUSEError(errno.ENOENT)
+            return self._link_attr(self._file_inode(link), target)
         if parent_inode == STORES:
             ino = self._store_inodes.get(text)
             if ino is None:
@@ -140,8 +171,14 @@ class Operations(pyfuse3.Operations):
         raise pyfuse3.FUSEError(errno.ENOENT)
 
     async def getattr(self, inode: int, ctx=None) -> pyfuse3.EntryAttributes:
-        if inode in (ROOT, IMAGES, STORES) or inode in self._inode_stores:
+        if inode in (ROOT, IMAGES, STORES, BY_NAME) or inode in self._inode_stores:
             return self._dir_attr(inode)
+        link = self._links.get(inode)
+        if link is not None:
+            target = self._link_target(link)
+            if target is None:
+                raise pyfuse3.FUSEError(errno.ENOENT)
+            return self._link_attr(inode, target)
         node = self._files.get(inode)
         if node is None:
             raise pyfuse3.FUSEError(errno.ENOENT)
@@ -152,9 +189,21 @@ class Operations(pyfuse3.Operations):
 
     # ---- directories --------------------------------------------------------------------------------
 
+    async def readlink(self, inode: int, ctx=None) -> bytes:
+        link = self._links.get(inode)
+        target = None if link is None else self._link_target(link)
+        if target is None:
+            raise pyfuse3.FUSEError(errno.ENOENT if link is not None else errno.EINVAL)
+        return target
+
     def _children(self, inode: int) -> Iterator[tuple[str, int]]:
         if inode == ROOT:
             yield from (("images", IMAGES), ("stores", STORES))
+            if self.by_name:
+                yield "by-name", BY_NAME
+        elif inode == BY_NAME:
+            for name in sorted(self.catalog.names()):
+                yield name, self._file_inode(_Link(name))
         elif inode == STORES:
             yield from self._store_inodes.items()
         elif inode == IMAGES or inode in self._inode_stores:
@@ -197,7 +246,7 @@ class Operations(pyfuse3.Operations):
             raise pyfuse3.FUSEError(errno.EROFS)
         node = self._files.get(inode)
         if node is None:
-            raise pyfuse3.FUSEError(errno.EISDIR if inode in (ROOT, IMAGES, STORES) or inode in self._inode_stores else errno.ENOENT)
+            raise pyfuse3.FUSEError(errno.EISDIR if inode in (ROOT, IMAGES, STORES, BY_NAME) or inode in self._inode_stores else errno.ENOENT)
         loc = self._location(node)
         if loc is None:
             raise pyfuse3.FUSEError(errno.ENOENT)
@@ -237,7 +286,7 @@ class Operations(pyfuse3.Operations):
             return {}
         image: Image | None = self.catalog.image(node.image_id)
         stores = [l.store for l in image.locations] if image is not None else [loc.store]
-        return {
+        attrs = {
             "image_id": node.image_id,
             "size": str(loc.size),
             "store": loc.store,
@@ -246,6 +295,11 @@ class Operations(pyfuse3.Operations):
             "chunk_size": str(self.fetcher.chunk_size),
             "cached_fraction": f"{self.fetcher.cached_fraction(loc):.4f}",
         }
+        if image is not None:  # Glance's metadata, when Glance is the catalog
+            if image.name:
+                attrs["name"] = image.name
+            attrs.update(image.meta)
+        return attrs
 
     async def listxattr(self, inode: int, ctx=None) -> list[bytes]:
         return [(XATTR_PREFIX + name).encode() for name in self._xattrs(inode)]

@@ -22,10 +22,22 @@ class Location:
 
 @dataclass(frozen=True, slots=True)
 class Image:
-    """An image and every location that holds it, in preference order."""
+    """An image and every location that holds it, in preference order.
+
+    ``name`` and ``meta`` come from Glance when it is the catalog (disk_format, checksum, os_hash_value,
+    owner, ...): what an operator sees as xattrs. Never a location URL: those may carry credentials."""
 
     id: str
     locations: tuple[Location, ...] = field(default_factory=tuple)
+    name: str = ""
+    created_at: str = ""
+    meta: tuple[tuple[str, str], ...] = ()
+
+    def get(self, key: str) -> str | None:
+        for k, v in self.meta:
+            if k == key:
+                return v
+        return None
 
     @property
     def primary(self) -> Location:

@@ -77,6 +77,14 @@ def test_later_file_wins_option_by_option(glance_conf, tmp_path):
     assert cfg.options.cache_max_size_gb == 5 and cfg.options.chunk_size_mb == 16
 
 
+def test_store_weights_order_the_copies(glance_conf, tmp_path):
+    extra = write(tmp_path, "w.conf", "[s3store]\nweight = 100\n[filestore]\nweight = 5\n")
+    assert [s.name for s in config.load([str(glance_conf), extra]).stores] == ["s3store", "filestore"]
+    bad = write(tmp_path, "bad.conf", "[s3store]\nweight = heavy\n")
+    with pytest.raises(ConfigError, match=r"\[s3store\] weight = 'heavy'"):
+        config.load([str(glance_conf), bad])
+
+
 def test_legacy_single_store_layout(tmp_path):
     p = write(tmp_path, "g.conf", "[glance_store]\nstores = file,http\ndefault_store = file\nfilesystem_store_datadir = /srv/images\n")
     cfg = config.load([p])
