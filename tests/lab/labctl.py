@@ -1,13 +1,13 @@
-"""Brings the imgfs lab up: Ceph (mon, mgr, 1 OSD, RGW), MariaDB, RabbitMQ, Keystone and Cinder.
+"""Brings the imgfs lab up: Ceph (mon, mgr, 1 OSD, RGW), MariaDB, RabbitMQ, Keystone, Cinder, Glance.
 
 Run by tests/lab/up with the lab venv's python (it needs keystoneclient/cinderclient from there).
 Every daemon runs as a plain process on 127.0.0.1, in its own session (setsid), with cwd and data in
 the lab dir; its PID and start time are recorded in <data>/pids/<name>.pid for tests/lab/down.
 Every step checks before it acts, so `up` on a healthy lab only verifies health and rewrites lab.json.
 
-To add a service (Glance next): add its port in PORTS, a `_glance()` step that writes its config, runs
-its one-time setup behind a marker file, calls `self.start(...)` and waits for health; call it from
-`up()`; add its name to STOP_STAGES in tests/lab/down; describe it in lab.json.
+To add a service: add its port in PORTS, a step that writes its config, runs its one-time setup
+behind a marker file, calls `self.start(...)` and waits for health (see the Glance steps); call it
+from `up()`; add its name to STOP_STAGES in tests/lab/down; describe it in lab.json.
 """
 
 from __future__ import annotations
@@ -38,7 +38,7 @@ PORT_BASE = int(os.environ.get('IMGFS_LAB_PORT_BASE', '26100'))
 PORTS = {
     'keystone': PORT_BASE + 0,
     'cinder': PORT_BASE + 1,
-    'glance': PORT_BASE + 2,         # reserved: registered in the catalog, not deployed yet
+    'glance': PORT_BASE + 2,
     'rgw': PORT_BASE + 3,
     'mon_v2': PORT_BASE + 5,
     'mon_v1': PORT_BASE + 6,         # Cinder hands os-brick the mon's legacy v1 address
@@ -59,6 +59,14 @@ RGW_POOLS = ('.rgw.root', 'default.rgw.log', 'default.rgw.control', 'default.rgw
 CINDER_HOST = 'lab'
 CINDER_BACKEND = 'ceph'
 VOLUME_TYPES = {'lab-rbd': {}, 'lab-rbd-multiattach': {'multiattach': '<is> True'}}
+# Glance multi-store: store id -> glance_store driver. Image data in RGW (bucket GLANCE_S3_BUCKET,
+# as the lab's S3 user), in Cinder image-volumes (project `service`), and in a directory.
+GLANCE_STORES = {'s3store': 's3', 'cinderstore': 'cinder', 'filestore': 'file'}
+GLANCE_DEFAULT_STORE = 's3store'
+GLANCE_S3_BUCKET = 'glance'
+# Multiattach: an image-volume imgfs holds attached (on one or more hosts) can still be attached by
+# Glance itself for a download or a copy-image; with lab-rbd the second attachment is refused.
+GLANCE_VOLUME_TYPE = 'lab-rbd-multiattach'
 # Marker put in every daemon's environment: tests/lab/down only signals process groups carrying it.
 MARKER = 'IMGFS_LAB_DAEMON'
 
@@ -795,6 +803,159 @@ rados_connect_timeout = 20
         except urllib.error.HTTPError as e:
             return e.code
 
+    # --- Glance ------------------------------------------------------------------------------------
+    @property
+    def glance_dir(self) -> Path:
+        return DATA / 'glance'
+
+    @property
+    def glance_url(self) -> str:
+        return f'http://{HOST}:{PORTS["glance"]}'
+
+    def glance_config(self) -> Path:
+        """glance-api.conf and what the cinder store needs to run as root without sudo or /etc."""
+        d = self.glance_dir
+        for sub in ('images', 'staging', 'tasks', 'locks', 'mnt', 'bin', 'etc-ceph', 'rootwrap.d'):
+            (d / sub).mkdir(parents=True, exist_ok=True)
+        # glance_store runs `sudo glance-rootwrap <rootwrap_config> privsep-helper ...` (hard-coded):
+        # a `sudo` that only execs its arguments, first on glance-api's PATH (and nobody else's).
+        sudo = d / 'bin' / 'sudo'
+        sudo.write_text('#!/bin/sh\n# imgfs lab: glance-api runs as root already\nexec "$@"\n')
+        sudo.chmod(0o755)
+        (d / 'rootwrap.conf').write_text(f"""\
+[DEFAULT]
+filters_path = {d}/rootwrap.d
+# the lab venv first: privsep-helper lives there
+exec_dirs = {VENV}/bin,/usr/local/sbin,/usr/local/bin,/usr/sbin,/usr/bin,/sbin,/bin
+use_syslog = False
+""")
+        # The shipped filter accepts only --config-file /etc/...: ours lives in the lab dir.
+        (d / 'rootwrap.d' / 'glance_cinder_store.filters').write_text("""\
+[Filters]
+privsep-rootwrap: RegExpFilter, privsep-helper, root, privsep-helper, --config-file, /(?!.*/\\.\\.).*, --privsep_context, os_brick.privileged.default, --privsep_sock_path, /tmp/.*
+disk_chown: RegExpFilter, chown, root, chown, \\d+, /dev/(?!.*/\\.\\.).*
+""")
+        conf = d / 'glance-api.conf'
+        ks = self.secrets['keystone']
+        backends = ', '.join(f'{k}:{v}' for k, v in GLANCE_STORES.items())
+        conf.write_text(f"""\
+# Written by tests/lab/labctl.py (imgfs lab). Secrets inside: keep 0600.
+[DEFAULT]
+log_file = {self.log_path('glance-api')}
+enabled_backends = {backends}
+# lab only: every location (with metadata.store) and direct_url in the image JSON
+show_multiple_locations = True
+show_image_direct_url = True
+enabled_import_methods = [glance-direct,web-download,copy-image]
+worker_self_reference_url = {self.glance_url}
+[database]
+connection = {self.db_url('glance')}
+[paste_deploy]
+flavor = keystone
+config_file = {VENV}/etc/glance/glance-api-paste.ini
+[keystone_authtoken]
+www_authenticate_uri = {self.keystone_url}
+auth_url = {self.keystone_url}
+auth_type = password
+username = glance
+password = {ks['glance']}
+user_domain_name = Default
+project_name = service
+project_domain_name = Default
+service_token_roles_required = true
+[glance_store]
+default_backend = {GLANCE_DEFAULT_STORE}
+[s3store]
+s3_store_host = http://{HOST}:{PORTS['rgw']}
+s3_store_access_key = {self.secrets['s3_access_key']}
+s3_store_secret_key = {self.secrets['s3_secret_key']}
+s3_store_bucket = {GLANCE_S3_BUCKET}
+s3_store_create_bucket_on_put = True
+s3_store_bucket_url_format = path
+# no s3_store_region_name: with it the bucket gets a LocationConstraint RGW rejects
+[cinderstore]
+cinder_store_auth_address = {self.keystone_url}
+cinder_store_user_name = glance
+cinder_store_password = {ks['glance']}
+cinder_store_project_name = service
+cinder_store_user_domain_name = Default
+cinder_store_project_domain_name = Default
+cinder_os_region_name = {REGION}
+cinder_volume_type = {GLANCE_VOLUME_TYPE}
+cinder_use_multipath = False
+cinder_state_transition_timeout = 120
+cinder_mount_point_base = {d}/mnt
+rootwrap_config = {d}/rootwrap.conf
+[filestore]
+filesystem_store_datadir = {d}/images
+[os_glance_staging_store]
+filesystem_store_datadir = {d}/staging
+[os_glance_tasks_store]
+filesystem_store_datadir = {d}/tasks
+[oslo_concurrency]
+lock_path = {d}/locks
+[os_brick]
+lock_path = {d}/locks
+[oslo_messaging_notifications]
+driver = noop
+""")
+        conf.chmod(0o600)
+        return conf
+
+    def glance_db(self) -> None:
+        """Config + schema; needs only MariaDB."""
+        conf = self.glance_config()
+        marker = self.glance_dir / '.lab-db-synced'
+        if not marker.exists():
+            self.run([f'{VENV}/bin/glance-manage', '--config-file', str(conf), 'db_sync'],
+                     what='glance: db sync', timeout=300)
+            marker.touch()
+
+    def glance_start(self) -> None:
+        """Needs Keystone and Cinder answering: the cinder store looks its volume type up at start."""
+        d = self.glance_dir
+        # os-brick's RBD connector reads /etc/ceph/ceph.client.<user>.keyring (Cinder sends no
+        # keyring): glance-api gets a private mount namespace with this copy bound over /etc/ceph.
+        if not Path('/etc/ceph').is_dir():
+            raise LabError('/etc/ceph does not exist (ceph-common creates it): glance-api binds its '
+                           'own copy over it; run tests/lab/install')
+        for f in ('ceph.conf', 'ceph.client.cinder.keyring'):
+            shutil.copyfile(self.ceph_dir / f, d / 'etc-ceph' / f)
+        (d / 'etc-ceph' / 'ceph.client.cinder.keyring').chmod(0o600)
+        env = dict(self.env, OS_GLANCE_CONFIG_DIR=str(d), PATH=f'{d}/bin:{self.env["PATH"]}')
+        uwsgi = [
+            f'{VENV}/bin/uwsgi', '--http-socket', f'{HOST}:{PORTS["glance"]}',
+            '--module', 'glance.wsgi.api:application', '--master', '--processes', '1',
+            '--threads', '8', '--enable-threads', '--lazy-apps', '--need-app', '--die-on-term',
+            '--buffer-size', '65535', '--http-chunked-input', '--http-auto-chunked',
+            # the 1 MB default rejects 1 MiB chunks ("unable to receive chunked part" -> 500)
+            '--chunked-input-limit', str(16 * 1024 * 1024),
+            '--thunder-lock', '--disable-logging', '--procname-prefix', 'lab-glance-',
+            '--add-header', 'Connection: close',
+        ]
+        # `unshare` and `sh` exec in place: the recorded PID stays the uWSGI master.
+        self.start('glance-api', [
+            '/usr/bin/unshare', '--mount', '--propagation', 'private', '--',
+            '/bin/sh', '-c', 'mount --bind "$1" /etc/ceph && shift && exec "$@"', 'sh',
+            str(d / 'etc-ceph'), *uwsgi,
+        ], cwd=d, env=env, ports=(PORTS['glance'],))
+
+    def glance_ready(self) -> None:
+        self.wait_for('glance-api /healthcheck',
+                      lambda: self._http_status(f'{self.glance_url}/healthcheck') == 200, 90,
+                      ('glance-api',))
+        sess = self.session('glance', 'service')
+
+        def stores() -> set:
+            r = sess.get(f'{self.glance_url}/v2/info/stores', raise_exc=False)
+            return r.status_code == 200 and {s['id'] for s in r.json()['stores']}
+        got = self.wait_for('glance-api to list its stores (Keystone auth)', stores, 60,
+                            ('glance-api',))
+        if got != set(GLANCE_STORES):
+            raise LabError(f'glance-api lists stores {sorted(got)}, expected {sorted(GLANCE_STORES)}; '
+                           f'see {self.log_path("glance-api")}')
+        log(f'glance: api up, stores {", ".join(GLANCE_STORES)} (default {GLANCE_DEFAULT_STORE})')
+
     # --- lab.json ----------------------------------------------------------------------------------
     def write_lab_json(self, health: dict) -> None:
         ks = self.secrets['keystone']
@@ -829,10 +990,20 @@ rados_connect_timeout = 20
                 'conf': str(DATA / 'cinder' / 'cinder.conf'),
             },
             'glance': {
-                'deployed': False,
-                'endpoint': f'http://{HOST}:{PORTS["glance"]}',
-                'catalog': {'service_type': 'image', 'service_name': 'glance'},
+                'deployed': True,
+                'endpoint': self.glance_url,
+                'catalog': {'service_type': 'image', 'service_name': 'glance',
+                            'interface': 'public', 'region_name': REGION},
+                'conf': str(self.glance_dir / 'glance-api.conf'),
+                'config_dir': str(self.glance_dir),
                 'database_url': self.db_url('glance'),
+                'stores': dict(GLANCE_STORES),
+                'default_store': GLANCE_DEFAULT_STORE,
+                'filestore_dir': str(self.glance_dir / 'images'),
+                's3_bucket': GLANCE_S3_BUCKET,
+                'cinder_volume_type': GLANCE_VOLUME_TYPE,
+                'cinder_store_project': 'service',
+                'log': str(self.log_path('glance-api')),
             },
             'ceph': {
                 'conf': str(self.ceph_conf),
@@ -868,7 +1039,7 @@ rados_connect_timeout = 20
 
     # --- the whole ---------------------------------------------------------------------------------
     def up(self) -> None:
-        if not (VENV / 'bin' / 'cinder-volume').exists():
+        if not all((VENV / 'bin' / b).exists() for b in ('cinder-volume', 'glance-manage')):
             raise LabError(f'no lab venv at {VENV}: run tests/lab/install first')
         missing = [b for b in ('ceph-mon', 'ceph-mgr', 'ceph-osd', 'radosgw', 'radosgw-admin', 'ceph',
                                'rbd', 'rados', 'monmaptool', 'ceph-authtool', 'mariadbd',
@@ -889,13 +1060,16 @@ rados_connect_timeout = 20
             self.mariadb()
             self.rabbitmq()
             self.cinder_db()
+            self.glance_db()        # while RabbitMQ boots
             self.wait_rabbitmq()
             ceph.result()
             self.cinder_start()
             rgw = pool.submit(self.ceph_rgw)
             keystone.result()
             self.cinder_ready()
+            self.glance_start()
             rgw.result()
+            self.glance_ready()
         health = self.ceph_health()
         self.write_lab_json(health)
         log(f'lab is up: {LAB / "lab.json"}')
