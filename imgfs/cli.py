@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import argparse
 import logging
-import re
 import os
+import re
 import sys
 
 from . import __version__
@@ -23,7 +23,7 @@ log = logging.getLogger("imgfs")
 
 # Their DEBUG output carries request headers (the access key id is in every Authorization header),
 # connection properties (os-brick) or tokens (keystoneauth): kept at WARNING even under --debug.
-_CHATTY_LIBRARIES = ("botocore", "boto3", "urllib3", "s3transfer", "os_brick", "oslo_privsep",
+_CHATTY_LIBRARIES = ("botocore", "boto3", "urllib3", "s3transfer", "os_brick", "oslo_privsep", "oslo.privsep",
                      "oslo_concurrency", "keystoneauth", "keystoneauth1", "cinderclient", "stevedore")
 
 
@@ -63,7 +63,7 @@ def setup_logging(level: str) -> logging.Handler:
         logging.getLogger(name).setLevel(logging.WARNING)
     # os-brick warns at every start about initiators this host does not have (iSCSI, NVMe) and privsep
     # relays eventlet's deprecation notice: noise. Their real failures reach us as exceptions.
-    for name in ("os_brick", "oslo_privsep"):
+    for name in ("os_brick", "oslo_privsep", "oslo.privsep"):
         logging.getLogger(name).setLevel(logging.ERROR)
     logging.getLogger("pyfuse3").setLevel(logging.INFO if level == "DEBUG" else logging.WARNING)
     return handler
@@ -124,6 +124,14 @@ def _parser() -> argparse.ArgumentParser:
     config_args(check)
     check.add_argument("--probe", action="store_true", help="also list each store to prove it answers")
 
+    verify = sub.add_parser("verify", help="read images end to end through the mount and check their digest",
+                            description="Stream each image through the mount (the normal read path, so the "
+                            "daemon verifies and caches it too) and compare it with the digest the catalog "
+                            "knows: Glance's os_hash_value (sha512), else its md5 checksum, else the S3 ETag "
+                            "when it is an MD5. A mismatch makes the daemon drop the image's cached chunks. "
+                            "Exit 0 if every image matches, 1 otherwise, 2 on bad usage.")
+    verify.add_argument("images", nargs="+", metavar="PATH", help="an image file in the mount (images/<id>)")
+
     demo = sub.add_parser("demo", help="run a self-contained demonstration on loopback",
                           description="Build a small ext4 disk image, serve it from a local S3 server (moto) on "
                           "127.0.0.1 as a Glance-style object, mount it with imgfs, read it back and check its "
@@ -143,6 +151,8 @@ def main(argv: list[str] | None = None) -> int:
             from .demo import run_demo
 
             return run_demo(args.workdir, args.size_mib, wait=not args.no_wait)
+        if args.command == "verify":
+            return _verify(args.images)
         from . import config as config_mod
 
         files = args.config_files or [DEFAULT_CONFIG]
@@ -178,6 +188,57 @@ def _mount(config: Config, mountpoint: str) -> int:
         log.exception("imgfs stopped on an unexpected error")
         return EXIT_FAILURE
     return EXIT_OK
+
+
+def _expected_digest(path: str) -> tuple[str, str] | None:
+    def attr(name: str) -> str | None:
+        try:
+            return os.getxattr(path, f"user.imgfs.{name}").decode()
+        except OSError:
+            return None
+
+    algo, value = attr("os_hash_algo"), attr("os_hash_value")
+    if algo and value:
+        return algo, value
+    if attr("checksum"):
+        return "md5", attr("checksum")  # type: ignore[return-value]
+    version = attr("version") or ""
+    if re.fullmatch(r"[0-9a-f]{32}", version):  # a single-part S3 upload's ETag is the MD5 of the object
+        return "md5", version
+    return None
+
+
+def _verify(paths: list[str]) -> int:
+    import hashlib
+    import time
+
+    failures = 0
+    for path in paths:
+        if not os.path.isfile(path):
+            log.error("%s: not an image file in an imgfs mount", path)
+            return EXIT_CONFIG
+        expected = _expected_digest(path)
+        if expected is None:
+            log.error("%s: the catalog knows no digest for this image (no os_hash_value, checksum or MD5 ETag)", path)
+            failures += 1
+            continue
+        algo, value = expected
+        digest = hashlib.new(algo)
+        start = time.monotonic()
+        try:
+            with open(path, "rb") as f:
+                while block := f.read(4 << 20):
+                    digest.update(block)
+        except OSError as e:
+            log.error("%s: FAILED: %s (an integrity error drops the image's cached chunks; see the daemon log)", path, e.strerror)
+            failures += 1
+            continue
+        ok = digest.hexdigest() == value.lower()
+        size = os.path.getsize(path)
+        (log.info if ok else log.error)("%s: %s %s %s (%.0f MB/s)", path, algo, "OK" if ok else "MISMATCH, expected " + value,
+                                        "" if ok else "got " + digest.hexdigest(), size / max(time.monotonic() - start, 1e-6) / 1e6)
+        failures += not ok
+    return EXIT_FAILURE if failures else EXIT_OK
 
 
 def _check_config(config: Config, *, probe: bool) -> int:

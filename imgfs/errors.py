@@ -53,6 +53,12 @@ class ShortRead(BackendError):
     """A store returned fewer bytes than asked for; we never pad with zeros."""
 
 
+class IntegrityError(ImgfsError):
+    """An image read end to end does not hash to what the catalog says: EIO, never the bytes as good."""
+
+    errno = errno.EIO
+
+
 class ReadOnly(ImgfsError):
     errno = errno.EROFS
 

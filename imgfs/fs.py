@@ -25,7 +25,7 @@ import trio
 from .catalog import Catalog
 from .errors import ImgfsError
 from .model import Image, Location
-from .reader import ChunkFetcher, ImageReader
+from .reader import ChunkFetcher, ImageReader, StreamVerifier
 
 log = logging.getLogger(__name__)
 
@@ -250,10 +250,14 @@ class Operations(pyfuse3.Operations):
         loc = self._location(node)
         if loc is None:
             raise pyfuse3.FUSEError(errno.ENOENT)
-        image = self.catalog.image(node.image_id) if node.store is None else None
-        locations = image.locations if image is not None else (loc,)
+        image = self.catalog.image(node.image_id)
+        locations = image.locations if image is not None and node.store is None else (loc,)
+        verify = None
+        if image is not None and image.get("os_hash_algo") in ("sha512", "sha256") and image.get("os_hash_value"):
+            verify = StreamVerifier(image.get("os_hash_algo"), image.get("os_hash_value"), loc.size)  # type: ignore[arg-type]
         fh = self._new_fh()
-        self._handles[fh] = ImageReader(self.fetcher, locations, prefetch_max=self.prefetch_max)
+        self._handles[fh] = ImageReader(self.fetcher, locations, prefetch_max=self.prefetch_max, verify=verify,
+                                        on_integrity_error=self.quarantine)
         info = pyfuse3.FileInfo(fh=fh)
         info.keep_cache = True  # an open pins one version; the kernel cache is dropped when it changes
         return info
@@ -266,6 +270,11 @@ class Operations(pyfuse3.Operations):
             return await reader.read(off, size)
         except ImgfsError as e:
             raise pyfuse3.FUSEError(e.errno) from None
+
+    def quarantine(self, locations) -> None:
+        """Forget every cached chunk of copies that failed verification (in the daemon's nursery)."""
+        for loc in locations:
+            self.fetcher.spawn(self.fetcher.cache.drop, loc.store, loc.image_id)
 
     async def release(self, fh: int) -> None:
         reader = self._handles.pop(fh, None)

@@ -13,6 +13,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import logging
 from dataclasses import dataclass, field
 from typing import Callable, Protocol, Sequence
@@ -21,7 +22,7 @@ import trio
 
 from .backends.base import Backend
 from .cache import ChunkCache
-from .errors import BackendError, Busy, ImgfsError, ShortRead, StaleImage
+from .errors import BackendError, Busy, ImgfsError, IntegrityError, ShortRead, StaleImage
 from .model import ChunkKey, Location
 
 log = logging.getLogger(__name__)
@@ -77,6 +78,8 @@ class ChunkFetcher:
         self.on_stale = on_stale
         self.stats = FetchStats()
         self._inflight: dict[ChunkKey, _Flight] = {}
+        # copies whose bytes failed end-to-end verification: never read again while this version lasts
+        self.quarantined: set[Location] = set()
         self._demand = trio.CapacityLimiter(max_connections)
         self._prefetch = trio.CapacityLimiter(max(1, max_connections // 2))
         self._nursery: trio.Nursery | None = None
@@ -84,6 +87,11 @@ class ChunkFetcher:
     def attach(self, nursery: trio.Nursery) -> None:
         """Fetch tasks live in the daemon's nursery, not in the request that first wanted the chunk."""
         self._nursery = nursery
+
+    def spawn(self, fn, *args) -> None:
+        """Run a background task in the daemon's nursery."""
+        assert self._nursery is not None, "ChunkFetcher.attach() was not called"
+        self._nursery.start_soon(fn, *args)
 
     def hold(self, loc: Location) -> None:
         holder = self.holders.get(loc.store)
@@ -249,6 +257,59 @@ class ChunkFetcher:
         return data
 
 
+class StreamVerifier:
+    """Hashes what one open file returns, in image order, and checks it against the catalog's digest
+    once the whole image went through (Glance's os_hash_value: sha512).
+
+    The kernel's readahead keeps several requests in flight, so pieces may arrive a little out of
+    order: up to ``window`` bytes of them wait for the gap to fill. A reader that jumps further gives
+    up verification for this open (random readers are not verified; ``imgfs verify`` reads in order).
+    Hashing runs in a worker thread: 1 MiB of sha512 is ~1 ms the event loop should not spend.
+    """
+
+    def __init__(self, algo: str, expected: str, size: int, window: int = 64 * 1024 * 1024) -> None:
+        self.expected = expected.lower()
+        self.size = size
+        self.window = window
+        self._hash = hashlib.new(algo)
+        self._done = 0  # bytes [0, _done) are hashed
+        self._pending: dict[int, memoryview | bytes] = {}
+        self._pending_bytes = 0
+        self._lock = trio.Lock()
+        self.active = True
+
+    @property
+    def algo(self) -> str:
+        return self._hash.name
+
+    async def feed(self, offset: int, data: memoryview | bytes) -> bool | None:
+        """None while incomplete; True/False once the whole image was hashed."""
+        if not self.active or offset + len(data) <= self._done:
+            return None
+        if offset > self._done:
+            if offset - self._done > self.window or self._pending_bytes + len(data) > self.window:
+                self.active, self._pending = False, {}
+                return None
+            self._pending[offset] = data
+            self._pending_bytes += len(data)
+            return None
+        async with self._lock:
+            pieces = [memoryview(data)[self._done - offset :]]
+            end = offset + len(data)
+            while end in self._pending:
+                nxt = self._pending.pop(end)
+                self._pending_bytes -= len(nxt)
+                pieces.append(nxt)
+                end += len(nxt)
+            self._done = end
+            for piece in pieces:
+                await trio.to_thread.run_sync(self._hash.update, piece)
+            if self._done >= self.size:
+                self.active = False
+                return self._hash.hexdigest() == self.expected
+        return None
+
+
 class ImageReader:
     """One open file: reads of pinned versions of one image, with sequential prefetch.
 
@@ -259,8 +320,19 @@ class ImageReader:
     failure to route around: the open file is pinned to what it opened.
     """
 
-    def __init__(self, fetcher: ChunkFetcher, locations: Sequence[Location], *, prefetch_max: int) -> None:
+    def __init__(
+        self,
+        fetcher: ChunkFetcher,
+        locations: Sequence[Location],
+        *,
+        prefetch_max: int,
+        verify: StreamVerifier | None = None,
+        on_integrity_error: Callable[[Sequence[Location]], None] = lambda locs: None,
+    ) -> None:
         self.fetcher = fetcher
+        self.verify = verify
+        self.on_integrity_error = on_integrity_error
+        self.failed = False
         self.locations = list(locations)
         self.loc = self.locations[0]
         self.prefetch_max = prefetch_max
@@ -317,21 +389,28 @@ class ImageReader:
     async def _chunk(self, index: int, start: int, end: int) -> memoryview:
         while True:
             try:
+                if self.loc in self.fetcher.quarantined:
+                    raise IntegrityError(f"image {self.loc.image_id}: the copy in store '{self.loc.store}' failed verification")
                 data = await self.fetcher.read(self.loc, index, start, end)
                 if data.nbytes != end - start:
                     raise ShortRead(f"image {self.loc.image_id} chunk {index}: {data.nbytes} bytes, expected {end - start}")
                 return data
             except StaleImage:
                 raise
-            except (BackendError, Busy) as e:
+            except (BackendError, Busy, IntegrityError) as e:
                 if not self._fail_over(e):
                     raise
 
     async def read(self, offset: int, size: int) -> bytes | memoryview:
         """The bytes at [offset, offset+size), short only at the end of the image.
 
+        After an integrity failure every read of this open file fails: the kernel retries a failed
+        readahead with a fresh read, which must not quietly return the bytes that failed.
+
         A read inside one chunk returns a view of the chunk's bytes: pyfuse3 replies from any buffer,
         so the 1 MiB copy per kernel request is saved (it was 17% of the daemon's GIL time)."""
+        if self.failed:
+            raise IntegrityError(f"image {self.loc.image_id}: bytes do not match the catalog's digest")
         end = min(offset + size, self.loc.size)
         if offset >= end:
             return b""
@@ -347,4 +426,17 @@ class ImageReader:
         for i in range(first, last + 1):
             base = i * cs
             parts.append(await self._chunk(i, max(offset, base) - base, min(end, base + cs) - base))
-        return parts[0] if len(parts) == 1 else b"".join(parts)
+        data = parts[0] if len(parts) == 1 else b"".join(parts)
+        if self.verify is not None and self.verify.active:
+            verdict = await self.verify.feed(offset, data)
+            if verdict is False:
+                # The whole image went through and is not what the catalog says: the read that would
+                # complete it fails, so a copy made with dd or qemu-img fails too instead of succeeding.
+                log.error("integrity error: image %s read end to end does not match its %s digest; quarantined "
+                          "the copies read (%s) and dropped their cached chunks", self.loc.image_id, self.verify.algo,
+                          ", ".join(loc.store for loc in self._held))
+                self.failed = True
+                self.fetcher.quarantined.update(self._held)
+                self.on_integrity_error(self._held)
+                raise IntegrityError(f"image {self.loc.image_id}: bytes do not match the catalog's digest")
+        return data

@@ -157,3 +157,28 @@ def test_deleted_image_disappears_and_metadata_follows(tmp_path, lab, glance, gl
     glance("DELETE", f"/v2/images/{img['id']}")
     wait_for(lambda: img["id"] not in os.listdir(m.images), 20, "the deleted image to disappear")
     assert not (m.path / "by-name" / new_name).exists()
+
+
+def test_corrupted_copy_fails_verification_and_imgfs_verify(tmp_path, lab, glance, glance_image, mounter):
+    """The S3 copy is overwritten behind Glance's back with other bytes of the same size: a read end to
+    end fails (EIO) instead of passing off wrong bytes, and `imgfs verify` says MISMATCH, exit 1."""
+    import sys
+
+    import boto3
+
+    img, data = glance_image(2 * MiB + 5)
+    m = start(mounter, tmp_path, imgfs_config(tmp_path, lab, memory_cache_mb=0))
+    path = m.images / img["id"]
+    wait_for(path.exists, 20, "the image in the mount")
+    ok = subprocess.run([sys.executable, "-m", "imgfs", "verify", str(path)], capture_output=True, text=True, timeout=120)
+    assert ok.returncode == 0 and "sha512 OK" in ok.stderr, ok.stderr
+    s3 = lab["s3"]
+    client = boto3.client("s3", endpoint_url=s3["endpoint_url"], aws_access_key_id=s3["access_key"],
+                          aws_secret_access_key=s3["secret_key"], region_name=s3["region_name"])
+    client.put_object(Bucket=lab["glance"]["s3_bucket"], Key=img["id"], Body=os.urandom(len(data)))
+    wait_for(lambda: os.getxattr(path, "user.imgfs.cached_fraction") == b"0.0000", 20, "the new version to be seen")
+    result = subprocess.run(["dd", f"if={path}", "of=/dev/null", "bs=1M"], capture_output=True, text=True, timeout=120)
+    assert result.returncode != 0 and "Input/output error" in result.stderr
+    assert "integrity error: image " + img["id"] in m.log()
+    bad = subprocess.run([sys.executable, "-m", "imgfs", "verify", str(path)], capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 1 and "FAILED" in bad.stderr

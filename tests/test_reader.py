@@ -183,3 +183,44 @@ async def test_a_stuck_attach_does_not_starve_other_stores(tmp_path, nursery):
     with trio.fail_after(5):
         assert await ImageReader(fetcher, [loc], prefetch_max=0).read(0, 3 * CS) == data
     nursery.cancel_scope.cancel()
+
+
+async def test_end_to_end_verification(parts):
+    """A sequential read of the whole image is hashed and checked against the catalog's sha512; a
+    mismatch fails the read that completes the image (EIO) and drops the image's chunks."""
+    import hashlib
+
+    from imgfs.errors import IntegrityError
+    from imgfs.reader import StreamVerifier
+
+    backend, cache, fetcher = parts
+    data = image(5 * CS + 99)
+    loc = backend.put("img", data)
+    good = hashlib.sha512(data).hexdigest()
+
+    ok = ImageReader(fetcher, [loc], prefetch_max=0, verify=StreamVerifier("sha512", good, len(data)))
+    offsets = list(range(0, len(data), 32 * 1024))
+    offsets[2], offsets[3] = offsets[3], offsets[2]  # readahead reorders a little: still verified
+    got = {off: bytes(await ok.read(off, 32 * 1024)) for off in offsets}
+    assert b"".join(got[o] for o in sorted(got)) == data
+    assert not ok.verify.active  # done, and it matched (no error raised)
+
+    dropped = []
+    bad = ImageReader(fetcher, [loc], prefetch_max=0, verify=StreamVerifier("sha512", "00" * 64, len(data)),
+                      on_integrity_error=dropped.extend)
+    with pytest.raises(IntegrityError) as info:
+        for off in range(0, len(data), 64 * 1024):
+            await bad.read(off, 64 * 1024)
+    assert info.value.errno == 5 and off + 64 * 1024 >= len(data)  # only the completing read fails
+    assert dropped == [loc]
+    with pytest.raises(IntegrityError):  # and stays failed: the kernel retries failed readahead
+        await bad.read(0, 100)
+    with pytest.raises(IntegrityError):  # the copy is quarantined for new opens too
+        await ImageReader(fetcher, [loc], prefetch_max=0).read(0, 100)
+    fetcher.quarantined.clear()
+
+    jumpy = ImageReader(fetcher, [loc], prefetch_max=0, verify=StreamVerifier("sha512", "00" * 64, len(data), window=CS))
+    await jumpy.read(4 * CS, 100)  # a random reader: verification gives up quietly
+    assert not jumpy.verify.active
+    for off in range(0, len(data), 64 * 1024):
+        await jumpy.read(off, 64 * 1024)  # no error: not verified, not failed
