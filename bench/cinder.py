@@ -60,11 +60,12 @@ def sha256_of(path: Path) -> str:
 
 
 class Daemon:
-    def __init__(self, config: Path, mnt: Path, log: Path) -> None:
+    def __init__(self, config: Path | list[str | Path], mnt: Path, log: Path) -> None:
         mnt.mkdir(exist_ok=True)
         self.log = log
         self.mnt = mnt
-        self.proc = subprocess.Popen([str(REPO / ".venv/bin/imgfs"), "mount", str(mnt), "--config-file", str(config)],
+        configs = [c for f in (config if isinstance(config, list) else [config]) for c in ("--config-file", str(f))]
+        self.proc = subprocess.Popen([str(REPO / ".venv/bin/imgfs"), "mount", str(mnt), *configs],
                                      stdout=open(log, "ab"), stderr=subprocess.STDOUT, start_new_session=True)
         wait_for(lambda: self.proc.poll() is None and is_mounted(mnt), 60, "the imgfs mount")
 

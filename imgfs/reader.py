@@ -373,6 +373,18 @@ class ImageReader:
             self.fetcher.prefetch(self.loc, first, last)
             self._prefetched = last
 
+    def _cached_copy(self, index: int) -> Location:
+        """The current copy, unless only another copy of the same image has this chunk cached: local
+        bytes beat any store (the copies are the same image, and end-to-end verification checks it)."""
+        cache = self.fetcher.cache
+        if len(self.locations) == 1 or cache.contains(self.fetcher.key(self.loc, index)):
+            return self.loc
+        for loc in self.locations:
+            if loc is not self.loc and loc.size == self.loc.size and loc not in self.fetcher.quarantined \
+                    and cache.contains(self.fetcher.key(loc, index)):
+                return loc
+        return self.loc
+
     def _fail_over(self, error: ImgfsError) -> bool:
         """Switch to the next copy after ``error``; False when there is none left."""
         position = self.locations.index(self.loc)
@@ -391,7 +403,7 @@ class ImageReader:
             try:
                 if self.loc in self.fetcher.quarantined:
                     raise IntegrityError(f"image {self.loc.image_id}: the copy in store '{self.loc.store}' failed verification")
-                data = await self.fetcher.read(self.loc, index, start, end)
+                data = await self.fetcher.read(self._cached_copy(index), index, start, end)
                 if data.nbytes != end - start:
                     raise ShortRead(f"image {self.loc.image_id} chunk {index}: {data.nbytes} bytes, expected {end - start}")
                 return data
@@ -419,8 +431,9 @@ class ImageReader:
         first, last = offset // cs, (end - 1) // cs
         if last > first:  # spans chunks: start every missing fetch now, so they run in parallel
             for i in range(first, last + 1):
-                if not self.fetcher.cache.contains(self.fetcher.key(self.loc, i)):
-                    self.fetcher.start(self.loc, i)
+                copy = self._cached_copy(i)
+                if not self.fetcher.cache.contains(self.fetcher.key(copy, i)):
+                    self.fetcher.start(copy, i)
         self._prefetch(end)
         parts = []
         for i in range(first, last + 1):

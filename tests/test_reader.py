@@ -224,3 +224,17 @@ async def test_end_to_end_verification(parts):
     assert not jumpy.verify.active
     for off in range(0, len(data), 64 * 1024):
         await jumpy.read(off, 64 * 1024)  # no error: not verified, not failed
+
+
+async def test_a_chunk_cached_from_another_copy_is_used(tmp_path, nursery):
+    a, b = MemoryBackend(name="a"), MemoryBackend(name="b")
+    cache = ChunkCache(str(tmp_path / "c"), max_bytes=1 << 30, max_count=1000, memory_bytes=0)
+    await cache.open()
+    fetcher = ChunkFetcher(cache, {"a": a, "b": b}, chunk_size=CS, max_connections=2)
+    fetcher.attach(nursery)
+    data = image(3 * CS)
+    la, lb = a.put("img", data), b.put("img", data)
+    assert await ImageReader(fetcher, [lb], prefetch_max=0).read(0, 3 * CS) == data  # cached via store b
+    await settle(fetcher)
+    assert await ImageReader(fetcher, [la, lb], prefetch_max=0).read(0, 3 * CS) == data
+    assert sum(a.reads.values()) == 0  # store a, though preferred, was not asked: b's chunks are local
