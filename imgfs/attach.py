@@ -112,6 +112,10 @@ class Attachments:
             elif not v.attached:
                 self._volumes.pop(v.volume_id, None)
 
+    def is_ready(self, loc: Location) -> bool:
+        v = self._volumes.get(loc.version)
+        return v is not None and v.attached
+
     async def ready(self, loc: Location) -> None:
         """Make the volume readable on this host: attach it unless an attachment is already shared."""
         v = self._volume(loc.version)

@@ -114,6 +114,7 @@ def build(config: Config, mountpoint: str) -> Daemon:
     fetcher = ChunkFetcher(
         cache, backends, chunk_size=options.chunk_size, max_connections=options.backend_max_connections,
         holders=dict(attachments),
+        weights={store.name: store.weight for store in config.stores},
     )
     ops = Operations(catalog, fetcher, prefetch_max=options.prefetch_max_mb * 2**20)
 

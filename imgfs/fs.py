@@ -251,7 +251,7 @@ class Operations(pyfuse3.Operations):
         if loc is None:
             raise pyfuse3.FUSEError(errno.ENOENT)
         image = self.catalog.image(node.image_id)
-        locations = image.locations if image is not None and node.store is None else (loc,)
+        locations = self.fetcher.order(image.locations) if image is not None and node.store is None else [loc]
         verify = None
         if image is not None and image.get("os_hash_algo") in ("sha512", "sha256") and image.get("os_hash_value"):
             verify = StreamVerifier(image.get("os_hash_algo"), image.get("os_hash_value"), loc.size)  # type: ignore[arg-type]

@@ -40,6 +40,13 @@ class Holder(Protocol):
 
     async def ready(self, loc: Location) -> None: ...
 
+    def is_ready(self, loc: Location) -> bool: ...
+
+
+# The cost of getting bytes from each kind of store, cheapest first: a local file, an attached block
+# device, then an object store across the network.
+_KIND_COST = {"file": 0, "memory": 0, "cinder": 1, "s3": 2}
+
 
 @dataclass
 class FetchStats:
@@ -70,10 +77,12 @@ class ChunkFetcher:
         max_connections: int,
         on_stale: Callable[[Location], None] = lambda loc: None,
         holders: dict[str, Holder] | None = None,
+        weights: dict[str, int] | None = None,
     ) -> None:
         self.cache = cache
         self.backends = backends
         self.holders = holders or {}
+        self.weights = weights or {}
         self.chunk_size = chunk_size
         self.on_stale = on_stale
         self.stats = FetchStats()
@@ -87,6 +96,17 @@ class ChunkFetcher:
     def attach(self, nursery: trio.Nursery) -> None:
         """Fetch tasks live in the daemon's nursery, not in the request that first wanted the chunk."""
         self._nursery = nursery
+
+    def order(self, locations: Sequence[Location]) -> list[Location]:
+        """Copies in the order to read them: the store's weight (Glance's semantics, higher first), then
+        copies already attached or partly cached here, then the cheapest kind of store."""
+
+        def rank(loc: Location) -> tuple[int, int, int]:
+            holder = self.holders.get(loc.store)
+            local = (holder is not None and holder.is_ready(loc)) or self.cached_fraction(loc) > 0
+            return (-self.weights.get(loc.store, 0), 0 if local else 1, _KIND_COST.get(self.backends[loc.store].kind, 3))
+
+        return sorted(locations, key=rank)  # stable: ties keep the catalog's order
 
     def spawn(self, fn, *args) -> None:
         """Run a background task in the daemon's nursery."""

@@ -238,3 +238,19 @@ async def test_a_chunk_cached_from_another_copy_is_used(tmp_path, nursery):
     await settle(fetcher)
     assert await ImageReader(fetcher, [la, lb], prefetch_max=0).read(0, 3 * CS) == data
     assert sum(a.reads.values()) == 0  # store a, though preferred, was not asked: b's chunks are local
+
+
+async def test_copies_ordered_by_weight_then_local_then_cheapest(tmp_path, nursery):
+    s3, blk, files = MemoryBackend(name="s3", kind="s3"), MemoryBackend(name="blk", kind="cinder"), MemoryBackend(name="f", kind="file")
+    cache = ChunkCache(str(tmp_path / "c"), max_bytes=1 << 30, max_count=1000, memory_bytes=0)
+    await cache.open()
+    fetcher = ChunkFetcher(cache, {"s3": s3, "blk": blk, "f": files}, chunk_size=CS, max_connections=2, weights={"s3": 10})
+    fetcher.attach(nursery)
+    data = image(2 * CS)
+    ls3, lblk, lf = s3.put("i", data), blk.put("i", data), files.put("i", data)
+    assert [l.store for l in fetcher.order([lblk, ls3, lf])] == ["s3", "f", "blk"]  # weight, then cost
+    fetcher.weights = {}
+    assert [l.store for l in fetcher.order([ls3, lblk, lf])] == ["f", "blk", "s3"]  # cheapest first
+    await ImageReader(fetcher, [lblk], prefetch_max=0).read(0, 10)
+    await settle(fetcher)
+    assert [l.store for l in fetcher.order([ls3, lblk, lf])] == ["blk", "f", "s3"]  # partly cached here: first
