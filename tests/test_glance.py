@@ -83,7 +83,10 @@ def imgfs_config(tmp_path: Path, lab: dict, **options) -> list[str]:
         + ["", "[glance_catalog]", f"auth_url = {lab['keystone']['auth_url']}", f"username = {u['username']}",
            f"password = {u['password']}", f"project_name = {u['project_name']}",
            f"region_name = {lab['keystone']['region_name']}",
-           "", "[cinderstore]", f"rbd_keyring_file = {lab['ceph']['client_cinder_keyring']}", ""]
+           # prefer S3, then Cinder (weights, Glance's semantics): without them the cheapest copy, the
+           # local file store, would be read first
+           "", "[s3store]", "weight = 100",
+           "", "[cinderstore]", f"rbd_keyring_file = {lab['ceph']['client_cinder_keyring']}", "weight = 50", ""]
     )
     path = tmp_path / "imgfs.conf"
     path.write_text(text)
