@@ -80,6 +80,26 @@ class Daemon:
         return 0.0
 
 
+def lab_clients(lab: dict, *, timeout: float):
+    """A Keystone session as the lab's imgfs user, a Cinder client from the catalog, and a librados
+    connection to the RBD pool: what both Cinder-path benchmarks need."""
+    import rados
+    from cinderclient import client as cinder_client
+    from keystoneauth1 import session as ks_session
+    from keystoneauth1.identity import v3
+
+    u = lab["keystone"]["users"]["imgfs"]
+    sess = ks_session.Session(auth=v3.Password(auth_url=lab["keystone"]["auth_url"], username=u["username"],
+                                               password=u["password"], project_name=u["project_name"],
+                                               user_domain_name="Default", project_domain_name="Default"), timeout=timeout)
+    cinder = cinder_client.Client("3.60", session=sess, region_name=lab["keystone"]["region_name"],
+                                  service_type="volumev3", interface="public")
+    ceph = lab["ceph"]
+    cluster = rados.Rados(conffile=ceph["conf"], rados_id=ceph["rbd_user"], conf={"keyring": ceph["client_cinder_keyring"]})
+    cluster.connect(timeout=30)
+    return sess, cinder, cluster, cluster.open_ioctx(ceph["rbd_pool"])
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--size-mib", type=int, default=1024)
@@ -94,22 +114,10 @@ def main() -> int:
         started_lab = True
     lab = json.loads((LAB_DIR / "lab.json").read_text())
 
-    import rados
     import rbd
-    from cinderclient import client as cinder_client
-    from keystoneauth1 import session as ks_session
-    from keystoneauth1.identity import v3
 
-    u = lab["keystone"]["users"]["imgfs"]
-    sess = ks_session.Session(auth=v3.Password(auth_url=lab["keystone"]["auth_url"], username=u["username"],
-                                               password=u["password"], project_name=u["project_name"],
-                                               user_domain_name="Default", project_domain_name="Default"), timeout=60)
-    cinder = cinder_client.Client("3.60", session=sess, region_name=lab["keystone"]["region_name"],
-                                  service_type="volumev3", interface="public")
+    sess, cinder, cluster, ioctx = lab_clients(lab, timeout=60)
     ceph = lab["ceph"]
-    cluster = rados.Rados(conffile=ceph["conf"], rados_id=ceph["rbd_user"], conf={"keyring": ceph["client_cinder_keyring"]})
-    cluster.connect(timeout=30)
-    ioctx = cluster.open_ioctx(ceph["rbd_pool"])
     work = Path(tempfile.mkdtemp(prefix="imgfs-bench-cinder-"))
     image_id = str(uuid.uuid4())
     host = f"bench-{uuid.uuid4().hex[:6]}"

@@ -46,23 +46,12 @@ def main() -> int:
         started_lab = True
     lab = json.loads((LAB_DIR / "lab.json").read_text())
 
-    import rados
     import rbd
-    from cinderclient import client as cinder_client
-    from keystoneauth1 import session as ks_session
-    from keystoneauth1.identity import v3
 
+    sess, cinder, cluster, ioctx = bench_cinder.lab_clients(lab, timeout=600)
     u = lab["keystone"]["users"]["imgfs"]
-    sess = ks_session.Session(auth=v3.Password(auth_url=lab["keystone"]["auth_url"], username=u["username"], password=u["password"],
-                                               project_name=u["project_name"], user_domain_name="Default",
-                                               project_domain_name="Default"), timeout=600)
     glance = sess.get_endpoint(service_type="image", interface="public", region_name=lab["keystone"]["region_name"]).rstrip("/")
-    cinder = cinder_client.Client("3.60", session=sess, region_name=lab["keystone"]["region_name"],
-                                  service_type="volumev3", interface="public")
     ceph = lab["ceph"]
-    cluster = rados.Rados(conffile=ceph["conf"], rados_id=ceph["rbd_user"], conf={"keyring": ceph["client_cinder_keyring"]})
-    cluster.connect(timeout=30)
-    ioctx = cluster.open_ioctx(ceph["rbd_pool"])
     work = Path(tempfile.mkdtemp(prefix="imgfs-bench-glance-"))
     source = work / "source.raw"
     with open(source, "wb") as f:

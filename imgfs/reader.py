@@ -284,10 +284,12 @@ class StreamVerifier:
     The kernel's readahead keeps several requests in flight, so pieces may arrive a little out of
     order: up to ``window`` bytes of them wait for the gap to fill. A reader that jumps further gives
     up verification for this open (random readers are not verified; ``imgfs verify`` reads in order).
+    Verification only ever withholds a verdict, never invents one: a piece it cannot place leaves the
+    image unverified for this open, not failed.
     Hashing runs in a worker thread: 1 MiB of sha512 is ~1 ms the event loop should not spend.
     """
 
-    def __init__(self, algo: str, expected: str, size: int, window: int = 64 * 1024 * 1024) -> None:
+    def __init__(self, algo: str, expected: str, size: int, window: int = 16 * 1024 * 1024) -> None:
         self.expected = expected.lower()
         self.size = size
         self.window = window

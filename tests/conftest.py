@@ -350,7 +350,8 @@ def host_attachments(cinder, volume_id: str, host: str) -> list[dict]:
     return [a for a in cinder.volumes.get(volume_id).attachments if a.get("host_name") == host]
 
 
-def write_cinder_config(path: Path, lab: dict, *, cache_dir: Path, host: str, file_dir: Path | None = None, **imgfs_options) -> Path:
+def write_cinder_config(path: Path, lab: dict, *, cache_dir: Path, host: str, file_dir: Path | None = None,
+                        cinder_weight: int = 0, **imgfs_options) -> Path:
     u = lab["keystone"]["users"]["imgfs"]
     backends = ["cinderstore:cinder"] + (["filestore:file"] if file_dir else [])
     lines = [
@@ -363,6 +364,7 @@ def write_cinder_config(path: Path, lab: dict, *, cache_dir: Path, host: str, fi
         f"cinder_store_project_name = {u['project_name']}",
         f"cinder_os_region_name = {lab['keystone']['region_name']}",
         f"rbd_keyring_file = {lab['ceph']['client_cinder_keyring']}",
+        f"weight = {cinder_weight}",
         "",
     ]
     if file_dir:

@@ -97,7 +97,7 @@ def test_volume_held_by_another_host_is_never_taken(tmp_path, lab, cinder, image
         files.mkdir()
         (files / vol.image_id).write_bytes(vol.data)
         cfg2 = write_cinder_config(tmp_path / "fallback.conf", lab, cache_dir=tmp_path / "cache2", host=host,
-                                   file_dir=files, attach_timeout=2)
+                                   file_dir=files, attach_timeout=2, cinder_weight=100)  # Cinder preferred
         m2 = mounter(cfg2, name="mnt2")
         assert sha256_file(m2.images / vol.image_id) == sha256(vol.data)
         assert "reading from store 'filestore' instead" in m2.log()
