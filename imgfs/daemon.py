@@ -227,6 +227,9 @@ async def serve(
             stores = ", ".join(f"{b.name} ({b.kind})" for b in daemon.backends.values())
             log.info("mounted %s: %d images from %s", mountpoint, count, stores)
             notify("READY=1", f"STATUS=serving {count} images at {mountpoint}")
+            watchdog = _watchdog_interval()
+            if watchdog:
+                nursery.start_soon(_watchdog, mountpoint, watchdog)
             task_status.started(daemon)
     finally:
         if mounted:
@@ -240,6 +243,29 @@ async def serve(
             backend.close()
         if daemon.catalog.source is not None:
             daemon.catalog.source.close()
+
+
+def _watchdog_interval() -> float | None:
+    """Half of systemd's WatchdogSec (WATCHDOG_USEC), if the watchdog is meant for this process."""
+    usec, pid = os.environ.get("WATCHDOG_USEC"), os.environ.get("WATCHDOG_PID")
+    if not usec or (pid and pid != str(os.getpid())):
+        return None
+    try:
+        return max(0.5, int(usec) / 2e6)
+    except ValueError:
+        return None
+
+
+async def _watchdog(mountpoint: str, interval: float) -> None:
+    """WATCHDOG=1 only after a request went through the kernel and back through our FUSE handlers:
+    a wedged FUSE loop, not just a live process, must make systemd restart us."""
+    probe = os.path.join(mountpoint, "images")
+    while True:
+        with trio.move_on_after(interval) as scope:
+            await trio.to_thread.run_sync(os.stat, probe, abandon_on_cancel=True)
+        if not scope.cancelled_caught:
+            notify("WATCHDOG=1")
+        await trio.sleep(interval)
 
 
 async def _fuse_main(scope: trio.CancelScope) -> None:
