@@ -132,6 +132,32 @@ def _parser() -> argparse.ArgumentParser:
                             "Exit 0 if every image matches, 1 otherwise, 2 on bad usage.")
     verify.add_argument("images", nargs="+", metavar="PATH", help="an image file in the mount (images/<id>)")
 
+    def control_args(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--mount", default="/var/lib/imgfs/mnt", help="the mount to talk to (default /var/lib/imgfs/mnt)")
+        p.add_argument("--socket", help="its control socket (default: derived from --mount, or [imgfs] control_socket)")
+
+    st = sub.add_parser("status", help="what a running mount is doing: stores, cache, attachments, errors",
+                        description="Ask a running mount (over its root-only control socket) for its stores "
+                        "(reachable?), cache (bytes, chunks, limits, hit rate, evictions), Cinder attachments "
+                        "(volume, refcount, idle for), cached images, fetches in flight and errors by kind.")
+    control_args(st)
+    st.add_argument("--json", action="store_true", help="machine-readable output")
+    warm = sub.add_parser("warm", help="fetch whole images into the cache ahead of time",
+                          description="Fetch every chunk of each image into the cache (before a boot storm), "
+                          "through the prefetch slots so demand reads are never starved. Shows progress; Ctrl-C "
+                          "cancels.")
+    control_args(warm)
+    warm.add_argument("images", nargs="+", metavar="IMAGE", help="image id")
+    warm.add_argument("--json", action="store_true", help="progress as JSON lines")
+    evict = sub.add_parser("evict", help="drop images from the cache", description="Drop every cached chunk of "
+                           "the given images (or of all images with --all).")
+    control_args(evict)
+    evict.add_argument("images", nargs="*", metavar="IMAGE")
+    evict.add_argument("--all", action="store_true", help="evict every image")
+    met = sub.add_parser("metrics", help="print the mount's Prometheus metrics",
+                         description="Print the Prometheus text format (also served on 127.0.0.1:[imgfs] metrics_port when set).")
+    control_args(met)
+
     demo = sub.add_parser("demo", help="run a self-contained demonstration on loopback",
                           description="Build a small ext4 disk image, serve it from a local S3 server (moto) on "
                           "127.0.0.1 as a Glance-style object, mount it with imgfs, read it back and check its "
@@ -153,6 +179,8 @@ def main(argv: list[str] | None = None) -> int:
             return run_demo(args.workdir, args.size_mib, wait=not args.no_wait)
         if args.command == "verify":
             return _verify(args.images)
+        if args.command in ("status", "warm", "evict", "metrics"):
+            return _control(args)
         from . import config as config_mod
 
         files = args.config_files or [DEFAULT_CONFIG]
@@ -188,6 +216,83 @@ def _mount(config: Config, mountpoint: str) -> int:
         log.exception("imgfs stopped on an unexpected error")
         return EXIT_FAILURE
     return EXIT_OK
+
+
+def _ask(path: str, request: dict):
+    """Send one request to a mount's control socket; yield its answer lines."""
+    import json
+    import socket
+
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        try:
+            sock.connect(path)
+        except FileNotFoundError:
+            raise ImgfsError(f"no control socket at {path}: is imgfs mounted there? (see --mount / --socket)") from None
+        except PermissionError:
+            raise ImgfsError(f"permission denied on {path}: the control socket is root-only") from None
+        except ConnectionRefusedError:
+            raise ImgfsError(f"{path}: nobody listens (a stale socket of a stopped daemon?)") from None
+        sock.sendall(json.dumps(request).encode() + b"\n")
+        for line in sock.makefile("rb"):
+            answer = json.loads(line)
+            if "error" in answer:
+                raise ImgfsError(answer["error"])
+            yield answer
+
+
+def _control(args) -> int:
+    import json
+
+    from .daemon import control_socket_path
+
+    path = args.socket or control_socket_path("", args.mount)
+    if args.command == "status":
+        (answer,) = list(_ask(path, {"cmd": "status"}))
+        print(json.dumps(answer, indent=2) if args.json else _status_table(answer))
+    elif args.command == "metrics":
+        (answer,) = list(_ask(path, {"cmd": "metrics"}))
+        print(answer["text"], end="")
+    elif args.command == "evict":
+        if not args.images and not args.all:
+            log.error("name the images to evict, or --all")
+            return EXIT_CONFIG
+        for image in [None] if args.all else args.images:
+            (answer,) = list(_ask(path, {"cmd": "evict", "image": image}))
+            print(f"evicted {answer['evicted_chunks']} chunks of {image or 'all images'}")
+    else:
+        for image in args.images:
+            for answer in _ask(path, {"cmd": "warm", "image": image}):
+                if args.json:
+                    print(json.dumps(answer), flush=True)
+                elif "done" in answer:
+                    print(f"\r{image}: warmed {answer['bytes'] / 2**20:.0f} MiB from {answer['store']} in {answer['seconds']:.1f}s" + " " * 20)
+                else:
+                    left = (answer["total"] - answer["bytes"]) / answer["rate"] if answer.get("rate") else 0
+                    bar = "#" * int(30 * answer["bytes"] / max(answer["total"], 1))
+                    print(f"\r{image}: [{bar:<30}] {answer['bytes'] / 2**20:7.0f}/{answer['total'] / 2**20:.0f} MiB "
+                          f"{(answer.get('rate') or 0) / 1e6:6.0f} MB/s ETA {left:4.0f}s", end="", flush=True)
+    return EXIT_OK
+
+
+def _status_table(s: dict) -> str:
+    c = s["cache"]
+    lines = [f"mount   {s['mount']}  ({s['images']} images)"]
+    for st in s["stores"]:
+        state = "ok" if st["reachable"] else ("DOWN: " + st["error"] if st["reachable"] is False else "listing")
+        lines.append(f"store   {st['name']:<14} {st['type']:<7} {st['images']:>6} images  {state}")
+    hit = "n/a" if c["hit_rate"] is None else f"{c['hit_rate'] * 100:.1f}%"
+    lines.append(f"cache   {c['bytes'] / 2**30:.2f} of {c['limit_bytes'] / 2**30:.2f} GiB, {c['chunks']} of {c['limit_chunks']} "
+                 f"chunks, hit rate {hit}, {c['evictions']} evictions, {c['corrupt']} corrupt, {c['fill_failures']} failed fills"
+                 + ("" if c["disk_ok"] else "  (DISK CACHE OFF)"))
+    lines.append(f"fetch   {s['fetches']} requests, {s['fetched_bytes'] / 2**20:.0f} MiB, {s['inflight_fetches']} in flight, "
+                 f"errors: {', '.join(f'{k} {v}' for k, v in s['errors'].items()) or 'none'}")
+    for a in s["attachments"]:
+        idle = "in use" if a["idle_for"] is None else f"idle {a['idle_for']:.0f}s"
+        lines.append(f"attach  {a['volume_id']} (store {a['store']}) refcount {a['refcount']} {idle}"
+                     + ("" if a["attached"] else " (not attached)"))
+    for i in s["cached_images"]:
+        lines.append(f"image   {i['image']} {i['name'] or ''} {i['size'] / 2**20:.0f} MiB from {i['store']}: {i['cached_fraction'] * 100:.0f}% cached")
+    return "\n".join(lines)
 
 
 def _expected_digest(path: str) -> tuple[str, str] | None:

@@ -131,6 +131,8 @@ class ImgfsOptions:
     detach_deadline: float = 60.0
     cinder_api_timeout: float = 30.0
     catalog: str = "stores"  # stores: what the stores hold; glance: what Glance says (names, metadata)
+    control_socket: str = ""  # empty: /run/imgfs/<mountpoint with / as ->.sock
+    metrics_port: int = 0  # 0: metrics only through the control socket; else also on 127.0.0.1:<port>
 
     @property
     def chunk_size(self) -> int:
@@ -313,6 +315,8 @@ def _imgfs_options(merged: _Merged) -> ImgfsOptions:
         detach_deadline=sec.number("detach_deadline", d.detach_deadline, minimum=1),
         cinder_api_timeout=sec.number("cinder_api_timeout", d.cinder_api_timeout, minimum=1),
         catalog=sec.choice("catalog", d.catalog, ("stores", "glance")),
+        control_socket=sec.get("control_socket", d.control_socket, _parse_abs_path, "an absolute path"),
+        metrics_port=sec.integer("metrics_port", d.metrics_port, minimum=0, maximum=65535),
     )
     if opts.cache_max_size_gb * 1024 < opts.chunk_size_mb:
         raise sec._bad("cache_max_size_gb", str(opts.cache_max_size_gb), "smaller than one chunk (chunk_size_mb)")

@@ -54,6 +54,11 @@ class Daemon:
     attachments: dict[str, Attachments]
 
 
+def control_socket_path(config_path: str, mountpoint: str) -> str:
+    """Where the control socket of the mount at ``mountpoint`` listens: one per mount."""
+    return config_path or "/run/imgfs/" + (os.path.abspath(mountpoint).strip("/").replace("/", "-") or "root") + ".sock"
+
+
 def check_mountpoint(path: str) -> str:
     path = os.path.abspath(path)
     try:
@@ -230,6 +235,20 @@ async def serve(
             watchdog = _watchdog_interval()
             if watchdog:
                 nursery.start_soon(_watchdog, mountpoint, watchdog)
+            from . import control
+
+            socket_path = control_socket_path(config.options.control_socket, mountpoint)
+            try:
+                await nursery.start(control.serve_socket, daemon, socket_path)
+            except OSError as e:
+                log.error("cannot listen on the control socket %s (%s); imgfs status/warm/evict will not reach this mount",
+                          socket_path, os.strerror(e.errno or errno.EIO))
+            if config.options.metrics_port:
+                try:
+                    await nursery.start(control.serve_metrics, daemon, config.options.metrics_port)
+                except OSError as e:
+                    log.error("cannot serve metrics on 127.0.0.1:%d (%s); change [imgfs] metrics_port",
+                              config.options.metrics_port, os.strerror(e.errno or errno.EIO))
             task_status.started(daemon)
     finally:
         if mounted:

@@ -72,6 +72,7 @@ class Operations(pyfuse3.Operations):
         self._handles: dict[int, ImageReader] = {}
         self._dirs: dict[int, list[tuple[bytes, int]]] = {}
         self._next_fh = 1
+        self.bytes_served = 0
         self.invalidate = _invalidate_kernel_cache
         catalog.listeners.append(self._on_change)
 
@@ -267,9 +268,11 @@ class Operations(pyfuse3.Operations):
         if reader is None:
             raise pyfuse3.FUSEError(errno.EBADF)
         try:
-            return await reader.read(off, size)
+            data = await reader.read(off, size)
         except ImgfsError as e:
             raise pyfuse3.FUSEError(e.errno) from None
+        self.bytes_served += len(data)
+        return data
 
     def quarantine(self, locations) -> None:
         """Forget every cached chunk of copies that failed verification (in the daemon's nursery)."""

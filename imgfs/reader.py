@@ -13,6 +13,7 @@
 
 from __future__ import annotations
 
+import bisect
 import hashlib
 import logging
 from dataclasses import dataclass, field
@@ -48,12 +49,33 @@ class Holder(Protocol):
 _KIND_COST = {"file": 0, "memory": 0, "cinder": 1, "s3": 2}
 
 
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+
+
 @dataclass
 class FetchStats:
     fetches: int = 0
     fetched_bytes: int = 0
     prefetches: int = 0
     errors: dict[str, int] = field(default_factory=dict)
+    bytes_by_store: dict[str, int] = field(default_factory=dict)
+    latency_counts: list[int] = field(default_factory=lambda: [0] * (len(LATENCY_BUCKETS) + 1))
+    latency_sum: float = 0.0
+
+    def observe(self, store: str, nbytes: int, seconds: float) -> None:
+        self.fetches += 1
+        self.fetched_bytes += nbytes
+        self.bytes_by_store[store] = self.bytes_by_store.get(store, 0) + nbytes
+        self.latency_counts[bisect.bisect_left(LATENCY_BUCKETS, seconds)] += 1
+        self.latency_sum += seconds
+
+    def latency_buckets(self) -> list[tuple[str, int]]:
+        """Cumulative (le, count) pairs, Prometheus style."""
+        total, result = 0, []
+        for le, count in zip([*map(str, LATENCY_BUCKETS), "+Inf"], self.latency_counts):
+            total += count
+            result.append((le, total))
+        return result
 
 
 class _Flight:
@@ -203,6 +225,15 @@ class ChunkFetcher:
                 del self._inflight[key]
                 flight.done.set()
 
+    async def warm(self, loc: Location, first: int, last: int) -> None:
+        """Make chunks [first, last) cached, through the prefetch slots (a warm never starves demand
+        reads) and single flight (a chunk being fetched anyway is not fetched twice)."""
+        self.prefetch(loc, first, last)
+        for index in range(first, last):
+            flight = self._inflight.get(self.key(loc, index))
+            if flight is not None:
+                await self.wait(flight)
+
     def _count_error(self, e: ImgfsError, loc: Location, *, prefetch: bool) -> None:
         self.stats.errors[type(e).__name__] = self.stats.errors.get(type(e).__name__, 0) + 1
         if isinstance(e, StaleImage):
@@ -272,8 +303,7 @@ class ChunkFetcher:
                   loc.store, (trio.current_time() - started) * 1e3)
         if len(data) != length:  # backends promise this; bytes are too important to trust a promise
             raise ShortRead(f"store '{loc.store}': image {loc.image_id} at {offset}: got {len(data)} bytes, expected {length}")
-        self.stats.fetches += 1
-        self.stats.fetched_bytes += length
+        self.stats.observe(loc.store, length, trio.current_time() - started)
         return data
 
 

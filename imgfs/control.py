@@ -1,0 +1,222 @@
+"""The control channel: a root-only unix socket the CLI talks to (``imgfs status``, ``warm``, ``evict``,
+``metrics``), and optionally Prometheus metrics on a 127.0.0.1 port. Nothing listens on the network
+unless ``metrics_port`` is set, and then only on loopback.
+
+Protocol: one JSON request line per connection; one JSON answer line, or for ``warm`` one progress
+line per chunk and a final ``{"done": ...}`` line. Closing the connection cancels a warm.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from typing import TYPE_CHECKING, Any
+
+import trio
+
+from .errors import ImgfsError
+
+if TYPE_CHECKING:
+    from .daemon import Daemon
+
+log = logging.getLogger(__name__)
+MAX_REQUEST = 64 * 1024
+
+
+def status(d: Daemon) -> dict[str, Any]:
+    """Everything `imgfs status` shows; never a secret (stores are described by backend.describe())."""
+    cache, fetcher = d.cache, d.fetcher
+    lookups = cache.stats.hits + cache.stats.memory_hits + cache.stats.misses
+    images = []
+    for image_id in d.catalog.image_ids():
+        image = d.catalog.image(image_id)
+        if image is None:
+            continue
+        fraction = fetcher.cached_fraction(image.primary)
+        if fraction > 0:
+            images.append({"image": image_id, "name": image.name, "size": image.size, "store": image.primary.store,
+                           "cached_fraction": round(fraction, 4)})
+    return {
+        "mount": d.mountpoint,
+        "stores": [
+            {"name": b.name, **b.describe(), "reachable": d.catalog.stores[b.name].reachable,
+             "images": d.catalog.stores[b.name].images, "error": d.catalog.stores[b.name].error}
+            for b in d.backends.values()
+        ],
+        "images": len(d.catalog.image_ids()),
+        "cache": {
+            "dir": cache.root, "disk_ok": cache.disk_ok, "bytes": cache.used_bytes, "limit_bytes": cache.max_bytes,
+            "chunks": cache.count, "limit_chunks": cache.max_count, "hits": cache.stats.hits,
+            "memory_hits": cache.stats.memory_hits, "misses": cache.stats.misses,
+            "hit_rate": round((cache.stats.hits + cache.stats.memory_hits) / lookups, 4) if lookups else None,
+            "evictions": cache.stats.evictions, "corrupt": cache.stats.corrupt, "fill_failures": cache.stats.fill_failures,
+        },
+        "fetched_bytes": fetcher.stats.fetched_bytes,
+        "fetches": fetcher.stats.fetches,
+        "inflight_fetches": fetcher.inflight,
+        "errors": dict(fetcher.stats.errors),
+        "attachments": [a for att in d.attachments.values() for a in att.status()],
+        "cached_images": images,
+    }
+
+
+def metrics(d: Daemon) -> bytes:
+    """The Prometheus text format, built at scrape time from the daemon's own counters."""
+    from prometheus_client import CollectorRegistry, generate_latest
+    from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
+
+    s = status(d)
+
+    class Collector:
+        def collect(self):
+            c = s["cache"]
+            for name, value, doc in (("cache_hits", c["hits"] + c["memory_hits"], "chunk reads served by the cache"),
+                                     ("cache_misses", c["misses"], "chunk reads the cache could not serve"),
+                                     ("cache_evictions", c["evictions"], "chunks evicted (LRU)"),
+                                     ("cache_corrupt_chunks", c["corrupt"], "chunks that failed verification"),
+                                     ("fetches", s["fetches"], "store requests"),
+                                     ("bytes_served", d.ops.bytes_served, "bytes returned to readers")):
+                yield CounterMetricFamily(f"imgfs_{name}", doc, value=value)
+            fetched = CounterMetricFamily("imgfs_fetched_bytes", "bytes fetched from stores", labels=["store"])
+            for store, value in d.fetcher.stats.bytes_by_store.items():
+                fetched.add_metric([store], value)
+            yield fetched
+            errors = CounterMetricFamily("imgfs_errors", "read errors by kind", labels=["kind"])
+            for kind, value in s["errors"].items():
+                errors.add_metric([kind], value)
+            yield errors
+            yield GaugeMetricFamily("imgfs_cache_bytes", "bytes in the chunk cache", value=c["bytes"])
+            yield GaugeMetricFamily("imgfs_cache_chunks", "chunks in the chunk cache", value=c["chunks"])
+            yield GaugeMetricFamily("imgfs_inflight_fetches", "fetches in flight", value=s["inflight_fetches"])
+            yield GaugeMetricFamily("imgfs_attachments", "Cinder volumes attached by this host",
+                                    value=sum(1 for a in s["attachments"] if a["attached"]))
+            up = GaugeMetricFamily("imgfs_store_reachable", "1 if the store's last listing worked", labels=["store"])
+            for store in s["stores"]:
+                up.add_metric([store["name"]], 1 if store["reachable"] else 0)
+            yield up
+            stats = d.fetcher.stats
+            yield HistogramMetricFamily("imgfs_fetch_seconds", "store request latency",
+                                        buckets=stats.latency_buckets(), sum_value=stats.latency_sum)
+
+    registry = CollectorRegistry()
+    registry.register(Collector())
+    return generate_latest(registry)
+
+
+async def warm(d: Daemon, image_id: str, send) -> dict[str, Any]:
+    """Fetch every chunk of an image into the cache, in order, through the normal read path (so
+    single-flight and the prefetch slots apply: demand reads are never starved)."""
+    image = d.catalog.image(image_id) or await d.catalog.lookup(image_id)
+    if image is None:
+        raise ImgfsError(f"no such image: {image_id}")
+    loc = d.fetcher.order(image.locations)[0]
+    fetcher = d.fetcher
+    chunks = -(-loc.size // fetcher.chunk_size)
+    step = max(1, 32 * 1024 * 1024 // fetcher.chunk_size)  # one ranged request per step
+    start, done = time.monotonic(), 0
+    fetcher.hold(loc)
+    try:
+        for first in range(0, chunks, step):
+            last = min(first + step, chunks)
+            await fetcher.warm(loc, first, last)
+            done = min(loc.size, last * fetcher.chunk_size)
+            elapsed = time.monotonic() - start
+            await send({"image": image_id, "bytes": done, "total": loc.size, "rate": done / elapsed if elapsed else None})
+    finally:
+        fetcher.release(loc)
+    return {"done": image_id, "bytes": done, "seconds": round(time.monotonic() - start, 3), "store": loc.store}
+
+
+async def evict(d: Daemon, image_id: str | None) -> dict[str, Any]:
+    ids = d.catalog.image_ids() if image_id is None else [image_id]
+    dropped = 0
+    for i in ids:
+        image = d.catalog.image(i)
+        for loc in image.locations if image else ():
+            dropped += await d.cache.drop(loc.store, i)
+    return {"evicted_chunks": dropped, "images": len(ids)}
+
+
+async def _handle(d: Daemon, stream: trio.SocketStream) -> None:
+    async with stream:
+        buf = b""
+        while b"\n" not in buf and len(buf) < MAX_REQUEST:
+            data = await stream.receive_some(4096)
+            if not data:
+                return
+            buf += data
+
+        async def send(obj: dict[str, Any]) -> None:
+            await stream.send_all(json.dumps(obj).encode() + b"\n")
+
+        try:
+            request = json.loads(buf.split(b"\n", 1)[0])
+            cmd = request.get("cmd")
+            if cmd == "status":
+                await send(status(d))
+            elif cmd == "metrics":
+                await send({"text": metrics(d).decode()})
+            elif cmd == "warm":
+                await send(await warm(d, str(request["image"]), send))
+            elif cmd == "evict":
+                await send(await evict(d, request.get("image")))
+            else:
+                await send({"error": f"unknown command {cmd!r}"})
+        except (ValueError, KeyError, TypeError) as e:
+            await send({"error": f"bad request: {type(e).__name__}"})
+        except ImgfsError as e:
+            await send({"error": str(e)})
+        except trio.BrokenResourceError:
+            pass  # the client went away (e.g. Ctrl-C during warm): stop quietly
+
+
+async def serve_socket(d: Daemon, path: str, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+    os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
+    try:
+        os.unlink(path)  # left by a crashed daemon
+    except FileNotFoundError:
+        pass
+    sock = trio.socket.socket(trio.socket.AF_UNIX, trio.socket.SOCK_STREAM)
+    old = os.umask(0o177)  # root-only from the first instant, not after a chmod race
+    try:
+        await sock.bind(path)
+    finally:
+        os.umask(old)
+    sock.listen(16)
+    listener = trio.SocketListener(sock)
+    task_status.started()
+    try:
+        await trio.serve_listeners(lambda stream: _handle(d, stream), [listener])
+    finally:
+        with trio.CancelScope(shield=True):
+            try:
+                os.unlink(path)
+            except OSError:
+                pass
+
+
+async def serve_metrics(d: Daemon, port: int, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+    """A minimal HTTP endpoint on 127.0.0.1: GET anything -> the Prometheus text format."""
+
+    async def handle(stream: trio.SocketStream) -> None:
+        async with stream:
+            with trio.move_on_after(10):
+                request = b""
+                while b"\r\n\r\n" not in request and len(request) < MAX_REQUEST:
+                    data = await stream.receive_some(4096)
+                    if not data:
+                        return
+                    request += data
+                body = metrics(d)
+                head = (f"HTTP/1.0 200 OK\r\nContent-Type: text/plain; version=0.0.4\r\nContent-Length: {len(body)}\r\n"
+                        "Connection: close\r\n\r\n").encode()
+                try:
+                    await stream.send_all(head + body)
+                except trio.BrokenResourceError:
+                    pass
+
+    listeners = await trio.open_tcp_listeners(port, host="127.0.0.1")
+    task_status.started()
+    await trio.serve_listeners(handle, listeners)

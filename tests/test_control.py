@@ -1,0 +1,84 @@
+"""The control channel on a real mount: imgfs status / warm / evict / metrics over the root-only
+socket, and a Prometheus scrape of the 127.0.0.1 metrics port."""
+
+from __future__ import annotations
+
+import json
+import os
+import stat
+import subprocess
+import sys
+import urllib.request
+
+import pytest
+
+from .conftest import free_port, sha256, sha256_file, wait_for
+
+pytestmark = pytest.mark.mount
+MiB = 1 << 20
+
+
+@pytest.fixture
+def served(tmp_path, mounter):
+    files = tmp_path / "files"
+    files.mkdir()
+    data = os.urandom(5 * MiB + 3)
+    (files / "img").write_bytes(data)
+    sock, port = tmp_path / "run" / "ctl.sock", free_port()
+    conf = tmp_path / "imgfs.conf"
+    conf.write_text(f"[DEFAULT]\nenabled_backends = f:file\n[f]\nfilesystem_store_datadir = {files}\n[imgfs]\n"
+                    f"cache_dir = {tmp_path / 'cache'}\nchunk_size_mb = 1\ncontrol_socket = {sock}\nmetrics_port = {port}\n")
+    m = mounter(conf)
+    wait_for(sock.exists, 10, "the control socket")
+    return m, sock, port, data
+
+
+def imgfs(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "imgfs", *args], capture_output=True, text=True, timeout=120)
+
+
+def test_socket_is_root_only(served):
+    _, sock, _, _ = served
+    mode = os.stat(sock).st_mode
+    assert stat.S_ISSOCK(mode) and stat.S_IMODE(mode) == 0o600
+
+
+def test_status_warm_evict(served):
+    m, sock, _, data = served
+    status = json.loads(imgfs("status", "--json", "--socket", str(sock)).stdout)
+    assert status["mount"] == str(m.path) and status["images"] == 1
+    assert status["stores"][0]["reachable"] is True and status["cache"]["chunks"] == 0
+
+    warm = imgfs("warm", "img", "--socket", str(sock))
+    assert warm.returncode == 0 and "warmed 5 MiB from f" in warm.stdout, warm
+    status = json.loads(imgfs("status", "--json", "--socket", str(sock)).stdout)
+    assert status["cache"]["chunks"] == 6 and status["cached_images"][0]["cached_fraction"] == 1.0
+    before = status["fetched_bytes"]
+    assert sha256_file(m.images / "img") == sha256(data)
+    assert json.loads(imgfs("status", "--json", "--socket", str(sock)).stdout)["fetched_bytes"] == before  # all cached
+
+    table = imgfs("status", "--socket", str(sock)).stdout
+    assert "cache   " in table and "100% cached" in table
+
+    evicted = imgfs("evict", "img", "--socket", str(sock))
+    assert evicted.returncode == 0 and "evicted 6 chunks" in evicted.stdout
+    assert json.loads(imgfs("status", "--json", "--socket", str(sock)).stdout)["cache"]["chunks"] == 0
+
+
+def test_metrics_scrape_and_socket(served):
+    m, sock, port, data = served
+    sha256_file(m.images / "img")
+    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
+    for metric in ("imgfs_bytes_served_total", 'imgfs_fetched_bytes_total{store="f"}', "imgfs_cache_hits_total",
+                   "imgfs_cache_misses_total", "imgfs_cache_evictions_total", "imgfs_fetch_seconds_bucket",
+                   "imgfs_attachments", 'imgfs_store_reachable{store="f"} 1.0'):
+        assert metric in text, metric
+    served_line = next(line for line in text.splitlines() if line.startswith("imgfs_bytes_served_total"))
+    assert float(served_line.split()[1]) >= len(data)
+    assert "imgfs_cache_bytes" in imgfs("metrics", "--socket", str(sock)).stdout
+
+
+def test_no_socket_is_one_clear_line(tmp_path):
+    result = imgfs("status", "--socket", str(tmp_path / "nothing.sock"))
+    assert result.returncode == 1 and "no control socket" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
