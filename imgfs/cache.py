@@ -101,6 +101,8 @@ class ChunkCache:
         self._by_image: dict[str, set[str]] = {}
         self._bytes = 0
         self._heads: OrderedDict[str, bytes] = OrderedDict()  # rel -> verified header + digest table
+        self._pinned: dict[str, tuple[str, str]] = {}  # image tag -> (store, image id): never evicted
+        self.pins_path = os.path.join(root, "pinned.json")
         self._memory: OrderedDict[ChunkKey, memoryview] = OrderedDict()
         self._memory_used = 0
         self._limiter = trio.CapacityLimiter(io_threads)
@@ -123,6 +125,7 @@ class ChunkCache:
             return
         for rel, size, _mtime in sorted(found, key=lambda f: f[2]):
             self._add(rel, size, ready=True)
+        self._pinned = await trio.to_thread.run_sync(self._load_pins)
         self.disk_ok = True
         victims = self._make_room(0)
         await self._unlink(victims)
@@ -130,6 +133,38 @@ class ChunkCache:
             "cache %s: %d chunks, %.1f MiB of %.1f MiB (limit %d chunks)",
             self.root, len(self._entries), self._bytes / 2**20, self.max_bytes / 2**20, self.max_count,
         )
+
+    def _load_pins(self) -> dict[str, tuple[str, str]]:
+        try:
+            with open(self.pins_path) as f:
+                pins = json.load(f)
+            return {_image_tag(store, image_id): (store, image_id) for store, image_id in pins}
+        except FileNotFoundError:
+            return {}
+        except (OSError, ValueError, TypeError):
+            log.warning("cache: %s is unreadable; starting with no pinned images", self.pins_path)
+            return {}
+
+    async def pin(self, store: str, image_id: str, pinned: bool = True) -> None:
+        """Keep (or stop keeping) an image's chunks from eviction; remembered across restarts."""
+        tag = _image_tag(store, image_id)
+        if pinned:
+            self._pinned[tag] = (store, image_id)
+        else:
+            self._pinned.pop(tag, None)
+        pins = sorted(self._pinned.values())
+
+        def save() -> None:
+            tmp = self.pins_path + ".tmp"
+            with open(tmp, "w") as f:
+                json.dump(pins, f)
+            os.rename(tmp, self.pins_path)
+
+        await trio.to_thread.run_sync(save)
+
+    @property
+    def pinned(self) -> list[tuple[str, str]]:
+        return sorted(self._pinned.values())
 
     def _scan(self) -> list[tuple[str, int, float]]:
         os.makedirs(self.chunks_dir, exist_ok=True)
@@ -192,7 +227,7 @@ class ChunkCache:
         for rel, entry in self._entries.items():
             if over_bytes <= 0 and over_count <= 0:
                 break
-            if entry.ready:
+            if entry.ready and rel.partition("/")[0] not in self._pinned:
                 victims.append(rel)
                 over_bytes -= entry.size
                 over_count -= 1
@@ -301,6 +336,13 @@ class ChunkCache:
         if size > self.max_bytes:
             return
         victims = self._make_room(size)
+        if self._bytes + size > self.max_bytes or len(self._entries) + 1 > self.max_count:
+            await self._unlink(victims)
+            self.stats.fill_failures += 1
+            if self._warn.allow("pinned"):
+                log.warning("cache: full of pinned images (%d MiB); serving from the store without caching -- "
+                            "unpin images or raise cache_max_size_gb", self._bytes >> 20)
+            return
         self._add(rel, size, ready=False)
         entry = self._entries[rel]
         await self._unlink(victims)

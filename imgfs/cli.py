@@ -149,6 +149,12 @@ def _parser() -> argparse.ArgumentParser:
     control_args(warm)
     warm.add_argument("images", nargs="+", metavar="IMAGE", help="image id")
     warm.add_argument("--json", action="store_true", help="progress as JSON lines")
+    warm.add_argument("--pin", action="store_true", help="keep the images from eviction until 'imgfs unpin'")
+    warm.add_argument("--rate-mb", type=float, default=0, metavar="MB/S", help="limit the warm to this many MB/s")
+    unpin = sub.add_parser("unpin", help="let pinned images be evicted again", description="Undo 'imgfs warm --pin'.")
+    control_args(unpin)
+    unpin.add_argument("images", nargs="*", metavar="IMAGE")
+    unpin.add_argument("--all", action="store_true", help="unpin every image")
     evict = sub.add_parser("evict", help="drop images from the cache", description="Drop every cached chunk of "
                            "the given images (or of all images with --all).")
     control_args(evict)
@@ -179,7 +185,7 @@ def main(argv: list[str] | None = None) -> int:
             return run_demo(args.workdir, args.size_mib, wait=not args.no_wait)
         if args.command == "verify":
             return _verify(args.images)
-        if args.command in ("status", "warm", "evict", "metrics"):
+        if args.command in ("status", "warm", "evict", "unpin", "metrics"):
             return _control(args)
         from . import config as config_mod
 
@@ -252,20 +258,25 @@ def _control(args) -> int:
     elif args.command == "metrics":
         (answer,) = list(_ask(path, {"cmd": "metrics"}))
         print(answer["text"], end="")
-    elif args.command == "evict":
+    elif args.command in ("evict", "unpin"):
         if not args.images and not args.all:
-            log.error("name the images to evict, or --all")
+            log.error("name the images to %s, or --all", args.command)
             return EXIT_CONFIG
         for image in [None] if args.all else args.images:
-            (answer,) = list(_ask(path, {"cmd": "evict", "image": image}))
-            print(f"evicted {answer['evicted_chunks']} chunks of {image or 'all images'}")
+            (answer,) = list(_ask(path, {"cmd": args.command, "image": image}))
+            if args.command == "evict":
+                print(f"evicted {answer['evicted_chunks']} chunks of {image or 'all images'}")
+            else:
+                print(f"unpinned {answer['unpinned']} image(s)")
     else:
         for image in args.images:
-            for answer in _ask(path, {"cmd": "warm", "image": image}):
+            request = {"cmd": "warm", "image": image, "pin": args.pin, "rate": args.rate_mb * 1e6}
+            for answer in _ask(path, request):
                 if args.json:
                     print(json.dumps(answer), flush=True)
                 elif "done" in answer:
-                    print(f"\r{image}: warmed {answer['bytes'] / 2**20:.0f} MiB from {answer['store']} in {answer['seconds']:.1f}s" + " " * 20)
+                    pinned = " (pinned)" if answer.get("pinned") else ""
+                    print(f"\r{image}: warmed {answer['bytes'] / 2**20:.0f} MiB from {answer['store']} in {answer['seconds']:.1f}s{pinned}" + " " * 20)
                 else:
                     left = (answer["total"] - answer["bytes"]) / answer["rate"] if answer.get("rate") else 0
                     bar = "#" * int(30 * answer["bytes"] / max(answer["total"], 1))
@@ -291,7 +302,9 @@ def _status_table(s: dict) -> str:
         lines.append(f"attach  {a['volume_id']} (store {a['store']}) refcount {a['refcount']} {idle}"
                      + ("" if a["attached"] else " (not attached)"))
     for i in s["cached_images"]:
-        lines.append(f"image   {i['image']} {i['name'] or ''} {i['size'] / 2**20:.0f} MiB from {i['store']}: {i['cached_fraction'] * 100:.0f}% cached")
+        pinned = ", pinned" if i["image"] in s["pinned"] else ""
+        lines.append(f"image   {i['image']} {i['name'] or ''} {i['size'] / 2**20:.0f} MiB from {i['store']}: "
+                     f"{i['cached_fraction'] * 100:.0f}% cached{pinned}")
     return "\n".join(lines)
 
 

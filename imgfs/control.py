@@ -8,6 +8,7 @@ line per chunk and a final ``{"done": ...}`` line. Closing the connection cancel
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
@@ -16,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 import trio
 
+from . import errors as error_classes
 from .errors import ImgfsError
 
 if TYPE_CHECKING:
@@ -58,6 +60,7 @@ def status(d: Daemon) -> dict[str, Any]:
         "inflight_fetches": fetcher.inflight,
         "errors": dict(fetcher.stats.errors),
         "attachments": [a for att in d.attachments.values() for a in att.status()],
+        "pinned": [image for _, image in cache.pinned],
         "cached_images": images,
     }
 
@@ -83,9 +86,11 @@ def metrics(d: Daemon) -> bytes:
             for store, value in d.fetcher.stats.bytes_by_store.items():
                 fetched.add_metric([store], value)
             yield fetched
-            errors = CounterMetricFamily("imgfs_errors", "read errors by kind", labels=["kind"])
+            errors = CounterMetricFamily("imgfs_errors", "read errors by kind and the errno readers got",
+                                         labels=["kind", "errno"])
             for kind, value in s["errors"].items():
-                errors.add_metric([kind], value)
+                cls = getattr(error_classes, kind, ImgfsError)
+                errors.add_metric([kind, errno.errorcode.get(cls.errno, str(cls.errno))], value)
             yield errors
             yield GaugeMetricFamily("imgfs_cache_bytes", "bytes in the chunk cache", value=c["bytes"])
             yield GaugeMetricFamily("imgfs_cache_chunks", "chunks in the chunk cache", value=c["chunks"])
@@ -105,7 +110,7 @@ def metrics(d: Daemon) -> bytes:
     return generate_latest(registry)
 
 
-async def warm(d: Daemon, image_id: str, send) -> dict[str, Any]:
+async def warm(d: Daemon, image_id: str, send, *, pin: bool = False, rate: float = 0.0) -> dict[str, Any]:
     """Fetch every chunk of an image into the cache, in order, through the normal read path (so
     single-flight and the prefetch slots apply: demand reads are never starved)."""
     image = d.catalog.image(image_id) or await d.catalog.lookup(image_id)
@@ -122,11 +127,22 @@ async def warm(d: Daemon, image_id: str, send) -> dict[str, Any]:
             last = min(first + step, chunks)
             await fetcher.warm(loc, first, last)
             done = min(loc.size, last * fetcher.chunk_size)
+            if rate:  # pace to the asked average, so a warm can share a thin link politely
+                await trio.sleep_until(trio.current_time() + max(0.0, done / rate - (time.monotonic() - start)))
             elapsed = time.monotonic() - start
             await send({"image": image_id, "bytes": done, "total": loc.size, "rate": done / elapsed if elapsed else None})
     finally:
         fetcher.release(loc)
-    return {"done": image_id, "bytes": done, "seconds": round(time.monotonic() - start, 3), "store": loc.store}
+    if pin:
+        await d.cache.pin(loc.store, image_id)
+    return {"done": image_id, "pinned": pin, "bytes": done, "seconds": round(time.monotonic() - start, 3), "store": loc.store}
+
+
+async def unpin(d: Daemon, image_id: str | None) -> dict[str, Any]:
+    pins = [p for p in d.cache.pinned if image_id is None or p[1] == image_id]
+    for store, image in pins:
+        await d.cache.pin(store, image, pinned=False)
+    return {"unpinned": len(pins)}
 
 
 async def evict(d: Daemon, image_id: str | None) -> dict[str, Any]:
@@ -159,7 +175,10 @@ async def _handle(d: Daemon, stream: trio.SocketStream) -> None:
             elif cmd == "metrics":
                 await send({"text": metrics(d).decode()})
             elif cmd == "warm":
-                await send(await warm(d, str(request["image"]), send))
+                await send(await warm(d, str(request["image"]), send, pin=bool(request.get("pin")),
+                                      rate=float(request.get("rate") or 0)))
+            elif cmd == "unpin":
+                await send(await unpin(d, request.get("image")))
             elif cmd == "evict":
                 await send(await evict(d, request.get("image")))
             else:

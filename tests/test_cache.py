@@ -199,3 +199,37 @@ async def test_full_disk_logs_and_keeps_going(tiny_fs, caplog):
     for i in range(8):
         got = await cache.get(key(i), CS)
         assert got is None or bytes(got) == data(i)
+
+
+async def test_pinned_images_survive_eviction_and_restarts(tmp_path):
+    entry = CS + 216
+    cache = make(tmp_path, max_bytes=4 * entry)
+    await cache.open()
+    for i in range(2):
+        await cache.put(key(i, image="gold"), data(i))
+    await cache.pin("s", "gold")
+    for i in range(6):  # pressure: more than the limit in other images
+        await cache.put(key(i, image="other"), data(i))
+    assert cache.contains(key(0, image="gold")) and cache.contains(key(1, image="gold"))
+    again = make(tmp_path, max_bytes=4 * entry)  # a restart remembers the pin
+    await again.open()
+    assert again.pinned == [("s", "gold")]
+    for i in range(6, 10):
+        await again.put(key(i, image="other"), data(i))
+    assert again.contains(key(0, image="gold"))
+    await again.pin("s", "gold", pinned=False)
+    for i in range(10, 14):
+        await again.put(key(i, image="other"), data(i))
+    assert not again.contains(key(0, image="gold"))
+
+
+async def test_a_cache_full_of_pins_refuses_fills_not_reads(tmp_path, caplog):
+    entry = CS + 216
+    cache = make(tmp_path, max_bytes=2 * entry)
+    await cache.open()
+    for i in range(2):
+        await cache.put(key(i, image="gold"), data(i))
+    await cache.pin("s", "gold")
+    await cache.put(key(0, image="new"), data(0))  # no room, nothing evictable: skipped, logged
+    assert not cache.contains(key(0, image="new")) and cache.count == 2
+    assert "full of pinned images" in caplog.text

@@ -78,7 +78,32 @@ def test_metrics_scrape_and_socket(served):
     assert "imgfs_cache_bytes" in imgfs("metrics", "--socket", str(sock)).stdout
 
 
+def test_errors_are_counted_by_kind_and_errno(served):
+    m, sock, port, data = served
+    files = m.config.read_text().split("filesystem_store_datadir = ")[1].split("\n")[0]
+    with open(m.images / "img", "rb") as f:
+        os.unlink(os.path.join(files, "img"))  # the store loses the image under an open file
+        with pytest.raises(OSError):
+            f.read()
+    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
+    assert 'imgfs_errors_total{errno="ESTALE",kind="StaleImage"}' in text
+
+
 def test_no_socket_is_one_clear_line(tmp_path):
     result = imgfs("status", "--socket", str(tmp_path / "nothing.sock"))
     assert result.returncode == 1 and "no control socket" in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_warm_pin_unpin_and_rate_limit(served):
+    m, sock, _, data = served
+    out = imgfs("warm", "img", "--pin", "--rate-mb", "20", "--json", "--socket", str(sock))
+    assert out.returncode == 0, out
+    lines = [json.loads(line) for line in out.stdout.splitlines()]
+    assert lines[-1]["pinned"] is True and lines[-1]["bytes"] == len(data)
+    assert all(line["rate"] <= 20e6 * 1.01 for line in lines[:-1] if line.get("rate"))  # paced, never above
+    status = json.loads(imgfs("status", "--json", "--socket", str(sock)).stdout)
+    assert status["pinned"] == ["img"]
+    assert "pinned" in imgfs("status", "--socket", str(sock)).stdout
+    assert "unpinned 1 image(s)" in imgfs("unpin", "img", "--socket", str(sock)).stdout
+    assert json.loads(imgfs("status", "--json", "--socket", str(sock)).stdout)["pinned"] == []
