@@ -107,6 +107,7 @@ class ChunkCache:
         self._memory_used = 0
         self._limiter = trio.CapacityLimiter(io_threads)
         self._warn = _RateLimit(60.0)
+        self._evicted_since_log = 0
 
     # ---- startup -------------------------------------------------------------------------------------
 
@@ -234,6 +235,11 @@ class ChunkCache:
         for rel in victims:
             self._remove(rel)
         self.stats.evictions += len(victims)
+        self._evicted_since_log += len(victims)
+        if self._evicted_since_log and self._warn.allow("evicted"):  # a summary a minute, not a line per chunk
+            log.info("cache: evicted %d least recently used chunks to stay within %.1f GiB / %d chunks",
+                     self._evicted_since_log, self.max_bytes / 2**30, self.max_count)
+            self._evicted_since_log = 0
         return victims
 
     async def _unlink(self, rels: list[str]) -> None:

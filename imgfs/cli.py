@@ -326,6 +326,21 @@ def _expected_digest(path: str) -> tuple[str, str] | None:
     return None
 
 
+def _quarantine(path: str) -> None:
+    """After a mismatch: ask the mount the file belongs to to drop the image's cached chunks."""
+    from .daemon import control_socket_path
+
+    image_id = os.path.basename(path)
+    mount = os.path.dirname(os.path.dirname(os.path.abspath(path)))
+    if os.path.basename(os.path.dirname(os.path.abspath(path))) != "images":
+        mount = os.path.dirname(os.path.dirname(mount))  # stores/<store>/<id>
+    try:
+        list(_ask(control_socket_path("", mount), {"cmd": "evict", "image": image_id}))
+        log.info("%s: dropped its cached chunks", path)
+    except ImgfsError as e:
+        log.warning("%s: could not drop its cached chunks: %s", path, e)
+
+
 def _verify(paths: list[str]) -> int:
     import hashlib
     import time
@@ -352,6 +367,8 @@ def _verify(paths: list[str]) -> int:
             failures += 1
             continue
         ok = digest.hexdigest() == value.lower()
+        if not ok:
+            _quarantine(path)
         size = os.path.getsize(path)
         (log.info if ok else log.error)("%s: %s %s %s (%.0f MB/s)", path, algo, "OK" if ok else "MISMATCH, expected " + value,
                                         "" if ok else "got " + digest.hexdigest(), size / max(time.monotonic() - start, 1e-6) / 1e6)

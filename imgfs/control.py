@@ -152,6 +152,7 @@ async def evict(d: Daemon, image_id: str | None) -> dict[str, Any]:
         image = d.catalog.image(i)
         for loc in image.locations if image else ():
             dropped += await d.cache.drop(loc.store, i)
+    log.info("evicted %d cached chunks of %s on request", dropped, image_id or f"all {len(ids)} images")
     return {"evicted_chunks": dropped, "images": len(ids)}
 
 

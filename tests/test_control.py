@@ -107,3 +107,10 @@ def test_warm_pin_unpin_and_rate_limit(served):
     assert "pinned" in imgfs("status", "--socket", str(sock)).stdout
     assert "unpinned 1 image(s)" in imgfs("unpin", "img", "--socket", str(sock)).stdout
     assert json.loads(imgfs("status", "--json", "--socket", str(sock)).stdout)["pinned"] == []
+
+
+def test_verify_without_a_known_digest_says_so(served):
+    m, _, _, _ = served
+    result = imgfs("verify", str(m.images / "img"))  # a file store: no os_hash_value, checksum or MD5 ETag
+    assert result.returncode == 1 and "knows no digest" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1

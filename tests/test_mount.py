@@ -281,3 +281,10 @@ def _closed_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def test_imgfs_verify_uses_the_etag_md5_without_glance(tmp_path, proxy, s3, store, mounter):
+    m = mounter(config_for(tmp_path, proxy, s3))
+    result = subprocess.run([sys.executable, "-m", "imgfs", "verify", str(m.images / IMAGE_B)],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0 and "md5 OK" in result.stderr, result.stderr
