@@ -156,14 +156,22 @@ async def evict(d: Daemon, image_id: str | None) -> dict[str, Any]:
     return {"evicted_chunks": dropped, "images": len(ids)}
 
 
+async def _read_request(stream: trio.SocketStream, end: bytes) -> bytes | None:
+    """Bytes up to ``end`` (bounded by MAX_REQUEST); None if the peer went away first."""
+    buf = b""
+    while end not in buf and len(buf) < MAX_REQUEST:
+        data = await stream.receive_some(4096)
+        if not data:
+            return None
+        buf += data
+    return buf
+
+
 async def _handle(d: Daemon, stream: trio.SocketStream) -> None:
     async with stream:
-        buf = b""
-        while b"\n" not in buf and len(buf) < MAX_REQUEST:
-            data = await stream.receive_some(4096)
-            if not data:
-                return
-            buf += data
+        buf = await _read_request(stream, b"\n")
+        if buf is None:
+            return
 
         async def send(obj: dict[str, Any]) -> None:
             await stream.send_all(json.dumps(obj).encode() + b"\n")
@@ -223,12 +231,8 @@ async def serve_metrics(d: Daemon, port: int, *, task_status=trio.TASK_STATUS_IG
     async def handle(stream: trio.SocketStream) -> None:
         async with stream:
             with trio.move_on_after(10):
-                request = b""
-                while b"\r\n\r\n" not in request and len(request) < MAX_REQUEST:
-                    data = await stream.receive_some(4096)
-                    if not data:
-                        return
-                    request += data
+                if await _read_request(stream, b"\r\n\r\n") is None:
+                    return
                 body = metrics(d)
                 head = (f"HTTP/1.0 200 OK\r\nContent-Type: text/plain; version=0.0.4\r\nContent-Length: {len(body)}\r\n"
                         "Connection: close\r\n\r\n").encode()
