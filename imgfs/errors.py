@@ -23,10 +23,6 @@ class ConfigError(ImgfsError):
     errno = errno.EINVAL
 
 
-class ImageNotFound(ImgfsError):
-    errno = errno.ENOENT
-
-
 class StaleImage(ImgfsError):
     """The object changed under an open file: its bytes would mix two versions."""
 
@@ -57,10 +53,6 @@ class IntegrityError(ImgfsError):
     """An image read end to end does not hash to what the catalog says: EIO, never the bytes as good."""
 
     errno = errno.EIO
-
-
-class ReadOnly(ImgfsError):
-    errno = errno.EROFS
 
 
 class Busy(ImgfsError):
