@@ -307,6 +307,9 @@ class ChunkCache:
                 self.stats.corrupt += 1
                 log.warning("cache: chunk %d of image %s failed verification; dropped it, refetching", key.index, key.image_id)
                 await self._unlink([rel])
+            elif self._warn.allow("vanished"):
+                log.warning("cache: chunk %d of image %s vanished from %s (removed behind imgfs's back?); refetching; "
+                            "use 'imgfs evict' to drop cached images", key.index, key.image_id, self.chunks_dir)
             self.stats.misses += 1
             return None
         assert isinstance(result, memoryview)
@@ -437,7 +440,10 @@ def _read_verified(path: str, key: bytes, start: int, end: int, length: int, hea
             if xxhash.xxh3_64_intdigest(view[i * BLOCK : (i + 1) * BLOCK]) != digest:
                 return _CORRUPT
         if start == 0:
-            os.utime(fd)  # marks the chunk used for the LRU order the next start rebuilds (once per pass)
+            try:  # marks the chunk used for the LRU order the next start rebuilds (once per pass)
+                os.utime(fd)
+            except OSError:  # a read-only cache dir still serves what it holds
+                pass
         data = view[start - lo : end - lo]
         return (data, head) if fresh else data
     except OSError:

@@ -297,6 +297,9 @@ def _status_table(s: dict) -> str:
                  + ("" if c["disk_ok"] else "  (DISK CACHE OFF)"))
     lines.append(f"fetch   {s['fetches']} requests, {s['fetched_bytes'] / 2**20:.0f} MiB, {s['inflight_fetches']} in flight, "
                  f"errors: {', '.join(f'{k} {v}' for k, v in s['errors'].items()) or 'none'}")
+    p = s["process"]
+    lines.append(f"process {p['rss_bytes'] / 2**20:.0f} MiB resident, {p['fds']} fds, {p['threads']} threads "
+                 f"({p['busy_threads']} busy), {p['tasks']} tasks, {p['fuse_workers']} FUSE workers")
     for a in s["attachments"]:
         idle = "in use" if a["idle_for"] is None else f"idle {a['idle_for']:.0f}s"
         lines.append(f"attach  {a['volume_id']} (store {a['store']}) refcount {a['refcount']} {idle}"

@@ -16,6 +16,7 @@ import errno
 import logging
 import os
 import stat
+import time
 from dataclasses import dataclass
 from typing import Iterator
 
@@ -73,6 +74,7 @@ class Operations(pyfuse3.Operations):
         self._dirs: dict[int, list[tuple[bytes, int]]] = {}
         self._next_fh = 1
         self.bytes_served = 0
+        self._failures_logged: dict[tuple[str, type], float] = {}
         self.invalidate = _invalidate_kernel_cache
         catalog.listeners.append(self._on_change)
 
@@ -270,9 +272,18 @@ class Operations(pyfuse3.Operations):
         try:
             data = await reader.read(off, size)
         except ImgfsError as e:
+            self._log_failure(reader.loc.image_id, e)
             raise pyfuse3.FUSEError(e.errno) from None
         self.bytes_served += len(data)
         return data
+
+    def _log_failure(self, image_id: str, e: ImgfsError) -> None:
+        """One line per image and kind of failure a minute: a dd against a dead store fails hundreds of
+        kernel requests, and the operator needs the first one, not a flood."""
+        key, now = (image_id, type(e)), time.monotonic()
+        if now - self._failures_logged.get(key, -60.0) >= 60.0:
+            self._failures_logged[key] = now
+            log.warning("read of image %s failed (%s): %s", image_id, errno.errorcode.get(e.errno, e.errno), e)
 
     def quarantine(self, locations) -> None:
         """Forget every cached chunk of copies that failed verification (in the daemon's nursery)."""

@@ -238,7 +238,8 @@ class ChunkFetcher:
         self.stats.errors[type(e).__name__] = self.stats.errors.get(type(e).__name__, 0) + 1
         if isinstance(e, StaleImage):
             self.on_stale(loc)
-        log.log(logging.DEBUG if prefetch else logging.WARNING, "%s", e)
+        # The reader that gets this error logs it (fs.py, rate limited); a prefetch error nobody reads is noise.
+        log.debug("%s fetch failed: %s", "prefetch" if prefetch else "demand", e)
 
     async def get(self, loc: Location, index: int) -> memoryview:
         got = self.start(loc, index)

@@ -374,3 +374,42 @@ def write_cinder_config(path: Path, lab: dict, *, cache_dir: Path, host: str, fi
     lines += ["[imgfs]"] + [f"{k} = {v}" for k, v in options.items()]
     path.write_text("\n".join(lines) + "\n")
     return path
+
+
+# ---- the fault matrix: tests marked @pytest.mark.cell(group, fault) are tabulated at the end -----------
+
+_CELLS: dict[tuple[str, str], list[tuple[str, str, str]]] = {}
+
+
+@pytest.fixture
+def observed(request):
+    """Lets a fault-matrix test say what it saw (errno, time to fail...) for the table."""
+    notes: list[str] = []
+    request.node.user_properties.append(("observed", notes))
+    return notes.append
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    report = (yield).get_result()
+    marker = item.get_closest_marker("cell")
+    if marker is None or (report.when != "call" and report.passed):
+        return
+    if report.when == "call" or report.failed or report.skipped:
+        notes = next((n for k, n in item.user_properties if k == "observed"), [])
+        variant = item.callspec.id if hasattr(item, "callspec") else ""
+        outcome = "PASS" if report.passed else ("SKIP" if report.skipped else "FAIL")
+        _CELLS.setdefault(tuple(marker.args), []).append((variant, outcome, "; ".join(notes)))
+
+
+def pytest_terminal_summary(terminalreporter):
+    if not _CELLS:
+        return
+    tr = terminalreporter
+    tr.section("fault matrix")
+    tr.write_line(f"{'group':<9} {'fault':<44} {'result':<7} {'runs':<24} observed")
+    for (group, fault), runs in _CELLS.items():
+        outcome = "FAIL" if any(o == "FAIL" for _, o, _ in runs) else ("SKIP" if all(o == "SKIP" for _, o, _ in runs) else "PASS")
+        names = ",".join(v or "-" for v, _, _ in runs)
+        seen = " | ".join(n for _, _, n in runs if n)
+        tr.write_line(f"{group:<9} {fault:<44} {outcome:<7} {names:<24} {seen}")

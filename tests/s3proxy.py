@@ -1,10 +1,17 @@
-"""A counting HTTP proxy to put in front of a real S3 server: every request imgfs makes is recorded
-(method, path, Range, status, body bytes), so tests can prove what reached the store."""
+"""A counting, fault-injecting HTTP proxy to put in front of a real S3 server.
+
+Every request imgfs makes is recorded (method, path, Range, status, body bytes), so tests can prove
+what reached the store; ``inject()`` makes the next ranged GETs of an object fail the way real S3
+endpoints and networks do: an error status, a stall past the client's read timeout, a reset or a
+clean close in the middle of the body."""
 
 from __future__ import annotations
 
 import http.client
+import socket
+import struct
 import threading
+import time
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import urlsplit
@@ -19,11 +26,35 @@ class Request:
     body_bytes: int
 
 
+@dataclass
+class Fault:
+    """What to do to matching ranged GETs: ``status`` (answer with an S3 error of that HTTP status),
+    ``stall`` (send half the body, then go silent for ``seconds``), ``reset`` (half the body, then a
+    TCP RST), ``short`` (half the body, then a clean close: fewer bytes than Content-Length)."""
+
+    kind: str
+    key: str
+    count: int | None = None  # how many requests to fail; None: until cleared
+    status: int = 503
+    seconds: float = 0.0
+    hits: int = 0
+
+    def take(self) -> bool:
+        if self.count is not None and self.hits >= self.count:
+            return False
+        self.hits += 1
+        return True
+
+
+_S3_CODES = {403: "AccessDenied", 500: "InternalError", 503: "SlowDown"}
+
+
 class CountingProxy:
     def __init__(self, upstream: str) -> None:
         parts = urlsplit(upstream)
         self.upstream_host, self.upstream_port = parts.hostname, parts.port
         self.requests: list[Request] = []
+        self.faults: list[Fault] = []
         self._lock = threading.Lock()
         proxy = self
 
@@ -36,6 +67,10 @@ class CountingProxy:
             def _forward(self) -> None:
                 length = int(self.headers.get("Content-Length") or 0)
                 body = self.rfile.read(length) if length else None
+                fault = proxy._fault(self.command, self.path, self.headers.get("Range"))
+                if fault is not None and fault.kind == "status":
+                    self._error(fault.status)
+                    return
                 conn = http.client.HTTPConnection(proxy.upstream_host, proxy.upstream_port, timeout=60)
                 headers = {k: v for k, v in self.headers.items() if k.lower() not in ("connection",)}
                 conn.request(self.command, self.path, body=body, headers=headers)
@@ -49,10 +84,37 @@ class CountingProxy:
                 length = resp.getheader("Content-Length", "0") if self.command == "HEAD" else str(len(data))
                 self.send_header("Content-Length", length)
                 self.end_headers()
-                if self.command != "HEAD":
+                if fault is not None:
+                    self._break(fault, data)
+                elif self.command != "HEAD":
                     self.wfile.write(data)
                 with proxy._lock:
                     proxy.requests.append(Request(self.command, self.path, self.headers.get("Range"), resp.status, 0 if self.command == "HEAD" else len(data)))
+
+            def _error(self, status: int) -> None:
+                code = _S3_CODES.get(status, "InternalError")
+                body = f'<?xml version="1.0" encoding="UTF-8"?><Error><Code>{code}</Code><Message>injected</Message></Error>'.encode()
+                self.send_response(status)
+                self.send_header("Content-Type", "application/xml")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+                with proxy._lock:
+                    proxy.requests.append(Request(self.command, self.path, self.headers.get("Range"), status, 0))
+
+            def _break(self, fault: Fault, data: bytes) -> None:
+                self.wfile.write(data[: len(data) // 2])
+                self.wfile.flush()
+                if fault.kind == "stall":
+                    time.sleep(fault.seconds)
+                elif fault.kind == "reset":  # SO_LINGER 0: close() sends RST instead of FIN
+                    self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                self.close_connection = True
+                if fault.kind != "reset":  # a FIN after a short body: the client sees a clean close
+                    try:
+                        self.connection.shutdown(socket.SHUT_RDWR)
+                    except OSError:
+                        pass
 
             do_GET = do_HEAD = do_PUT = do_POST = do_DELETE = _forward
 
@@ -68,6 +130,26 @@ class CountingProxy:
     def __exit__(self, *exc) -> None:
         self.server.shutdown()
         self.server.server_close()
+
+    def inject(self, kind: str, key: str, **kw) -> Fault:
+        fault = Fault(kind, key, **kw)
+        with self._lock:
+            self.faults.append(fault)
+        return fault
+
+    def clear(self) -> None:
+        with self._lock:
+            self.faults.clear()
+
+    def _fault(self, method: str, path: str, range_: str | None) -> Fault | None:
+        if method != "GET" or not range_:
+            return None
+        key = path.split("?")[0].rsplit("/", 1)[-1]
+        with self._lock:
+            for fault in self.faults:
+                if fault.key == key and fault.take():
+                    return fault
+        return None
 
     def gets(self, key: str | None = None) -> list[Request]:
         with self._lock:

@@ -123,9 +123,15 @@ class S3Backend:
 
     def read(self, location: Location, offset: int, length: int) -> bytes:
         what = f"reading image {location.image_id} at {offset}+{length}"
+        error: BackendError | None = None
         for attempt in range(1, self.max_attempts + 1):
             try:
-                return self._read_once(location, offset, length)
+                data, retries = self._read_once(location, offset, length)
+                if error is not None or retries:
+                    # Worked in the end, but an operator seeing slow reads wants to know the store is flaky.
+                    log.info("%s; attempt %d worked", error or f"{self._where}: {what}: {retries} HTTP errors retried by botocore",
+                             attempt + retries)
+                return data
             except ShortRead as e:
                 error: BackendError = e
             except ImgfsError:
@@ -144,9 +150,11 @@ class S3Backend:
             if attempt < self.max_attempts:
                 log.debug("%s (attempt %d of %d); retrying", error, attempt, self.max_attempts)
                 time.sleep(min(0.1 * 2**attempt, 2.0))
+        assert error is not None
         raise error
 
-    def _read_once(self, location: Location, offset: int, length: int) -> bytes:
+    def _read_once(self, location: Location, offset: int, length: int) -> tuple[bytes, int]:
+        """The bytes, and how many times botocore retried the request (5xx, throttling) to get them."""
         resp = self.client.get_object(
             Bucket=self.bucket,
             Key=location.image_id,
@@ -165,7 +173,7 @@ class S3Backend:
             body.close()
         if len(data) != length:
             raise ShortRead(f"{self._where}: image {location.image_id}: got {len(data)} bytes at {offset}, expected {length}")
-        return data
+        return data, int(resp.get("ResponseMetadata", {}).get("RetryAttempts", 0))
 
     def describe(self) -> dict[str, str]:
         return {"type": "s3", "endpoint": self.endpoint, "bucket": self.bucket}

@@ -1,0 +1,106 @@
+"""What every cell of the fault matrix checks, whatever the fault: the bytes a reader got are the
+source's bytes, the error is the documented errno, the daemon still serves, nothing leaked (tasks,
+busy threads, fetches in flight, fds), and the log told the story in one line without a traceback."""
+
+from __future__ import annotations
+
+import errno
+import os
+import re
+import time
+from dataclasses import dataclass
+
+from imgfs.cli import _ask
+from imgfs.daemon import control_socket_path
+
+from .conftest import Mount, drop_page_cache, sha256, wait_for
+
+MiB = 1 << 20
+
+
+def status(mount: Mount) -> dict:
+    path = control_socket_path("", str(mount.path))
+    wait_for(lambda: os.path.exists(path), 10, "the control socket")  # it opens just after the mount
+    (answer,) = list(_ask(path, {"cmd": "status"}))
+    return answer
+
+
+@dataclass
+class ReadResult:
+    good: int  # bytes read, every one checked against the source
+    errno: int | None  # what stopped the read early, None if it reached EOF
+    seconds: float
+
+    @property
+    def error(self) -> str:
+        return "complete" if self.errno is None else errno.errorcode[self.errno]
+
+
+def read_checked(path, source: bytes, *, start: int = 0, stop: int | None = None, bs: int = MiB, fd: int | None = None) -> ReadResult:
+    """Read [start, stop) in order like dd; every byte returned must equal the source at its offset.
+    Stops at the first error, which is returned (a reader may get an error, never a wrong byte)."""
+    stop = len(source) if stop is None else stop
+    own = fd is None
+    fd = os.open(path, os.O_RDONLY) if own else fd
+    began, offset = time.monotonic(), start
+    try:
+        while offset < stop:
+            try:
+                data = os.pread(fd, min(bs, stop - offset), offset)
+            except OSError as e:
+                return ReadResult(offset - start, e.errno, time.monotonic() - began)
+            assert data, f"{path}: early EOF at {offset} of {len(source)}"
+            assert data == source[offset : offset + len(data)], f"{path}: wrong bytes at {offset}+{len(data)}"
+            offset += len(data)
+        assert os.pread(fd, bs, len(source)) == b"" or stop < len(source), f"{path}: bytes past the end"
+        return ReadResult(offset - start, None, time.monotonic() - began)
+    finally:
+        if own:
+            os.close(fd)
+
+
+def assert_reads_exactly(path, source: bytes) -> None:
+    drop_page_cache(path)
+    result = read_checked(path, source)
+    assert result.errno is None, f"{path}: {result.error} after {result.good} bytes"
+
+
+@dataclass
+class Baseline:
+    tasks: int
+    fds: int
+
+
+def baseline(mount: Mount) -> Baseline:
+    p = status(mount)["process"]
+    return Baseline(p["tasks"], p["fds"])
+
+
+def assert_no_leaks(mount: Mount, base: Baseline, *, fd_slack: int = 24, timeout: float = 30) -> dict:
+    """Once the fault is over and readers are gone, the daemon is back where it started: the same tasks,
+    no worker thread stuck in a call, nothing in flight; fds may differ only by pooled connections."""
+
+    def settled():
+        s = status(mount)
+        p = s["process"]
+        return s if p["tasks"] <= base.tasks and p["busy_threads"] == 0 and s["inflight_fetches"] == 0 else None
+
+    try:
+        s = wait_for(settled, timeout, "tasks, threads and fetches to settle", interval=0.2)
+    except TimeoutError:
+        s = status(mount)
+        raise AssertionError(f"leak: {s['process']} (baseline {base}), {s['inflight_fetches']} fetches in flight") from None
+    assert s["process"]["fds"] <= base.fds + fd_slack, f"fd leak: {s['process']['fds']} open, baseline {base.fds}"
+    return s
+
+
+def assert_one_line(mount: Mount, pattern: str, *, exactly: bool = True) -> str:
+    """The log names what happened in one line (a regex), and holds no traceback."""
+    log = mount.log()
+    assert "Traceback" not in log, f"traceback in the log:\n{log[-3000:]}"
+    lines = [line for line in log.splitlines() if re.search(pattern, line)]
+    assert lines, f"no log line matches {pattern!r}:\n{log[-3000:]}"
+    if exactly:
+        assert len(lines) == 1, f"{len(lines)} log lines match {pattern!r} (want one):\n" + "\n".join(lines)
+    return lines[0]
+
