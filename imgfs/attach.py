@@ -26,6 +26,8 @@ from .model import Location
 
 log = logging.getLogger(__name__)
 
+ORPHAN_RETRY = 10.0  # seconds between attempts to delete attachments a failed attach left
+
 
 class VolumeOps(Protocol):
     """The blocking operations a cinder backend provides (run in worker threads)."""
@@ -39,6 +41,8 @@ class VolumeOps(Protocol):
     def stale_attachments(self) -> list[tuple[str, str]]: ...
 
     def delete_attachment(self, attachment_id: str) -> None: ...
+
+    def orphans(self) -> list[tuple[str, str]]: ...
 
     def prepare(self) -> None: ...
 
@@ -76,6 +80,23 @@ class Attachments:
 
     def start(self, nursery: trio.Nursery) -> None:
         self._nursery = nursery
+        nursery.start_soon(self._sweep_orphans)
+
+    async def _sweep_orphans(self) -> None:
+        """Delete, once Cinder answers again, the attachments failed attaches could not delete."""
+        while True:
+            await trio.sleep(ORPHAN_RETRY)
+            await self._delete_orphans()
+
+    async def _delete_orphans(self) -> None:
+        for volume_id, attachment_id in self.ops.orphans():
+            try:
+                with trio.CancelScope(shield=True):
+                    await trio.to_thread.run_sync(self.ops.delete_attachment, attachment_id, limiter=self._limiter)
+            except ImgfsError as e:
+                log.debug("%s; retrying in %gs", e, ORPHAN_RETRY)
+                continue
+            log.info("deleted attachment %s of volume %s that a failed attach left", attachment_id, volume_id)
 
     async def prepare(self) -> None:
         """Ready os-brick before serving, so the first read does not pay for it."""
@@ -143,7 +164,7 @@ class Attachments:
                     await trio.sleep(delay)
                     delay = min(delay * 2, 5.0)
                     continue
-                log.warning("%s", e)
+                log.debug("%s", e)  # the reader's failure (or its fail-over) is logged where it happens
                 raise
             v.attached, v.attached_at = True, time.monotonic()
             self.attaches += 1
@@ -164,6 +185,8 @@ class Attachments:
                 await self._detach(v, "idle")
                 if v.refs == 0 and not v.attached:
                     self._volumes.pop(v.volume_id, None)
+                elif v.refs == 0 and self._nursery is not None:  # Cinder refused: try again later
+                    self._nursery.start_soon(self._detach_when_idle, v)
 
     async def _detach(self, v: _Volume, why: str) -> None:
         with trio.CancelScope(shield=True):
@@ -190,16 +213,21 @@ class Attachments:
     async def close(self) -> None:
         """Detach every volume, concurrently, within ``detach_deadline``; whatever remains is named."""
         attached = [v for v in self._volumes.values() if v.attached]
-        if not attached:
+        if not attached and not self.ops.orphans():
             return
         with trio.CancelScope(shield=True):
             with trio.move_on_after(self.detach_deadline):
                 async with trio.open_nursery() as nursery:
+                    nursery.start_soon(self._delete_orphans)
                     for v in attached:
                         nursery.start_soon(self._detach_locked, v)
         left = [v.volume_id for v in attached if v.attached]
         if left:
             log.error("shutdown: %d volumes still attached after %gs: %s; the next start removes them", len(left), self.detach_deadline, ", ".join(left))
+        orphans = self.ops.orphans()
+        if orphans:
+            log.error("shutdown: Cinder did not let us delete %d attachments of failed attaches: %s; delete them with "
+                      "'cinder attachment-delete'", len(orphans), ", ".join(a for _, a in orphans))
 
     async def _detach_locked(self, v: _Volume) -> None:
         async with v.lock:

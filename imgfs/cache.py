@@ -139,6 +139,11 @@ class ChunkCache:
         try:
             with open(self.pins_path) as f:
                 pins = json.load(f)
+            # anything but [store, image id] string pairs would break sorting the pins later
+            if not isinstance(pins, list) or not all(
+                isinstance(p, list) and len(p) == 2 and all(isinstance(s, str) for s in p) for p in pins
+            ):
+                raise TypeError("not a list of [store, image id] pairs")
             return {_image_tag(store, image_id): (store, image_id) for store, image_id in pins}
         except FileNotFoundError:
             return {}
@@ -161,7 +166,11 @@ class ChunkCache:
                 json.dump(pins, f)
             os.rename(tmp, self.pins_path)
 
-        await trio.to_thread.run_sync(save)
+        try:
+            await trio.to_thread.run_sync(save)
+        except OSError as e:  # the pin holds in memory; only remembering it across a restart failed
+            log.warning("cache: cannot save %s (%s); pins hold until the daemon stops", self.pins_path,
+                        os.strerror(e.errno or errno.EIO))
 
     @property
     def pinned(self) -> list[tuple[str, str]]:

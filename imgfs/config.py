@@ -15,8 +15,12 @@ secret's value.
 from __future__ import annotations
 
 import configparser
+import ipaddress
 import logging
+import math
 import os
+import re
+import urllib.parse
 from dataclasses import dataclass, field
 from typing import Callable, TypeVar
 
@@ -130,6 +134,7 @@ class ImgfsOptions:
     attach_timeout: float = 60.0
     detach_deadline: float = 60.0
     cinder_api_timeout: float = 30.0
+    volume_read_timeout: float = 30.0  # an attached volume's read may hang (a stopped OSD): EIO after this
     catalog: str = "stores"  # stores: what the stores hold; glance: what Glance says (names, metadata)
     control_socket: str = ""  # empty: /run/imgfs/<mountpoint with / as ->.sock
     metrics_port: int = 0  # 0: metrics only through the control socket; else also on 127.0.0.1:<port>
@@ -177,6 +182,8 @@ class _Merged:
             raise ConfigError(f"{path}: is a directory, not a config file") from None
         except UnicodeDecodeError as e:
             raise ConfigError(f"{path}: not UTF-8 text (byte {e.start}); is this the right file?") from None
+        except OSError as e:  # a symlink loop, a path through a file, a name too long, an I/O error
+            raise ConfigError(f"{path}: cannot read config file: {e.strerror or e}") from None
         except configparser.Error as e:
             raise ConfigError(f"{path}: cannot parse INI: {_one_line(e)}") from None
         for section in parser.sections():
@@ -238,7 +245,7 @@ class _Section:
     def number(self, option: str, default: float, *, minimum: float, maximum: float | None = None) -> float:
         def parse(text: str) -> float:
             v = float(text)
-            if not (v >= minimum and (maximum is None or v <= maximum)):
+            if not (math.isfinite(v) and v >= minimum and (maximum is None or v <= maximum)):
                 raise ValueError
             return v
 
@@ -293,7 +300,8 @@ def _imgfs_options(merged: _Merged) -> ImgfsOptions:
     d = ImgfsOptions()
     opts = ImgfsOptions(
         cache_dir=sec.get("cache_dir", d.cache_dir, _parse_abs_path, "an absolute path"),
-        cache_max_size_gb=sec.number("cache_max_size_gb", d.cache_max_size_gb, minimum=0.001),
+        # bounded so the limit in bytes stays a finite integer (1e300 GB overflowed in the daemon)
+        cache_max_size_gb=sec.number("cache_max_size_gb", d.cache_max_size_gb, minimum=0.001, maximum=1e9),
         cache_max_count=sec.integer("cache_max_count", d.cache_max_count, minimum=1),
         chunk_size_mb=sec.integer("chunk_size_mb", d.chunk_size_mb, minimum=1, maximum=64),
         refresh_interval=sec.number("refresh_interval", d.refresh_interval, minimum=1),
@@ -303,8 +311,9 @@ def _imgfs_options(merged: _Merged) -> ImgfsOptions:
         read_ahead_kb=sec.integer("read_ahead_kb", d.read_ahead_kb, minimum=0, maximum=1048576),
         allow_other=sec.boolean("allow_other", d.allow_other),
         negative_lookup_ttl=sec.number("negative_lookup_ttl", d.negative_lookup_ttl, minimum=0),
-        s3_connect_timeout=sec.number("s3_connect_timeout", d.s3_connect_timeout, minimum=0.1),
-        s3_read_timeout=sec.number("s3_read_timeout", d.s3_read_timeout, minimum=0.1),
+        # socket timeouts: beyond what a socket takes (~9e9 s) every request would fail; a day is plenty
+        s3_connect_timeout=sec.number("s3_connect_timeout", d.s3_connect_timeout, minimum=0.1, maximum=86400),
+        s3_read_timeout=sec.number("s3_read_timeout", d.s3_read_timeout, minimum=0.1, maximum=86400),
         s3_max_attempts=sec.integer("s3_max_attempts", d.s3_max_attempts, minimum=1, maximum=20),
         host=sec.get("host", d.host, _parse_host, "a host name"),
         # glance-api serialises its detaches with file locks in its own lock_path: share it by default
@@ -313,7 +322,8 @@ def _imgfs_options(merged: _Merged) -> ImgfsOptions:
         attach_idle_timeout=sec.number("attach_idle_timeout", d.attach_idle_timeout, minimum=0),
         attach_timeout=sec.number("attach_timeout", d.attach_timeout, minimum=0),
         detach_deadline=sec.number("detach_deadline", d.detach_deadline, minimum=1),
-        cinder_api_timeout=sec.number("cinder_api_timeout", d.cinder_api_timeout, minimum=1),
+        cinder_api_timeout=sec.number("cinder_api_timeout", d.cinder_api_timeout, minimum=1, maximum=86400),
+        volume_read_timeout=sec.number("volume_read_timeout", d.volume_read_timeout, minimum=0.1),
         catalog=sec.choice("catalog", d.catalog, ("stores", "glance")),
         control_socket=sec.get("control_socket", d.control_socket, _parse_abs_path, "an absolute path"),
         metrics_port=sec.integer("metrics_port", d.metrics_port, minimum=0, maximum=65535),
@@ -330,9 +340,46 @@ def _parse_host(text: str) -> str:
 
 
 def _parse_abs_path(text: str) -> str:
-    if not os.path.isabs(text):
+    if not os.path.isabs(text) or "\0" in text:  # no system call takes a NUL: the daemon would crash on it
         raise ValueError(text)
     return os.path.normpath(text)
+
+
+_HOST_LABEL = re.compile(r"(?!-)[A-Za-z0-9-]{1,63}(?<!-)")
+_REGION = re.compile(r"(?![0-9]+$)(?!-)[A-Za-z0-9-]{1,63}(?<!-)")
+
+
+def _parse_endpoint(text: str) -> str:
+    """host[:port] or an http(s):// URL, held to what botocore accepts (it raises a bare ValueError)."""
+    # glance_store treats a host without a scheme as plain http (its location scheme 's3'); keep that.
+    endpoint = text if "://" in text else "http://" + text
+    if not endpoint.startswith(("http://", "https://")) or any(c.isspace() for c in endpoint):
+        raise ValueError(text)
+    parts = urllib.parse.urlsplit(endpoint)  # ValueError: a broken [IPv6] literal
+    parts.port  # ValueError: a port that is no number in 0..65535
+    host = parts.hostname or ""
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        labels = host.removesuffix(".").split(".")
+        if len(host) > 255 or not all(_HOST_LABEL.fullmatch(label) for label in labels):
+            raise ValueError(text) from None
+    return endpoint.rstrip("/")
+
+
+def _parse_region(text: str) -> str:
+    if not _REGION.fullmatch(text):  # botocore's own rule: it refuses to build a client otherwise
+        raise ValueError(text)
+    return text
+
+
+def _readable_text(path: str) -> bool:
+    try:
+        with open(path, encoding="utf-8") as f:
+            f.read()
+        return True
+    except (OSError, UnicodeDecodeError):
+        return False
 
 
 def _parse_backends(sec: _Section) -> list[tuple[str, str]]:
@@ -358,22 +405,22 @@ def _s3_store(merged: _Merged, name: str, section: str) -> S3StoreConfig:
     sec = _Section(merged, section, secrets=frozenset({"s3_store_secret_key", "s3_store_access_key"}))
     why = f"store '{name}' (type s3) needs it"
     host = sec.required("s3_store_host", why)
-    # glance_store treats a host without a scheme as plain http (its location scheme 's3'); keep that.
-    endpoint = host if "://" in host else "http://" + host
-    if not endpoint.startswith(("http://", "https://")):
-        raise sec._bad("s3_store_host", host, "expected host[:port] or an http(s):// URL")
+    try:
+        endpoint = _parse_endpoint(host)
+    except ValueError:
+        raise sec._bad("s3_store_host", host, "expected host[:port] or an http(s):// URL") from None
     url_format = sec.choice("s3_store_bucket_url_format", "auto", ("auto", "virtual", "subdomain", "path"))
     cacert = sec.raw("s3_store_cacert") or None
     if cacert is not None and not os.path.isfile(cacert):
         raise sec._bad("s3_store_cacert", cacert, "no such CA bundle file")
     return S3StoreConfig(
         name=name,
-        endpoint_url=endpoint.rstrip("/"),
+        endpoint_url=endpoint,
         bucket=sec.required("s3_store_bucket", why),
         access_key=sec.required("s3_store_access_key", why),
         secret_key=sec.required("s3_store_secret_key", why),
         addressing_style="virtual" if url_format == "subdomain" else url_format,
-        region_name=sec.raw("s3_store_region_name") or None,
+        region_name=sec.get("s3_store_region_name", None, _parse_region, "a region name such as us-east-1"),
         cacert=cacert,
         weight=_weight(sec),
     )
@@ -433,6 +480,8 @@ def _cinder_store(merged: _Merged, name: str, section: str) -> CinderStoreConfig
     keyring = sec.raw("rbd_keyring_file") or None
     if keyring is not None and not os.path.isfile(keyring):
         raise sec._bad("rbd_keyring_file", keyring, "no such keyring file")
+    if keyring is not None and not _readable_text(keyring):  # secrets are read from it before anything else
+        raise sec._bad("rbd_keyring_file", keyring, "not a readable UTF-8 text file")
     return CinderStoreConfig(
         name=name,
         auth_url=auth_url,

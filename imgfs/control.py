@@ -87,6 +87,7 @@ def status(d: Daemon) -> dict[str, Any]:
             "hit_rate": round((cache.stats.hits + cache.stats.memory_hits) / lookups, 4) if lookups else None,
             "evictions": cache.stats.evictions, "corrupt": cache.stats.corrupt, "fill_failures": cache.stats.fill_failures,
         },
+        "bytes_served": d.ops.bytes_served,
         "fetched_bytes": fetcher.stats.fetched_bytes,
         "fetches": fetcher.stats.fetches,
         "inflight_fetches": fetcher.inflight,
@@ -113,7 +114,7 @@ def metrics(d: Daemon) -> bytes:
                                      ("cache_evictions", c["evictions"], "chunks evicted (LRU)"),
                                      ("cache_corrupt_chunks", c["corrupt"], "chunks that failed verification"),
                                      ("fetches", s["fetches"], "store requests"),
-                                     ("bytes_served", d.ops.bytes_served, "bytes returned to readers")):
+                                     ("bytes_served", s["bytes_served"], "bytes returned to readers")):
                 yield CounterMetricFamily(f"imgfs_{name}", doc, value=value)
             fetched = CounterMetricFamily("imgfs_fetched_bytes", "bytes fetched from stores", labels=["store"])
             for store, value in d.fetcher.stats.bytes_by_store.items():

@@ -224,7 +224,7 @@ async def serve(
             mounted = True
             nursery.start_soon(_fuse_main, nursery.cancel_scope)
             if handle_signals:
-                nursery.start_soon(_stop_on_signal)
+                nursery.start_soon(_stop_on_signal, daemon.ops)
             # Ready means the mount answers: ask it from a thread (this loop is the one serving it).
             await trio.to_thread.run_sync(os.stat, os.path.join(mountpoint, "images"))
             await trio.to_thread.run_sync(_tune_kernel, mountpoint, config.options.read_ahead_kb)
@@ -294,9 +294,16 @@ async def _fuse_main(scope: trio.CancelScope) -> None:
         scope.cancel()  # the mount is gone: so is everything that served it
 
 
-async def _stop_on_signal() -> None:
+DRAIN_TIMEOUT = 5.0  # seconds readers get at shutdown to finish their reads and close their files
+
+
+async def _stop_on_signal(ops: Operations) -> None:
     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
         async for signum in signals:
-            log.info("received %s: unmounting", signal.Signals(signum).name)
+            log.info("received %s: refusing new reads, unmounting", signal.Signals(signum).name)
+            reads, files = await ops.drain(DRAIN_TIMEOUT)
+            if reads or files:
+                log.warning("unmounting with %d reads in flight and %d files open after %gs; their readers get ENOTCONN",
+                            reads, files, DRAIN_TIMEOUT)
             pyfuse3.terminate()
             return

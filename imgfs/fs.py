@@ -75,6 +75,8 @@ class Operations(pyfuse3.Operations):
         self._next_fh = 1
         self.bytes_served = 0
         self._failures_logged: dict[tuple[str, type], float] = {}
+        self._reading = 0  # read requests in flight
+        self._drained: trio.Event | None = None  # set once shutdown began and no read is in flight
         self.invalidate = _invalidate_kernel_cache
         catalog.listeners.append(self._on_change)
 
@@ -269,13 +271,33 @@ class Operations(pyfuse3.Operations):
         reader = self._handles.get(fh)
         if reader is None:
             raise pyfuse3.FUSEError(errno.EBADF)
+        if self._drained is not None:
+            raise pyfuse3.FUSEError(errno.EIO)
+        self._reading += 1
         try:
             data = await reader.read(off, size)
         except ImgfsError as e:
             self._log_failure(reader.loc.image_id, e)
             raise pyfuse3.FUSEError(e.errno) from None
+        finally:
+            self._reading -= 1
+            self._check_drained()
         self.bytes_served += len(data)
         return data
+
+    def _check_drained(self) -> None:
+        if self._drained is not None and not self._reading and not self._handles:
+            self._drained.set()
+
+    async def drain(self, timeout: float) -> tuple[int, int]:
+        """Before unmounting: refuse new reads (EIO), let those in flight finish and readers close their
+        files, for up to ``timeout`` seconds. A reader then sees its data or EIO, not a mount torn from
+        under it (ENOTCONN). Returns (reads, open files) left when the time ran out."""
+        self._drained = trio.Event()
+        self._check_drained()
+        with trio.move_on_after(timeout):
+            await self._drained.wait()
+        return self._reading, len(self._handles)
 
     def _log_failure(self, image_id: str, e: ImgfsError) -> None:
         """One line per image and kind of failure a minute: a dd against a dead store fails hundreds of
@@ -294,6 +316,7 @@ class Operations(pyfuse3.Operations):
         reader = self._handles.pop(fh, None)
         if reader is not None:
             reader.close()
+        self._check_drained()
 
     async def flush(self, fh: int) -> None:
         pass

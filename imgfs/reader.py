@@ -16,6 +16,7 @@ from __future__ import annotations
 import bisect
 import hashlib
 import logging
+import math
 from dataclasses import dataclass, field
 from typing import Callable, Protocol, Sequence
 
@@ -23,12 +24,16 @@ import trio
 
 from .backends.base import Backend
 from .cache import ChunkCache
-from .errors import BackendError, Busy, ImgfsError, IntegrityError, ShortRead, StaleImage
+from .errors import BackendError, BackendUnavailable, Busy, ImgfsError, IntegrityError, ShortRead, StaleImage
 from .model import ChunkKey, Location
 
 log = logging.getLogger(__name__)
 
 RUN_BYTES = 32 * 1024 * 1024  # the largest single request a sequential prefetch makes
+# After a copy did not answer in time (a hung cinder-api, a stopped OSD), further fetches of it fail at
+# once for this long: the kernel retries a failed read several times, and each retry must not cost the
+# reader another full timeout (nor the sick service another request).
+UNAVAILABLE_HOLD = 5.0
 
 
 class Holder(Protocol):
@@ -109,6 +114,7 @@ class ChunkFetcher:
         self.on_stale = on_stale
         self.stats = FetchStats()
         self._inflight: dict[ChunkKey, _Flight] = {}
+        self._unavailable: dict[Location, tuple[float, BackendUnavailable]] = {}  # copy -> (when, error)
         # copies whose bytes failed end-to-end verification: never read again while this version lasts
         self.quarantined: set[Location] = set()
         self._demand = trio.CapacityLimiter(max_connections)
@@ -200,6 +206,7 @@ class ChunkFetcher:
     async def _fly_run(self, loc: Location, run: list[tuple[int, ChunkKey, _Flight]]) -> None:
         first = run[0][0]
         try:
+            self._check_available(loc)
             holder = self.holders.get(loc.store)
             if holder is not None:
                 await holder.ready(loc)
@@ -234,7 +241,16 @@ class ChunkFetcher:
             if flight is not None:
                 await self.wait(flight)
 
+    def _check_available(self, loc: Location) -> None:
+        held = self._unavailable.get(loc)
+        if held is not None:
+            if trio.current_time() - held[0] < UNAVAILABLE_HOLD:
+                raise held[1]
+            del self._unavailable[loc]
+
     def _count_error(self, e: ImgfsError, loc: Location, *, prefetch: bool) -> None:
+        if isinstance(e, BackendUnavailable) and loc not in self._unavailable:
+            self._unavailable[loc] = (trio.current_time(), e)
         self.stats.errors[type(e).__name__] = self.stats.errors.get(type(e).__name__, 0) + 1
         if isinstance(e, StaleImage):
             self.on_stale(loc)
@@ -269,6 +285,7 @@ class ChunkFetcher:
         try:
             data = await self.cache.get(key, self.chunk_length(loc, index))
             if data is None:
+                self._check_available(loc)
                 holder = self.holders.get(loc.store)
                 if holder is not None:
                     # Before taking a fetch slot: an attach waiting out another host's transitional
@@ -298,8 +315,13 @@ class ChunkFetcher:
     async def _fetch_range(self, loc: Location, offset: int, length: int) -> bytes:
         backend = self.backends[loc.store]
         started = trio.current_time()
-        # A read touches no shared state, so a shutdown need not wait out a hung store's timeouts.
-        data = await trio.to_thread.run_sync(backend.read, loc, offset, length, abandon_on_cancel=True)
+        # A read touches no shared state, so neither a shutdown nor a reader need wait out a hung store:
+        # the thread is left to finish (or fail) on its own.
+        with trio.move_on_after(backend.read_timeout or math.inf) as waited:
+            data = await trio.to_thread.run_sync(backend.read, loc, offset, length, abandon_on_cancel=True)
+        if waited.cancelled_caught:
+            raise BackendUnavailable(f"store '{loc.store}': reading image {loc.image_id} at {offset}+{length} took over "
+                                     f"{backend.read_timeout:g}s (volume_read_timeout); is the storage behind it healthy?")
         log.debug("fetched %d bytes at %d of image %s from store '%s' in %.1f ms", length, offset, loc.image_id,
                   loc.store, (trio.current_time() - started) * 1e3)
         if len(data) != length:  # backends promise this; bytes are too important to trust a promise

@@ -36,13 +36,17 @@ class ReadResult:
         return "complete" if self.errno is None else errno.errorcode[self.errno]
 
 
-def read_checked(path, source: bytes, *, start: int = 0, stop: int | None = None, bs: int = MiB, fd: int | None = None) -> ReadResult:
+def read_checked(path, source: bytes, *, start: int = 0, stop: int | None = None, bs: int = MiB, fd: int | None = None,
+                 pause: float = 0.0) -> ReadResult:
     """Read [start, stop) in order like dd; every byte returned must equal the source at its offset.
-    Stops at the first error, which is returned (a reader may get an error, never a wrong byte)."""
+    Stops at the first error, which is returned (a reader may get an error, never a wrong byte).
+    ``pause`` between reads keeps a reader busy long enough for a fault to land mid-read."""
     stop = len(source) if stop is None else stop
-    own = fd is None
-    fd = os.open(path, os.O_RDONLY) if own else fd
-    began, offset = time.monotonic(), start
+    own, began, offset = fd is None, time.monotonic(), start
+    try:
+        fd = os.open(path, os.O_RDONLY) if own else fd
+    except OSError as e:
+        return ReadResult(0, e.errno, time.monotonic() - began)
     try:
         while offset < stop:
             try:
@@ -52,11 +56,19 @@ def read_checked(path, source: bytes, *, start: int = 0, stop: int | None = None
             assert data, f"{path}: early EOF at {offset} of {len(source)}"
             assert data == source[offset : offset + len(data)], f"{path}: wrong bytes at {offset}+{len(data)}"
             offset += len(data)
-        assert os.pread(fd, bs, len(source)) == b"" or stop < len(source), f"{path}: bytes past the end"
+            time.sleep(pause)
+        if stop == len(source):
+            try:
+                assert os.pread(fd, bs, stop) == b"", f"{path}: bytes past the end"
+            except OSError as e:
+                return ReadResult(offset - start, e.errno, time.monotonic() - began)
         return ReadResult(offset - start, None, time.monotonic() - began)
     finally:
         if own:
-            os.close(fd)
+            try:
+                os.close(fd)
+            except OSError:  # ENOTCONN from the flush of a mount whose daemon was killed
+                pass
 
 
 def assert_reads_exactly(path, source: bytes) -> None:
@@ -77,13 +89,15 @@ def baseline(mount: Mount) -> Baseline:
 
 
 def assert_no_leaks(mount: Mount, base: Baseline, *, fd_slack: int = 24, timeout: float = 30) -> dict:
-    """Once the fault is over and readers are gone, the daemon is back where it started: the same tasks,
-    no worker thread stuck in a call, nothing in flight; fds may differ only by pooled connections."""
+    """Once the fault is over and readers are gone, the daemon is back where it started: the same tasks
+    (plus one idle-detach timer per attached volume), no worker thread stuck in a call, nothing in
+    flight; fds may differ only by pooled connections."""
 
     def settled():
         s = status(mount)
         p = s["process"]
-        return s if p["tasks"] <= base.tasks and p["busy_threads"] == 0 and s["inflight_fetches"] == 0 else None
+        idle_timers = sum(1 for a in s["attachments"] if a["attached"] and a["idle_for"] is not None)
+        return s if p["tasks"] <= base.tasks + idle_timers and p["busy_threads"] == 0 and s["inflight_fetches"] == 0 else None
 
     try:
         s = wait_for(settled, timeout, "tasks, threads and fetches to settle", interval=0.2)

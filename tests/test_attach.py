@@ -45,6 +45,9 @@ class FakeCinder:
     def delete_attachment(self, attachment_id: str) -> None:
         self.calls.append(("delete", attachment_id))
 
+    def orphans(self) -> list[tuple[str, str]]:
+        return []
+
     def prepare(self) -> None:
         pass
 

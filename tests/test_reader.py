@@ -155,6 +155,21 @@ async def test_interrupted_reader_does_not_break_the_fetch(parts):
     assert backend.reads[("img", 0)] == 1  # the second reader joined the first fetch
 
 
+async def test_a_hung_store_read_fails_after_its_read_timeout(parts):
+    """A volume read that hangs (a stopped OSD) is EIO after read_timeout; the store's next read works."""
+    backend, _, fetcher = parts
+    data = image(2 * CS)
+    loc = backend.put("img", data)
+    backend.latency, backend.read_timeout = 1.0, 0.1
+    started = trio.current_time()
+    with pytest.raises(BackendError, match="took over 0.1s") as info:
+        await ImageReader(fetcher, [loc], prefetch_max=0).read(0, CS)
+    assert info.value.errno == 5 and trio.current_time() - started < 0.9
+    backend.latency = 0.0
+    await trio.sleep(1.0)  # the abandoned read finishes on its own
+    assert await ImageReader(fetcher, [loc], prefetch_max=0).read(0, 2 * CS) == data
+
+
 async def test_a_stuck_attach_does_not_starve_other_stores(tmp_path, nursery):
     """Many readers waiting on one volume (another host's 'attaching') hold no fetch slot."""
     stuck, other = MemoryBackend(name="cinder"), MemoryBackend(name="s3")

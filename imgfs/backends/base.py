@@ -10,6 +10,9 @@ from ..model import Location
 class Backend(Protocol):
     name: str
     kind: str
+    # Seconds one read may take before the fetcher gives up on it with EIO; None: the backend's own
+    # timeouts bound every read (S3's are botocore's), or reads cannot hang (local files).
+    read_timeout: float | None
 
     def list_images(self) -> list[Location]:
         """Every image in the store. Raises BackendError if the store cannot be listed."""

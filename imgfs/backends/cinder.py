@@ -163,6 +163,8 @@ class CinderBackend:
         self.name = cfg.name
         self.host = options.host or socket.gethostname()
         self.mountpoint = f"imgfs:{cfg.name}"
+        # librbd or a block device waits forever for a stopped OSD or a dead path; readers must not
+        self.read_timeout = options.volume_read_timeout
         self.lock_path = options.lock_path
         self._where = f"store '{cfg.name}' (cinder via {cfg.auth_url})"
         if cfg.application_credential_id and cfg.application_credential_secret:
@@ -188,6 +190,9 @@ class CinderBackend:
         self._client: Any = None
         self._keyring = open(cfg.rbd_keyring_file).read() if cfg.rbd_keyring_file else None
         self._attached: dict[str, Attachment] = {}
+        # attachments a failed attach could not delete (Cinder's RPC down...): attachment id -> volume id,
+        # deleted by the policy's sweeper once Cinder answers again
+        self._orphans: dict[str, str] = {}
         self._connector_props: dict | None = None
         self._connectors: dict[str, Any] = {}
 
@@ -212,10 +217,12 @@ class CinderBackend:
             return BackendAccessDenied(f"{self._where}: forbidden while {what}; the store user needs a role on project '{self.cfg.project_name}'")
         if isinstance(e, kexc.EndpointNotFound):
             return BackendError(f"{self._where}: no Cinder endpoint in the catalog for {self.cfg.catalog_info}; check cinder_catalog_info / cinder_os_region_name")
-        if isinstance(e, (kexc.ConnectFailure, kexc.ConnectTimeout, kexc.DiscoveryFailure, kexc.ServiceUnavailable, cexc.ConnectionRefused)):
-            return BackendUnavailable(f"{self._where}: cannot reach Keystone or Cinder while {what}; is the service up?")
+        # keystoneauth reports a read timeout as ConnectTimeout too: both mean nothing answered in time
         if isinstance(e, (kexc.RequestTimeout, kexc.ConnectTimeout)) or "timed out" in str(e).lower():
-            return BackendUnavailable(f"{self._where}: timed out while {what}")
+            return BackendUnavailable(f"{self._where}: no answer within cinder_api_timeout ({self.session.timeout:g}s) while "
+                                      f"{what}; are Keystone, cinder-api and the RabbitMQ/cinder-volume behind it healthy?")
+        if isinstance(e, (kexc.ConnectFailure, kexc.DiscoveryFailure, kexc.ServiceUnavailable, cexc.ConnectionError)):
+            return BackendUnavailable(f"{self._where}: cannot reach Keystone or Cinder while {what}; is the service up?")
         if isinstance(e, cexc.ClientException):
             return BackendError(f"{self._where}: {what} failed: HTTP {getattr(e, 'code', '?')} {_one_line(getattr(e, 'message', ''))}")
         return BackendError(f"{self._where}: {what} failed: {type(e).__name__}")
@@ -294,8 +301,13 @@ class CinderBackend:
         self._brick("RBD")
 
     def attach(self, volume_id: str) -> Attachment:
-        """Create a read-only attachment, connect it, complete it. Raises VolumeBusy if Cinder refuses
-        because of the volume's state; leaves nothing behind on any failure."""
+        """Reserve a read-only attachment, give it our connector, connect it, complete it. Raises
+        VolumeBusy if Cinder refuses because of the volume's state.
+
+        Reserving first (no connector: a database write, no RPC to cinder-volume) hands us the
+        attachment's id before anything can hang: if the connector step times out (RabbitMQ or
+        cinder-volume down), we still know what to delete. One that cannot be deleted now is an orphan
+        the sweeper deletes later -- never an attachment nobody knows about."""
         from cinderclient import exceptions as cexc
 
         self._brick("RBD")  # props first: they name this host
@@ -307,7 +319,7 @@ class CinderBackend:
         except Exception as e:
             raise self._error(e, f"looking up volume {volume_id}") from None
         try:
-            created = self.client.attachments.create(volume_id, self._connector_props, mode="ro")
+            created = self.client.attachments.create(volume_id, None, mode="ro")
         except cexc.BadRequest as e:
             found = _IN_USE.search(str(getattr(e, "message", e)))
             if found:
@@ -318,7 +330,7 @@ class CinderBackend:
             raise self._error(e, f"attaching volume {volume_id}") from None
         att = Attachment(volume_id, created["id"], "", multiattach=bool(getattr(volume, "multiattach", False)))
         try:
-            info = created.get("connection_info") or {}
+            info = getattr(self.client.attachments.update(att.attachment_id, self._connector_props), "connection_info", None) or {}
             protocol = str(info.get("driver_volume_type", "")).upper()
             data = dict(info.get("data", info))
             data.pop("driver_volume_type", None)
@@ -346,7 +358,9 @@ class CinderBackend:
         try:
             self.client.attachments.delete(att.attachment_id)
         except Exception as e:  # noqa: BLE001
-            log.error("%s; attachment %s may be left in Cinder (the next start removes it)", self._error(e, "removing a failed attachment"), att.attachment_id)
+            self._orphans[att.attachment_id] = att.volume_id
+            log.error("%s; will retry deleting attachment %s of volume %s", self._error(e, "removing a failed attachment"),
+                      att.attachment_id, att.volume_id)
 
     def detach(self, volume_id: str) -> None:
         """Disconnect and delete our attachment, under glance_store's own lock for this volume, and
@@ -403,7 +417,12 @@ class CinderBackend:
         except cexc.NotFound:
             pass
         except Exception as e:
-            raise self._error(e, f"deleting stale attachment {attachment_id}") from None
+            raise self._error(e, f"deleting attachment {attachment_id}") from None
+        self._orphans.pop(attachment_id, None)
+
+    def orphans(self) -> list[tuple[str, str]]:
+        """(volume id, attachment id) of attachments a failed attach left and could not delete."""
+        return [(volume_id, attachment_id) for attachment_id, volume_id in list(self._orphans.items())]
 
     def attached(self) -> list[Attachment]:
         return list(self._attached.values())

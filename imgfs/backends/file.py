@@ -19,6 +19,7 @@ def _version(st: os.stat_result) -> str:
 
 class FileBackend:
     kind = "file"
+    read_timeout = None
 
     def __init__(self, cfg: FileStoreConfig) -> None:
         self.name = cfg.name

@@ -20,6 +20,7 @@ class MemoryBackend:
     name: str = "memory"
     kind: str = "memory"
     latency: float = 0.0  # seconds added to every read
+    read_timeout: float | None = None  # the fetcher's limit on one read (see Backend)
     images: dict[str, tuple[bytes, str]] = field(default_factory=dict)  # id -> (data, version)
     reads: Counter = field(default_factory=Counter)  # (image id, offset) -> number of reads
     read_bytes: int = 0

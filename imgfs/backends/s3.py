@@ -41,6 +41,7 @@ _STREAM_ERRORS = (
 
 class S3Backend:
     kind = "s3"
+    read_timeout = None  # botocore's connect/read timeouts and retries bound every read
 
     def __init__(self, cfg: S3StoreConfig, options: ImgfsOptions) -> None:
         self.name = cfg.name

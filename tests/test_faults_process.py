@@ -1,0 +1,94 @@
+"""Fault matrix, process rows: the daemon killed while filling its cache, and stopped under readers."""
+
+from __future__ import annotations
+
+import errno
+import random
+import signal
+import subprocess
+import time
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+
+import boto3
+import pytest
+
+from .conftest import (ACCESS_KEY, SECRET_KEY, host_attachments, is_mounted, random_bytes, wait_for, write_cinder_config,
+                       write_config)
+from .faultkit import MiB, ReadResult, assert_no_leaks, assert_one_line, assert_reads_exactly, baseline, read_checked, status
+
+pytestmark = pytest.mark.mount
+
+
+def moto_image(tmp_path, moto_url: str, source: bytes):
+    """A bucket holding one image "img" on the session's moto; returns the config of a mount of it."""
+    s3 = boto3.client("s3", endpoint_url=moto_url, aws_access_key_id=ACCESS_KEY, aws_secret_access_key=SECRET_KEY,
+                      region_name="us-east-1")
+    bucket = "proc-" + uuid.uuid4().hex[:8]
+    s3.create_bucket(Bucket=bucket)
+    s3.put_object(Bucket=bucket, Key="img", Body=source)
+    return write_config(tmp_path / "imgfs.conf", s3_url=moto_url, bucket=bucket, cache_dir=tmp_path / "cache")
+
+
+@pytest.mark.cell("process", "SIGKILL during chunk fills, then restart")
+def test_sigkill_during_fills_never_serves_a_torn_chunk(tmp_path, moto_url, mounter, observed):
+    source = random_bytes(40 * MiB + 99, 21)
+    conf = moto_image(tmp_path, moto_url, source)
+    rng = random.Random(5)
+    chunks_seen = []
+    for round_ in range(3):
+        m = mounter(conf, name=f"mnt{round_}")
+        with ThreadPoolExecutor(4) as pool:  # readers start at different places: fills everywhere at once
+            futures = [pool.submit(read_checked, m.images / "img", source, start=(i * 10 * MiB)) for i in range(4)]
+            time.sleep(rng.uniform(0.05, 0.5))
+            m.stop(signal.SIGKILL)
+            subprocess.run(["fusermount3", "-uz", str(m.path)], check=True)
+            results = [f.result() for f in futures]  # every byte they got was checked
+        assert all(r.errno in (None, errno.ENOTCONN, errno.EIO) for r in results), [r.error for r in results]
+        chunks_seen.append(len(list((tmp_path / "cache" / "chunks").glob("*/*"))))
+    m = mounter(conf, name="final")
+    s = status(m)
+    assert not list((tmp_path / "cache" / "tmp").iterdir()), "fills a crash interrupted must be swept at start"
+    assert s["cache"]["chunks"] == len(list((tmp_path / "cache" / "chunks").glob("*/*"))), "index disagrees with the disk"
+    base = baseline(m)
+    assert_reads_exactly(m.images / "img", source)
+    s = status(m)
+    assert s["cache"]["corrupt"] == 0, "a chunk file a kill left was not whole"
+    observed(f"chunks on disk after each kill: {chunks_seen}; 0 corrupt; sha256 OK")
+    assert_no_leaks(m, base)
+
+
+def readers_until_stopped(m, path, source: bytes, stop_after: int) -> list[ReadResult]:
+    """8 dd-like readers of one image; SIGTERM once one of them has read ``stop_after`` bytes."""
+    with ThreadPoolExecutor(8) as pool:
+        futures = [pool.submit(read_checked, path, source, bs=MiB) for _ in range(8)]
+        wait_for(lambda: status(m)["bytes_served"] >= stop_after, 60, "the readers to get going", interval=0.01)
+        assert m.stop(signal.SIGTERM) == 0, m.log()
+        return [f.result() for f in futures]
+
+
+def check_stopped(m, results: list[ReadResult], observed) -> None:
+    outcomes = sorted(r.error for r in results)
+    assert all(r.errno in (None, errno.EIO) for r in results), f"readers got {outcomes} (want complete or EIO)"
+    assert not is_mounted(m.path)
+    assert_one_line(m, "received SIGTERM: refusing new reads, unmounting")
+    assert "ENOTCONN" not in m.log()
+    observed(", ".join(f"{outcomes.count(o)} {o}" for o in sorted(set(outcomes))))
+
+
+@pytest.mark.cell("process", "SIGTERM with 8 readers mid-dd")
+def test_sigterm_with_readers_on_s3(tmp_path, moto_url, mounter, observed):
+    source = random_bytes(32 * MiB, 22)
+    m = mounter(moto_image(tmp_path, moto_url, source))
+    check_stopped(m, readers_until_stopped(m, m.images / "img", source, 4 * MiB), observed)
+
+
+@pytest.mark.lab
+@pytest.mark.cell("process", "SIGTERM with 8 readers mid-dd")
+def test_sigterm_with_readers_on_cinder(tmp_path, lab, cinder, image_volume, mounter, observed):
+    host = f"imgfs-test-{uuid.uuid4().hex[:8]}"
+    vol = image_volume(64 * MiB)
+    m = mounter(write_cinder_config(tmp_path / "imgfs.conf", lab, cache_dir=tmp_path / "cache", host=host))
+    check_stopped(m, readers_until_stopped(m, m.images / vol.image_id, vol.data, 8 * MiB), observed)
+    assert host_attachments(cinder, vol.volume_id, host) == [], "an attachment outlived the daemon"
+    observed("0 attachments")
