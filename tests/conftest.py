@@ -376,6 +376,10 @@ def write_cinder_config(path: Path, lab: dict, *, cache_dir: Path, host: str, fi
     return path
 
 
+def pytest_addoption(parser):
+    parser.addoption("--soak-seconds", type=float, default=30.0, help="how long tests/test_soak.py runs (per S3 server)")
+
+
 # ---- the fault matrix: tests marked @pytest.mark.cell(group, fault) are tabulated at the end -----------
 
 _CELLS: dict[tuple[str, str], list[tuple[str, str, str]]] = {}
