@@ -32,7 +32,11 @@ class RedactSecrets(logging.Filter):
 
     def __init__(self, secrets: list[str]) -> None:
         super().__init__()
-        self.secrets = sorted({s for s in secrets if s and len(s) >= 4}, key=len, reverse=True)
+        from urllib.parse import quote, quote_plus
+
+        # as written, and as URL-encoded in a logged URL or form body
+        forms = {form for s in secrets if s and len(s) >= 4 for form in (s, quote(s, safe=""), quote_plus(s))}
+        self.secrets = sorted(forms, key=len, reverse=True)
 
     def filter(self, record: logging.LogRecord) -> bool:
         if self.secrets:
@@ -82,6 +86,8 @@ def secrets_of(config: Config) -> list[str]:
                         found += re.findall(r"^\s*key\s*=\s*(\S+)", f.read(), re.MULTILINE)
                 except OSError:
                     pass
+    if config.glance is not None:
+        found.append(config.glance.password)
     return found
 
 

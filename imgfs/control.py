@@ -236,7 +236,11 @@ async def _handle(d: Daemon, stream: trio.SocketStream) -> None:
 
 
 async def serve_socket(d: Daemon, path: str, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
-    os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
+    directory = os.path.dirname(path)
+    os.makedirs(directory, mode=0o700, exist_ok=True)
+    st = os.stat(directory)
+    if st.st_uid != os.geteuid() or st.st_mode & 0o022:  # another user could swap the socket for theirs
+        raise PermissionError(errno.EACCES, f"{directory} must be owned by us and writable by no one else")
     try:
         os.unlink(path)  # left by a crashed daemon
     except FileNotFoundError:

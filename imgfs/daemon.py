@@ -242,7 +242,7 @@ async def serve(
                 await nursery.start(control.serve_socket, daemon, socket_path)
             except OSError as e:
                 log.error("cannot listen on the control socket %s (%s); imgfs status/warm/evict will not reach this mount",
-                          socket_path, os.strerror(e.errno or errno.EIO))
+                          socket_path, e.strerror or os.strerror(e.errno or errno.EIO))
             if config.options.metrics_port:
                 try:
                     await nursery.start(control.serve_metrics, daemon, config.options.metrics_port)

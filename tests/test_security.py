@@ -15,6 +15,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import socket
 import stat
 import subprocess
@@ -243,7 +244,7 @@ def files_holding(directory: Path, secret: str) -> list[Path]:
 
 
 @pytest.mark.lab
-def test_cinder_secrets_never_leave_the_daemon(tmp_path, lab, cinder, image_volume, mounter, monkeypatch):
+def test_cinder_secrets_never_leave_the_daemon(tmp_path, lab, cinder, image_volume, mounter):
     """At DEBUG, through an attach (whose connection_info is logged, masked), while attached (status,
     metrics, xattrs), and with a second store Keystone refuses: no password, keyring key or token. The
     keyring os-brick writes to disk while attached is root-only and gone after the stop."""
@@ -267,11 +268,9 @@ def test_cinder_secrets_never_leave_the_daemon(tmp_path, lab, cinder, image_volu
     secrets = {"imgfs's Keystone password": lab["keystone"]["users"]["imgfs"]["password"],
                "the wrong password": WRONG_PASSWORD, "the RBD keyring key": keyring_keys[0],
                "a Keystone token": FERNET_PREFIX}
-    # os-brick writes the keyring into a ceph.conf in $TMPDIR while a volume is attached; a private
-    # TMPDIR makes every such file this daemon's to account for.
-    daemon_tmp = tmp_path / "daemon-tmp"
-    daemon_tmp.mkdir()
-    monkeypatch.setenv("TMPDIR", str(daemon_tmp))
+    # os-brick writes the keyring into a ceph.conf while a volume is attached: imgfs points it at a
+    # root-only directory of its own, emptied at every start (a SIGKILL leaves the file behind).
+    daemon_tmp = tmp_path / "cache" / "private-tmp"
 
     m = mounter(config, "--debug")
     wait_for(sock.exists, 10, "the control socket")
@@ -283,8 +282,17 @@ def test_cinder_secrets_never_leave_the_daemon(tmp_path, lab, cinder, image_volu
     captured |= control_outputs(sock, port)  # while attached (attach_idle_timeout 60 s)
     on_disk = files_holding(daemon_tmp, keyring_keys[0])
     assert on_disk and all((p.stat().st_uid, stat.S_IMODE(p.stat().st_mode)) == (0, 0o600) for p in on_disk)
+    assert stat.S_IMODE(daemon_tmp.stat().st_mode) == 0o700
     assert m.stop() == 0
     assert files_holding(daemon_tmp, keyring_keys[0]) == []
+    shutil.rmtree(tmp_path / "cache" / "chunks")  # so the next read must attach again
+    killed = mounter(config, name="killed")
+    sha256_file(killed.images / vol.image_id)
+    killed.stop(signal.SIGKILL)
+    subprocess.run(["fusermount3", "-uz", str(killed.path)], check=True)
+    assert files_holding(daemon_tmp, keyring_keys[0]), "the kill should have left os-brick's file"
+    mounter(config, name="restarted").stop()
+    assert files_holding(daemon_tmp, keyring_keys[0]) == [], "a restart must sweep what a killed daemon left"
     captured["daemon log"] = m.log()
     probe = run_imgfs("check-config", "--probe", "--debug", "--config-file", str(config))
     captured["check-config --probe"] = shown(probe)

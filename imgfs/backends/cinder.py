@@ -21,8 +21,10 @@ from __future__ import annotations
 import logging
 import os
 import re
+import shutil
 import socket
 import sys
+import tempfile
 import threading
 import warnings
 from dataclasses import dataclass
@@ -135,9 +137,16 @@ class Attachment:
         return self.protocol.upper() == "RBD" and not (self.device_info and isinstance(self.device_info.get("path"), str))
 
 
-def _init_os_brick() -> None:
+def _init_os_brick(private_tmp: str) -> None:
     """os-brick probes the host through an oslo.privsep daemon. imgfs runs as root (FUSE needs it), so
-    the daemon is started directly (root helper ``env``) from this interpreter's bin directory."""
+    the daemon is started directly (root helper ``env``) from this interpreter's bin directory.
+
+    os-brick's RBD connector writes a ceph.conf holding the keyring into a temporary file per attachment
+    and deletes it at detach: a killed daemon leaves it. So temporary files go to a root-only directory
+    of ours, emptied here, at every start."""
+    shutil.rmtree(private_tmp, ignore_errors=True)
+    os.makedirs(private_tmp, mode=0o700)
+    tempfile.tempdir = private_tmp
     warnings.filterwarnings("ignore", message=r"\s*Eventlet is deprecated")
     bindir = os.path.dirname(sys.executable)
     if bindir not in os.environ.get("PATH", "").split(os.pathsep):
@@ -165,6 +174,7 @@ class CinderBackend:
         self.mountpoint = f"imgfs:{cfg.name}"
         # librbd or a block device waits forever for a stopped OSD or a dead path; readers must not
         self.read_timeout = options.volume_read_timeout
+        self.private_tmp = os.path.join(options.cache_dir, "private-tmp")
         self.lock_path = options.lock_path
         self._where = f"store '{cfg.name}' (cinder via {cfg.auth_url})"
         if cfg.application_credential_id and cfg.application_credential_secret:
@@ -279,7 +289,7 @@ class CinderBackend:
 
         with _BRICK_LOCK:
             if not _BRICK_READY:
-                _init_os_brick()
+                _init_os_brick(self.private_tmp)
                 _BRICK_READY = True
             if self._connector_props is None:
                 my_ip = _host_ip(self.host)

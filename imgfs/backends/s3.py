@@ -78,14 +78,16 @@ class S3Backend:
         if isinstance(e, botocore.exceptions.ClientError):
             code = str(e.response.get("Error", {}).get("Code", ""))
             status = e.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+            # a HEAD's error has no body: botocore then repeats the status as the code
+            answer = f"HTTP {status}" if code == str(status) else f"HTTP {status} {code}"
             if code in _DENIED or status == 403:
                 return BackendAccessDenied(
-                    f"{self._where}: access denied while {what} (HTTP 403 {code}); "
+                    f"{self._where}: access denied while {what} ({answer}); "
                     "check s3_store_access_key / s3_store_secret_key and the bucket policy"
                 )
             if code == "NoSuchBucket":
                 return BackendError(f"{self._where}: bucket does not exist; check s3_store_bucket")
-            return BackendError(f"{self._where}: {what} failed: HTTP {status} {code}")
+            return BackendError(f"{self._where}: {what} failed: {answer}")
         if isinstance(e, (botocore.exceptions.EndpointConnectionError, botocore.exceptions.ConnectTimeoutError)):
             return BackendUnavailable(f"{self._where}: cannot connect while {what}; check s3_store_host and the network")
         if isinstance(e, botocore.exceptions.SSLError):
