@@ -11,6 +11,7 @@ import trio
 
 from imgfs.attach import Attachments
 from imgfs.backends.cinder import VolumeBusy
+from imgfs.errors import ImgfsError
 from imgfs.model import Location
 
 
@@ -23,6 +24,8 @@ class FakeCinder:
         self.calls: list[tuple[str, str]] = []
         self.refuse: dict[str, list[str]] = {}  # volume -> statuses to answer with, in order
         self.stale: list[tuple[str, str]] = []
+        self.left: dict[str, str] = {}  # attachment -> volume: a failed attach could not delete them
+        self.deletable = True  # False: Cinder refuses deletes (RabbitMQ down)
 
     def attach(self, volume_id: str) -> object:
         with self.lock:
@@ -44,9 +47,12 @@ class FakeCinder:
 
     def delete_attachment(self, attachment_id: str) -> None:
         self.calls.append(("delete", attachment_id))
+        if not self.deletable:
+            raise ImgfsError(f"cannot delete {attachment_id}")
+        self.left.pop(attachment_id, None)
 
     def orphans(self) -> list[tuple[str, str]]:
-        return []
+        return [(volume, attachment) for attachment, volume in self.left.items()]
 
     def prepare(self) -> None:
         pass
@@ -146,3 +152,20 @@ async def test_close_detaches_everything_and_stale_ones_are_removed(policy):  # 
     await a.close()
     assert fake.attached == {"v1": 0, "v2": 0}
     assert [s["attached"] for s in a.status()] == [False, False]
+
+
+async def test_attachments_a_failed_attach_left_are_deleted_once_cinder_answers(policy, autojump_clock):
+    fake, a = policy
+    fake.left, fake.deletable = {"att-1": "v1"}, False
+    await trio.sleep(35)  # several sweeps, all refused
+    assert fake.left and fake.calls.count(("delete", "att-1")) >= 3
+    fake.deletable = True
+    await trio.sleep(11)
+    await until(lambda: not fake.left)
+
+
+async def test_shutdown_tries_the_orphans_once_more(policy, autojump_clock):
+    fake, a = policy
+    fake.left = {"att-2": "v2"}
+    await a.close()
+    assert not fake.left and fake.calls == [("delete", "att-2")]
