@@ -37,6 +37,7 @@ BY_NAME = ROOT + 3
 _FIRST_STORE = 16
 _FIRST_FILE = 1024
 _TIMEOUT = 1.0  # seconds the kernel may trust names and attributes before asking again
+NAME_MAX = 255  # bytes; Glance ids are 36
 
 XATTR_PREFIX = "user.imgfs."
 
@@ -138,6 +139,8 @@ class Operations(pyfuse3.Operations):
     # ---- lookups and attributes ---------------------------------------------------------------------
 
     async def lookup(self, parent_inode: int, name: bytes, ctx=None) -> pyfuse3.EntryAttributes:
+        if len(name) > NAME_MAX:  # the kernel passes names up to ~4 KiB; statfs promises 255
+            raise pyfuse3.FUSEError(errno.ENAMETOOLONG)
         try:
             text = name.decode("utf-8")
         except UnicodeDecodeError:
@@ -368,7 +371,7 @@ class Operations(pyfuse3.Operations):
         data.f_bfree = data.f_bavail = 0
         data.f_files = len(ids)
         data.f_ffree = data.f_favail = 0
-        data.f_namemax = 255
+        data.f_namemax = NAME_MAX
         return data
 
     # ---- everything that would modify the tree ------------------------------------------------------

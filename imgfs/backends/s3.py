@@ -136,7 +136,7 @@ class S3Backend:
                              attempt + retries)
                 return data
             except ShortRead as e:
-                error: BackendError = e
+                error = e
             except ImgfsError:
                 raise
             except _STREAM_ERRORS as e:
