@@ -75,18 +75,26 @@ class Attachments:
         self._limiter = limiter
         self._volumes: dict[str, _Volume] = {}
         self._nursery: trio.Nursery | None = None
+        self._sweeping = False
         self.attaches = 0
         self.detaches = 0
 
     def start(self, nursery: trio.Nursery) -> None:
         self._nursery = nursery
-        nursery.start_soon(self._sweep_orphans)
+
+    def _sweep_later(self) -> None:
+        """After a failed attach: if it left attachments Cinder would not delete, keep trying."""
+        if not self._sweeping and self._nursery is not None and self.ops.orphans():
+            self._sweeping = True
+            self._nursery.start_soon(self._sweep_orphans)
 
     async def _sweep_orphans(self) -> None:
-        """Delete, once Cinder answers again, the attachments failed attaches could not delete."""
-        while True:
-            await trio.sleep(ORPHAN_RETRY)
-            await self._delete_orphans()
+        try:
+            while self.ops.orphans():
+                await trio.sleep(ORPHAN_RETRY)
+                await self._delete_orphans()
+        finally:
+            self._sweeping = False
 
     async def _delete_orphans(self) -> None:
         for volume_id, attachment_id in self.ops.orphans():
@@ -144,7 +152,10 @@ class Attachments:
             return
         async with v.lock:
             if not v.attached:
-                await self._attach(v, loc)
+                try:
+                    await self._attach(v, loc)
+                finally:
+                    self._sweep_later()
 
     # ---- attach and detach --------------------------------------------------------------------------
 
