@@ -25,6 +25,12 @@ def status(mount: Mount) -> dict:
     return answer
 
 
+def settled(mount: Mount) -> dict:
+    """Status once no fetch is in flight: a fetch hands its bytes to the reader before its cache fill
+    is done, so counters read right after a read may miss the fill."""
+    return wait_for(lambda: (s := status(mount))["inflight_fetches"] == 0 and s, 30, "fetches and fills to finish")
+
+
 @dataclass
 class ReadResult:
     good: int  # bytes read, every one checked against the source

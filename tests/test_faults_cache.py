@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from .conftest import random_bytes, write_config
-from .faultkit import MiB, assert_no_leaks, assert_one_line, assert_reads_exactly, baseline, status
+from .faultkit import MiB, assert_no_leaks, assert_one_line, assert_reads_exactly, baseline, settled
 
 pytestmark = pytest.mark.mount
 
@@ -43,7 +43,7 @@ def chunk_file(cache_dir: Path, index: int) -> Path:
 
 
 def fetched(m) -> int:
-    return status(m)["fetched_bytes"]
+    return settled(m)["fetched_bytes"]
 
 
 @pytest.mark.cell("cache", "chunk file bit flip / truncated / deleted")
@@ -71,7 +71,7 @@ def test_damaged_chunk_is_refetched_exactly(tmp_path, files, mounter, observed, 
     observed(f"{damage}: refetched 1 chunk")
     line = "vanished from" if damage == "delete" else "chunk 5 of image victim-image failed verification"
     assert_one_line(m, line)
-    assert status(m)["cache"]["corrupt"] == (0 if damage == "delete" else 1)
+    assert settled(m)["cache"]["corrupt"] == (0 if damage == "delete" else 1)
     assert_reads_exactly(m.images / "other-image", files["other-image"])
     assert_no_leaks(m, base)
 
@@ -97,7 +97,7 @@ def test_full_cache_disk_serves_from_the_store(tmp_path, files, mounter, small_d
     victim = m.images / "victim-image"
     for _ in range(2):
         assert_reads_exactly(victim, files["victim-image"])
-    s = status(m)
+    s = settled(m)
     assert s["cache"]["fill_failures"] > 0 and s["cache"]["chunks"] < 8, s["cache"]
     observed(f"{s['cache']['chunks']} chunks cached, {s['cache']['fill_failures']} fills refused")
     assert_one_line(m, r"cannot store chunks in .* \(No space left on device\).*free space")

@@ -44,7 +44,8 @@ def test_sigkill_during_fills_never_serves_a_torn_chunk(tmp_path, moto_url, moun
             m.stop(signal.SIGKILL)
             subprocess.run(["fusermount3", "-uz", str(m.path)], check=True)
             results = [f.result() for f in futures]  # every byte they got was checked
-        assert all(r.errno in (None, errno.ENOTCONN, errno.EIO) for r in results), [r.error for r in results]
+        # a killed daemon cannot answer: the kernel fails its readers (ENOTCONN, ECONNABORTED)
+        assert all(r.errno in (None, errno.ENOTCONN, errno.ECONNABORTED, errno.EIO) for r in results), [r.error for r in results]
         chunks_seen.append(len(list((tmp_path / "cache" / "chunks").glob("*/*"))))
     m = mounter(conf, name="final")
     s = status(m)

@@ -155,8 +155,10 @@ async def test_interrupted_reader_does_not_break_the_fetch(parts):
     assert backend.reads[("img", 0)] == 1  # the second reader joined the first fetch
 
 
-async def test_a_hung_store_read_fails_after_its_read_timeout(parts):
-    """A volume read that hangs (a stopped OSD) is EIO after read_timeout; the store's next read works."""
+async def test_a_hung_store_read_fails_after_its_read_timeout(parts, monkeypatch):
+    """A volume read that hangs (a stopped OSD) is EIO after read_timeout; for UNAVAILABLE_HOLD after
+    that, reads of the copy fail at once without asking the store; then they work again."""
+    monkeypatch.setattr("imgfs.reader.UNAVAILABLE_HOLD", 0.5)
     backend, _, fetcher = parts
     data = image(2 * CS)
     loc = backend.put("img", data)
@@ -166,7 +168,11 @@ async def test_a_hung_store_read_fails_after_its_read_timeout(parts):
         await ImageReader(fetcher, [loc], prefetch_max=0).read(0, CS)
     assert info.value.errno == 5 and trio.current_time() - started < 0.9
     backend.latency = 0.0
-    await trio.sleep(1.0)  # the abandoned read finishes on its own
+    reads = backend.read_bytes
+    with pytest.raises(BackendError, match="took over 0.1s"):  # held: the same error at once
+        await ImageReader(fetcher, [loc], prefetch_max=0).read(CS, CS)
+    await trio.sleep(1.5)  # the hold ends; the abandoned read finishes on its own
+    assert backend.read_bytes == reads + CS, "a held copy was asked again"
     assert await ImageReader(fetcher, [loc], prefetch_max=0).read(0, 2 * CS) == data
 
 
