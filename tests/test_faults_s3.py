@@ -74,7 +74,8 @@ def test_error_bursts(rig, observed, code):
     rig.proxy.inject("status", rig.victim, count=ATTEMPTS - 1, status=code)  # botocore's retries absorb it
     assert_reads_exactly(rig.path(rig.victim), rig.sources[rig.victim])
     # one line per request that needed retries (the burst may hit a demand and a prefetch request)
-    assert_one_line(rig.mount, "victim-image.*[0-9]+ HTTP errors retried by botocore; attempt [0-9]+ worked", exactly=False)
+    line = assert_one_line(rig.mount, "victim-image.*[0-9]+ HTTP errors retried by botocore; attempt [0-9]+ worked", exactly=False)
+    observed(f"every byte; {line.rsplit(': ', 1)[-1]}")
     finish(rig)
 
 
@@ -93,6 +94,7 @@ def test_stalled_body(rig, observed):
     rig.proxy.inject("stall", rig.victim, count=1, seconds=4 * READ_TIMEOUT)
     assert_reads_exactly(rig.path(rig.victim), rig.sources[rig.victim])
     assert_one_line(rig.mount, "victim-image.*mid-body: ReadTimeoutError; attempt 2 worked")
+    observed("every byte; ReadTimeoutError, attempt 2 worked")
     finish(rig)
 
 
@@ -125,7 +127,8 @@ def check_body_fault(rig: Rig, observed, kind: str, persistent: bool) -> None:
         rig.proxy.clear()
     else:
         assert_reads_exactly(rig.path(rig.victim), rig.sources[rig.victim])
-        assert_one_line(rig.mount, "victim-image.*mid-body: [A-Za-z]+; attempt 2 worked")
+        line = assert_one_line(rig.mount, "victim-image.*mid-body: [A-Za-z]+; attempt 2 worked")
+        observed("every byte; " + line.rsplit("mid-body: ", 1)[-1])
     finish(rig)
 
 
