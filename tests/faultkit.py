@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from imgfs.cli import _ask
 from imgfs.daemon import control_socket_path
 
-from .conftest import Mount, drop_page_cache, sha256, wait_for
+from .conftest import Mount, drop_page_cache, wait_for
 
 MiB = 1 << 20
 
