@@ -138,3 +138,25 @@ def test_volume_held_by_another_host(rig, cinder, observed):
         cinder.attachments.delete(theirs["id"])
     wait_for(lambda: not rig.attachments(cinder), 30, "the other host to let go")
     recovers(rig, cinder)
+
+
+@pytest.mark.cell("cinder", "ceph-osd stopped mid-read")
+def test_stop_while_the_osd_is_stopped(rig, cinder, observed):
+    """A read hung in librbd must not hang the daemon's stop: the attachment is deleted, the hung
+    connection is left to end with the process."""
+    fd = os.open(rig.victim, os.O_RDONLY)
+    try:
+        assert read_checked(None, rig.vol.data, stop=MiB, fd=fd).errno is None
+        with stopped("ceph-osd"):
+            assert read_checked(None, rig.vol.data, start=MiB, fd=fd).errno == errno.EIO
+            os.close(fd)
+            fd = -1
+            began = time.monotonic()
+            assert rig.mount.stop(timeout=60) == 0
+            took = time.monotonic() - began
+            assert not rig.attachments(cinder), "the attachment outlived the daemon"
+    finally:
+        if fd >= 0:
+            os.close(fd)
+    observed(f"stop with the OSD still stopped: exit 0 in {took:.1f}s, 0 attachments")
+    assert_one_line(rig.mount, "a read of volume .* is still hung after 3s")

@@ -109,15 +109,19 @@ class ReadOnlyVolume:
                 self._active -= 1
                 self._cond.notify_all()
 
-    def close(self) -> None:
+    def close(self, wait: float | None = None) -> bool:
+        """Refuse new reads, wait up to ``wait`` seconds (None: for ever) for those in flight, release.
+        False if reads still hang then (a stopped OSD): the handle is left as it is, since closing it
+        under a read could crash librbd; it ends with the process."""
         with self._cond:
             self._closed = True
-            while self._active:
-                self._cond.wait()
+            if not self._cond.wait_for(lambda: not self._active, timeout=wait):
+                return False
             if self._fd is not None:
                 os.close(self._fd)
                 self._fd = None
             self._image = self._handle = None  # os-brick's disconnect_volume closes the image itself
+            return True
 
 
 @dataclass
@@ -381,11 +385,13 @@ class CinderBackend:
         att = self._attached.pop(volume_id, None)
         if att is None:
             return
-        if att.volume is not None:
-            att.volume.close()
+        hung = att.volume is not None and not att.volume.close(wait=self.read_timeout)
+        if hung:
+            log.warning("%s: a read of volume %s is still hung after %gs (volume_read_timeout); deleting the attachment "
+                        "and leaving its connection to end with this process", self._where, volume_id, self.read_timeout)
         with lockutils.external_lock(volume_id, lock_file_prefix="glance_store-", lock_path=self.lock_path):
-            disconnect = True
-            if not att.private_connection and att.multiattach:
+            disconnect = not hung
+            if disconnect and not att.private_connection and att.multiattach:
                 try:
                     mine = [a for a in self.client.volumes.get(volume_id).attachments if a.get("host_name") == self.host]
                     disconnect = len(mine) <= 1
