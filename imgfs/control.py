@@ -241,17 +241,21 @@ async def serve_socket(d: Daemon, path: str, *, task_status=trio.TASK_STATUS_IGN
     st = os.stat(directory)
     if st.st_uid != os.geteuid() or st.st_mode & 0o022:  # another user could swap the socket for theirs
         raise PermissionError(errno.EACCES, f"{directory} must be owned by us and writable by no one else")
+    # Bound under a temporary name and renamed once listening: a client that sees the socket can
+    # connect (no ECONNREFUSED window), and a crashed daemon's socket is replaced atomically.
+    fresh = f"{path}.{os.getpid()}"
     try:
-        os.unlink(path)  # left by a crashed daemon
+        os.unlink(fresh)
     except FileNotFoundError:
         pass
     sock = trio.socket.socket(trio.socket.AF_UNIX, trio.socket.SOCK_STREAM)
     old = os.umask(0o177)  # root-only from the first instant, not after a chmod race
     try:
-        await sock.bind(path)
+        await sock.bind(fresh)
     finally:
         os.umask(old)
     sock.listen(16)
+    os.rename(fresh, path)
     listener = trio.SocketListener(sock)
     task_status.started()
     try:
