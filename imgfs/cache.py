@@ -29,13 +29,14 @@ import struct
 import time
 from typing import Any
 from collections import OrderedDict
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from functools import lru_cache
 
 import trio
 import xxhash
 
 from .model import ChunkKey
+from .ratelimit import RateLimit
 
 log = logging.getLogger(__name__)
 
@@ -74,19 +75,6 @@ class _Entry:
     ready: bool  # False while its fill is being written: counted against the limits, never read
 
 
-@dataclass
-class _RateLimit:
-    interval: float
-    last: dict[str, float] = field(default_factory=dict)
-
-    def allow(self, what: str) -> bool:
-        now = time.monotonic()
-        if now - self.last.get(what, -1e9) >= self.interval:
-            self.last[what] = now
-            return True
-        return False
-
-
 class ChunkCache:
     def __init__(self, root: str, *, max_bytes: int, max_count: int, memory_bytes: int, io_threads: int = 8) -> None:
         self.root = root
@@ -106,7 +94,7 @@ class ChunkCache:
         self._memory: OrderedDict[ChunkKey, memoryview] = OrderedDict()
         self._memory_used = 0
         self._limiter = trio.CapacityLimiter(io_threads)
-        self._warn = _RateLimit(60.0)
+        self._warn = RateLimit(60.0)
         self._evicted_since_log = 0
 
     # ---- startup -------------------------------------------------------------------------------------

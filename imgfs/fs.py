@@ -16,7 +16,6 @@ import errno
 import logging
 import os
 import stat
-import time
 from dataclasses import dataclass
 from typing import Iterator
 
@@ -26,6 +25,7 @@ import trio
 from .catalog import Catalog
 from .errors import ImgfsError
 from .model import Image, Location
+from .ratelimit import RateLimit
 from .reader import ChunkFetcher, ImageReader, StreamVerifier
 
 log = logging.getLogger(__name__)
@@ -37,7 +37,7 @@ BY_NAME = ROOT + 3
 _FIRST_STORE = 16
 _FIRST_FILE = 1024
 _TIMEOUT = 1.0  # seconds the kernel may trust names and attributes before asking again
-NAME_MAX = 255  # bytes; Glance ids are 36
+NAME_MAX = 255  # bytes in one name, as Linux's own filesystems allow
 
 XATTR_PREFIX = "user.imgfs."
 
@@ -75,7 +75,7 @@ class Operations(pyfuse3.Operations):
         self._dirs: dict[int, list[tuple[bytes, int]]] = {}
         self._next_fh = 1
         self.bytes_served = 0
-        self._failures_logged: dict[tuple[str, type], float] = {}
+        self._failures_logged = RateLimit(60.0)
         self._reading = 0  # read requests in flight
         self._drained: trio.Event | None = None  # set once shutdown began and no read is in flight
         self.invalidate = _invalidate_kernel_cache
@@ -284,7 +284,8 @@ class Operations(pyfuse3.Operations):
             raise pyfuse3.FUSEError(e.errno) from None
         finally:
             self._reading -= 1
-            self._check_drained()
+            if self._drained is not None:  # only while stopping: no call per read otherwise
+                self._check_drained()
         self.bytes_served += len(data)
         return data
 
@@ -305,9 +306,7 @@ class Operations(pyfuse3.Operations):
     def _log_failure(self, image_id: str, e: ImgfsError) -> None:
         """One line per image and kind of failure a minute: a dd against a dead store fails hundreds of
         kernel requests, and the operator needs the first one, not a flood."""
-        key, now = (image_id, type(e)), time.monotonic()
-        if now - self._failures_logged.get(key, -60.0) >= 60.0:
-            self._failures_logged[key] = now
+        if self._failures_logged.allow((image_id, type(e))):
             log.warning("read of image %s failed (%s): %s", image_id, errno.errorcode.get(e.errno, e.errno), e)
 
     def quarantine(self, locations) -> None:

@@ -249,7 +249,7 @@ class ChunkFetcher:
             del self._unavailable[loc]
 
     def _count_error(self, e: ImgfsError, loc: Location, *, prefetch: bool) -> None:
-        if isinstance(e, BackendUnavailable) and loc not in self._unavailable:
+        if isinstance(e, BackendUnavailable):  # the hold runs from the latest failure
             self._unavailable[loc] = (trio.current_time(), e)
         self.stats.errors[type(e).__name__] = self.stats.errors.get(type(e).__name__, 0) + 1
         if isinstance(e, StaleImage):

@@ -55,9 +55,10 @@ def test_third_party_libraries_stay_in_their_module(library, allowed):
 @pytest.mark.parametrize(
     "module, may_import",
     [
-        ("fs.py", {"imgfs.reader", "imgfs.catalog", "imgfs.errors", "imgfs.model"}),
+        ("fs.py", {"imgfs.reader", "imgfs.catalog", "imgfs.errors", "imgfs.model", "imgfs.ratelimit"}),
         ("reader.py", {"imgfs.cache", "imgfs.backends", "imgfs.errors", "imgfs.model"}),
-        ("cache.py", {"imgfs.model"}),
+        ("cache.py", {"imgfs.model", "imgfs.ratelimit"}),
+        ("ratelimit.py", set()),
         ("attach.py", {"imgfs.errors", "imgfs.model"}),
         ("catalog.py", {"imgfs.backends", "imgfs.errors", "imgfs.model", "imgfs.glance"}),
         ("model.py", set()),
