@@ -88,6 +88,8 @@ def secrets_of(config: Config) -> list[str]:
                     pass
     if config.glance is not None:
         found.append(config.glance.password)
+    if config.image_api is not None and config.image_api.auth is not None:
+        found.append(config.image_api.auth.password)
     return found
 
 
@@ -306,6 +308,13 @@ def _status_table(s: dict) -> str:
     p = s["process"]
     lines.append(f"process {p['rss_bytes'] / 2**20:.0f} MiB resident, {p['fds']} fds, {p['threads']} threads "
                  f"({p['busy_threads']} busy), {p['tasks']} tasks, {p['fuse_workers']} FUSE workers")
+    api = s.get("image_api")
+    if api:
+        refused = ", ".join(f"{k} x{v}" for k, v in api["refusals"].items()) or "none"
+        lines.append(f"api     http://{api['listen']} -> {api['upstream']}: {api['local_downloads']} downloads served "
+                     f"({api['local_bytes'] / 2**20:.0f} MiB, {api['aborted']} ended early), {api['passthrough_downloads']} "
+                     f"passed to Glance, {api['passthrough_requests']} other requests, refused by Glance: {refused}, "
+                     f"{api['active']} in flight")
     for a in s["attachments"]:
         idle = "in use" if a["idle_for"] is None else f"idle {a['idle_for']:.0f}s"
         lines.append(f"attach  {a['volume_id']} (store {a['store']}) refcount {a['refcount']} {idle}"
@@ -402,6 +411,10 @@ def _check_config(config: Config, *, probe: bool) -> int:
                 failures += 1
         print(line)
         backend.close()
+    if config.image_api is not None:
+        api = config.image_api
+        print(f"image API endpoint: http://{config.options.image_api_listen} in front of "
+              f"{api.upstream or 'the image service of the Keystone catalog at ' + (api.auth.auth_url if api.auth else '?')}")
     for name, value in sorted(vars(config.options).items()):
         print(f"[imgfs] {name} = {value}")
     return EXIT_FAILURE if failures else EXIT_OK

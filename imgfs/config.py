@@ -138,10 +138,29 @@ class ImgfsOptions:
     catalog: str = "stores"  # stores: what the stores hold; glance: what Glance says (names, metadata)
     control_socket: str = ""  # empty: /run/imgfs/<mountpoint with / as ->.sock
     metrics_port: int = 0  # 0: metrics only through the control socket; else also on 127.0.0.1:<port>
+    # The node-local Image API endpoint (imgfs.endpoint): off unless image_api_listen is set
+    image_api_listen: str = ""  # [host:]port; a bare port listens on 127.0.0.1
+    image_api_upstream: str = ""  # the real Glance; empty: from the Keystone catalog of [glance_catalog]
+    image_api_auth_ttl: float = 30.0  # seconds a caller's "yes, you may read image X" from Glance is reused
+    image_api_upstream_timeout: float = 300.0  # seconds to wait for the real Glance's answer
+    image_api_cafile: str = ""  # CA bundle for an https upstream (default: the system's)
 
     @property
     def chunk_size(self) -> int:
         return self.chunk_size_mb * 1024 * 1024
+
+
+@dataclass(frozen=True)
+class ImageApiConfig:
+    """The node-local Image API endpoint: where it listens and the real Glance behind it."""
+
+    host: str
+    port: int
+    upstream: str | None  # None: the image endpoint of ``auth``'s Keystone catalog
+    auth: GlanceCatalogConfig | None  # the credentials that find ``upstream`` in the catalog
+    auth_ttl: float
+    timeout: float
+    cafile: str | None
 
 
 @dataclass(frozen=True)
@@ -150,6 +169,7 @@ class Config:
     options: ImgfsOptions
     files: tuple[str, ...]
     glance: GlanceCatalogConfig | None = None
+    image_api: ImageApiConfig | None = None
 
 
 @dataclass(frozen=True)
@@ -327,7 +347,15 @@ def _imgfs_options(merged: _Merged) -> ImgfsOptions:
         catalog=sec.choice("catalog", d.catalog, ("stores", "glance")),
         control_socket=sec.get("control_socket", d.control_socket, _parse_abs_path, "an absolute path"),
         metrics_port=sec.integer("metrics_port", d.metrics_port, minimum=0, maximum=65535),
+        image_api_listen=sec.get("image_api_listen", d.image_api_listen, _parse_listen, "[host:]port, e.g. 127.0.0.1:9393"),
+        image_api_upstream=sec.get("image_api_upstream", d.image_api_upstream, _parse_url, "an http(s):// URL of Glance"),
+        image_api_auth_ttl=sec.number("image_api_auth_ttl", d.image_api_auth_ttl, minimum=0, maximum=3600),
+        image_api_upstream_timeout=sec.number("image_api_upstream_timeout", d.image_api_upstream_timeout,
+                                              minimum=1, maximum=86400),
+        image_api_cafile=sec.get("image_api_cafile", d.image_api_cafile, _parse_abs_path, "an absolute path"),
     )
+    if opts.image_api_cafile and not os.path.isfile(opts.image_api_cafile):
+        raise sec._bad("image_api_cafile", opts.image_api_cafile, "no such CA bundle file")
     if opts.cache_max_size_gb * 1024 < opts.chunk_size_mb:
         raise sec._bad("cache_max_size_gb", str(opts.cache_max_size_gb), "smaller than one chunk (chunk_size_mb)")
     return opts
@@ -337,6 +365,29 @@ def _parse_host(text: str) -> str:
     if not all(c.isalnum() or c in "-._" for c in text):
         raise ValueError(text)
     return text
+
+
+def _parse_listen(text: str) -> str:
+    """[host:]port with an IP literal (or localhost) as host: the address the Image API endpoint binds."""
+    host, sep, port = text.rpartition(":")
+    host = host.strip("[]") if sep else "127.0.0.1"
+    if host == "localhost":
+        host = "127.0.0.1"
+    ipaddress.ip_address(host)  # ValueError: not an address
+    if not port.isdigit() or not 1 <= int(port) <= 65535:
+        raise ValueError(text)
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def split_listen(text: str) -> tuple[str, int]:
+    host, _, port = text.rpartition(":")
+    return host.strip("[]"), int(port)
+
+
+def _parse_url(text: str) -> str:
+    if not text.startswith(("http://", "https://")):
+        raise ValueError(text)
+    return _parse_endpoint(text)
 
 
 def _parse_abs_path(text: str) -> str:
@@ -565,13 +616,44 @@ def load(paths: list[str]) -> Config:
             f"{paths[-1]}: no S3, file or cinder store configured; set [DEFAULT] enabled_backends = name:s3 (or name:file, name:cinder) "
             "and add the store's section (glance-api.conf's own stanzas work as they are)"
         )
-    glance = _glance_catalog(merged) if options.catalog == "glance" else None
-    return Config(stores=tuple(stores), options=options, files=tuple(paths), glance=glance)
+    glance = _glance_catalog(merged, "[imgfs] catalog = glance lists images from Glance with these credentials") \
+        if options.catalog == "glance" else None
+    image_api = None
+    if options.image_api_listen:
+        auth = None
+        if not options.image_api_upstream:
+            auth = glance or _glance_catalog(merged, "[imgfs] image_api_listen is set without image_api_upstream, so "
+                                                     "the real Glance is looked up in the Keystone catalog with these "
+                                                     "credentials (or set [imgfs] image_api_upstream)")
+        host, port = split_listen(options.image_api_listen)
+        image_api = ImageApiConfig(host=host, port=port, upstream=options.image_api_upstream or None, auth=auth,
+                                   auth_ttl=options.image_api_auth_ttl, timeout=options.image_api_upstream_timeout,
+                                   cafile=options.image_api_cafile or (auth.cafile if auth else None))
+    return Config(stores=tuple(stores), options=options, files=tuple(paths), glance=glance, image_api=image_api)
 
 
-def _glance_catalog(merged: _Merged) -> GlanceCatalogConfig:
+def refuse_own_mount(config: Config, mountpoint: str) -> Config:
+    """Drop every file store whose directory lies inside ``mountpoint``.
+
+    The mount-path route for Cinder (README, "Cinder and Nova read through imgfs") gives images a
+    Glance file store whose directory is this very mount; glance-api.conf handed to imgfs then names
+    it. Reading it would make imgfs its own source: a read would wait on itself. It is never read."""
+    mount = os.path.realpath(mountpoint)
+    kept: list[StoreConfig] = []
+    for store in config.stores:
+        if isinstance(store, FileStoreConfig) and (store.datadir == mount or store.datadir.startswith(mount + os.sep)):
+            log.warning("store %r (type file) keeps its images in %s, inside this imgfs mount (%s): that is the "
+                        "mount-path route for Cinder, not a source; not reading it", store.name, store.datadir, mount)
+            continue
+        kept.append(store)
+    if not kept:
+        raise ConfigError(f"every configured store lies inside the mount {mount}; imgfs needs a store outside it to read from")
+    return Config(stores=tuple(kept), options=config.options, files=config.files, glance=config.glance,
+                  image_api=config.image_api)
+
+
+def _glance_catalog(merged: _Merged, why: str) -> GlanceCatalogConfig:
     sec = _Section(merged, "glance_catalog", secrets=frozenset({"password"}))
-    why = "[imgfs] catalog = glance lists images from Glance with these credentials"
     auth_url = sec.required("auth_url", why)
     if not auth_url.startswith(("http://", "https://")):
         raise sec._bad("auth_url", auth_url, "expected an http(s):// Keystone URL")

@@ -95,6 +95,10 @@ def status(d: Daemon) -> dict[str, Any]:
         "attachments": [a for att in d.attachments.values() for a in att.status()],
         "pinned": [image for _, image in cache.pinned],
         "cached_images": images,
+        "image_api": None if d.image_api is None else {
+            "listen": d.config.options.image_api_listen, "upstream": d.image_api.upstream.where,
+            **d.image_api.stats.as_dict(),
+        },
         "process": process(),
     }
 
@@ -135,6 +139,34 @@ def metrics(d: Daemon) -> bytes:
             for store in s["stores"]:
                 up.add_metric([store["name"]], 1 if store["reachable"] else 0)
             yield up
+            api = s["image_api"]
+            if api is not None:
+                downloads = CounterMetricFamily("imgfs_image_api_downloads", "image downloads through the Image API "
+                                                "endpoint, by who answered them", labels=["served_by"])
+                downloads.add_metric(["imgfs"], api["local_downloads"])
+                downloads.add_metric(["glance"], api["passthrough_downloads"])
+                yield downloads
+                moved = CounterMetricFamily("imgfs_image_api_bytes", "bytes through the Image API endpoint",
+                                            labels=["path"])
+                for path, key in (("local", "local_bytes"), ("glance_down", "passthrough_bytes_down"),
+                                  ("glance_up", "passthrough_bytes_up")):
+                    moved.add_metric([path], api[key])
+                yield moved
+                yield CounterMetricFamily("imgfs_image_api_requests_passed", "other requests passed to Glance",
+                                          value=api["passthrough_requests"])
+                yield CounterMetricFamily("imgfs_image_api_aborted", "local downloads ended before their last byte",
+                                          value=api["aborted"])
+                refused = CounterMetricFamily("imgfs_image_api_refusals", "downloads Glance refused the caller, "
+                                              "by Glance's status", labels=["status"])
+                for status_code, value in api["refusals"].items():
+                    refused.add_metric([str(status_code)], value)
+                yield refused
+                failed = CounterMetricFamily("imgfs_image_api_upstream_errors", "requests answered 502/503/504 "
+                                             "because Glance could not be reached or did not answer", labels=["status"])
+                for status_code, value in api["upstream_errors"].items():
+                    failed.add_metric([str(status_code)], value)
+                yield failed
+                yield GaugeMetricFamily("imgfs_image_api_active", "requests in flight", value=api["active"])
             stats = d.fetcher.stats
             yield HistogramMetricFamily("imgfs_fetch_seconds", "store request latency",
                                         buckets=stats.latency_buckets(), sum_value=stats.latency_sum)

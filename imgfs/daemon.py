@@ -11,6 +11,8 @@ import logging
 import os
 import signal
 from dataclasses import dataclass
+from functools import partial
+from typing import TYPE_CHECKING
 
 import pyfuse3
 import trio
@@ -20,12 +22,15 @@ from .attach import Attachments
 from .backends.base import Backend
 from .cache import ChunkCache
 from .catalog import Catalog
-from .config import Config
+from .config import Config, refuse_own_mount
 from .errors import ConfigError, ImgfsError
 from .fs import Operations
 from .model import Image
 from .notify import notify
 from .reader import ChunkFetcher
+
+if TYPE_CHECKING:
+    from .endpoint import ImageApi
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +57,7 @@ class Daemon:
     fetcher: ChunkFetcher
     ops: Operations
     attachments: dict[str, Attachments]
+    image_api: "ImageApi | None" = None  # the node-local Image API endpoint, when [imgfs] image_api_listen is set
 
 
 def control_socket_path(config_path: str, mountpoint: str) -> str:
@@ -136,7 +142,13 @@ def build(config: Config, mountpoint: str) -> Daemon:
                     log.info("cache: dropped %d chunks of image %s (store '%s', version %s)", dropped, image_id, loc.store, loc.version)
 
     catalog.listeners.append(forget_old_versions)
-    return Daemon(config, mountpoint, backends, cache, catalog, fetcher, ops, attachments)
+    image_api = None
+    if config.image_api is not None:
+        from .endpoint import ImageApi  # imports hypercorn and httpx: only when the endpoint is on
+        from .upstream import Upstream
+
+        image_api = ImageApi(catalog, fetcher, Upstream(config.image_api), prefetch_max=options.prefetch_max_mb * 2**20)
+    return Daemon(config, mountpoint, backends, cache, catalog, fetcher, ops, attachments, image_api)
 
 
 def tame_malloc() -> None:
@@ -192,6 +204,7 @@ async def serve(
     handle_signals: bool = True,
 ) -> None:
     mountpoint = check_mountpoint(mountpoint)
+    config = refuse_own_mount(config, mountpoint)
     tame_malloc()
     daemon = build(config, mountpoint)
     notify("STATUS=opening the chunk cache")
@@ -249,6 +262,8 @@ async def serve(
                 except OSError as e:
                     log.error("cannot serve metrics on 127.0.0.1:%d (%s); change [imgfs] metrics_port",
                               config.options.metrics_port, os.strerror(e.errno or errno.EIO))
+            if daemon.image_api is not None:
+                await _start_image_api(daemon, nursery)
             task_status.started(daemon)
     finally:
         if mounted:
@@ -262,6 +277,29 @@ async def serve(
             backend.close()
         if daemon.catalog.source is not None:
             daemon.catalog.source.close()
+        if daemon.image_api is not None:
+            with trio.CancelScope(shield=True):
+                await daemon.image_api.upstream.aclose()
+
+
+class EndpointError(ImgfsError):
+    """The Image API endpoint cannot listen where it was told to."""
+
+
+async def _start_image_api(daemon: Daemon, nursery: trio.Nursery) -> None:
+    """Listen before READY=1: Cinder and Nova are pointed at the endpoint, so a node that says it is
+    ready must answer there. An address that cannot be bound stops the daemon (exit 1) with one line."""
+    from .endpoint import serve as serve_endpoint
+
+    api, cfg = daemon.image_api, daemon.config.image_api
+    assert api is not None and cfg is not None
+    try:
+        await nursery.start(partial(serve_endpoint, api, cfg, shutdown=trio.Event()))
+    except OSError as e:
+        raise EndpointError(f"cannot listen on {daemon.config.options.image_api_listen} for the Image API endpoint "
+                            f"({e.strerror or e}); change [imgfs] image_api_listen or stop what uses it") from None
+    log.info("Image API endpoint listening on http://%s, in front of Glance at %s", daemon.config.options.image_api_listen,
+             api.upstream.where)
 
 
 def _watchdog_interval() -> float | None:

@@ -265,7 +265,7 @@ class Operations(pyfuse3.Operations):
             verify = StreamVerifier(image.get("os_hash_algo"), image.get("os_hash_value"), loc.size)  # type: ignore[arg-type]
         fh = self._new_fh()
         self._handles[fh] = ImageReader(self.fetcher, locations, prefetch_max=self.prefetch_max, verify=verify,
-                                        on_integrity_error=self.quarantine)
+                                        on_integrity_error=self.fetcher.drop_copies)
         info = pyfuse3.FileInfo(fh=fh)
         info.keep_cache = True  # an open pins one version; the kernel cache is dropped when it changes
         return info
@@ -308,11 +308,6 @@ class Operations(pyfuse3.Operations):
         kernel requests, and the operator needs the first one, not a flood."""
         if self._failures_logged.allow((image_id, type(e))):
             log.warning("read of image %s failed (%s): %s", image_id, errno.errorcode.get(e.errno, e.errno), e)
-
-    def quarantine(self, locations) -> None:
-        """Forget every cached chunk of copies that failed verification (in the daemon's nursery)."""
-        for loc in locations:
-            self.fetcher.spawn(self.fetcher.cache.drop, loc.store, loc.image_id)
 
     async def release(self, fh: int) -> None:
         reader = self._handles.pop(fh, None)

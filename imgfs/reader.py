@@ -141,6 +141,11 @@ class ChunkFetcher:
         assert self._nursery is not None, "ChunkFetcher.attach() was not called"
         self._nursery.start_soon(fn, *args)
 
+    def drop_copies(self, locations: Sequence[Location]) -> None:
+        """Forget every cached chunk of copies that failed end-to-end verification (in the background)."""
+        for loc in locations:
+            self.spawn(self.cache.drop, loc.store, loc.image_id)
+
     def hold(self, loc: Location) -> None:
         holder = self.holders.get(loc.store)
         if holder is not None:

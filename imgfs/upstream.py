@@ -1,0 +1,227 @@
+"""The real Glance behind the node-local Image API endpoint: where it is, passing requests to it, and
+asking it whether a caller may read an image.
+
+Authorization is Glance's, never imgfs's: before the endpoint serves a byte of an image it asks Glance
+for that image with the caller's own headers (``X-Auth-Token``, the service token, ...), and takes the
+answer as it comes. A positive answer may be reused for ``auth_ttl`` seconds, keyed by a digest of the
+caller's headers (never the token itself): Cinder asks for the image, then for its data, and twenty
+creates from one image ask twenty times in a second. keystonemiddleware in front of every OpenStack API
+already trusts a validated token for minutes (``token_cache_time``, 300 s), so a TTL well below that
+adds no exposure a deployment does not already accept; 0 turns reuse off.
+
+No header value, token or body is ever logged here: only methods, paths and statuses.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import urllib.parse
+from dataclasses import dataclass
+from typing import AsyncIterator, Iterable
+
+import httpx
+import trio
+
+from .config import ImageApiConfig
+
+log = logging.getLogger(__name__)
+
+# RFC 9110 §7.6.1: meaningful for one connection only, never forwarded; plus what httpx sets itself.
+HOP_BY_HOP = frozenset({b"connection", b"keep-alive", b"proxy-connection", b"proxy-authenticate",
+                        b"proxy-authorization", b"te", b"trailer", b"transfer-encoding", b"upgrade", b"host",
+                        b"expect"})
+# Caller headers that do not change who the caller is: left out of the authorization cache key, so one
+# caller's requests share an answer (a request id differs on every request).
+_NOT_IDENTITY = frozenset({b"user-agent", b"accept", b"accept-encoding", b"x-openstack-request-id",
+                           b"x-global-request-id", b"range", b"if-range", b"content-length", b"content-type",
+                           b"x-forwarded-for", b"x-forwarded-host", b"x-forwarded-proto", b"forwarded"})
+_AUTH_CACHE_MAX = 4096
+
+Headers = list[tuple[bytes, bytes]]
+
+
+class UpstreamUnavailable(Exception):
+    """The real Glance cannot be reached (or found in the catalog): the caller gets 503 with this text."""
+
+
+class UpstreamTimeout(UpstreamUnavailable):
+    """The real Glance took longer than image_api_upstream_timeout to answer: 504."""
+
+
+class UpstreamBroke(UpstreamUnavailable):
+    """The real Glance took the request and closed the connection without an answer: 502."""
+
+
+@dataclass(frozen=True)
+class ImageFacts:
+    """What Glance told one caller about one image: enough to decide whether imgfs may serve it."""
+
+    status: str
+    size: int | None
+    checksum: str | None
+    os_hash_algo: str | None
+    os_hash_value: str | None
+
+
+@dataclass(frozen=True)
+class Refusal:
+    """Glance's own answer to a caller it will not show the image to (401, 403, 404, ...): given back as is."""
+
+    status: int
+    headers: Headers
+    body: bytes
+
+
+@dataclass(frozen=True)
+class Verdict:
+    facts: ImageFacts | None = None  # the caller may read the image: what Glance says it is
+    refusal: Refusal | None = None  # the caller may not: Glance's answer
+    request_id: bytes | None = None  # Glance's x-openstack-request-id of the answer
+    cached: bool = False
+
+
+def forwarded_headers(headers: Iterable[tuple[bytes, bytes]], client: str | None, host: bytes | None, scheme: str) -> Headers:
+    """The caller's end-to-end headers, plus the de-facto X-Forwarded-* so Glance can name the caller
+    and (with enable_proxy_headers_parsing) build links to this endpoint."""
+    out = [(k.lower(), v) for k, v in headers if k.lower() not in HOP_BY_HOP]
+    if client:
+        out.append((b"x-forwarded-for", client.encode()))
+    if host:
+        out.append((b"x-forwarded-host", host))
+    out.append((b"x-forwarded-proto", scheme.encode()))
+    return out
+
+
+def _identity(headers: Headers) -> str:
+    digest = hashlib.sha256()
+    for name, value in sorted(h for h in headers if h[0] not in _NOT_IDENTITY):
+        digest.update(name + b"\0" + value + b"\0")
+    return digest.hexdigest()
+
+
+class Upstream:
+    def __init__(self, cfg: ImageApiConfig) -> None:
+        self.cfg = cfg
+        verify: bool | str = cfg.cafile or True
+        if cfg.auth is not None and cfg.auth.insecure:
+            verify = False
+        timeout = httpx.Timeout(cfg.timeout, connect=min(10.0, cfg.timeout))
+        # Streams both ways; the pool keeps connections to Glance for the next request.
+        self.client = httpx.AsyncClient(verify=verify, timeout=timeout, follow_redirects=False,
+                                        limits=httpx.Limits(max_connections=128, max_keepalive_connections=16))
+        self._base: str | None = cfg.upstream
+        self._auth_cache: dict[tuple[str, str], tuple[float, ImageFacts]] = {}
+        self._lookup_lock = trio.Lock()
+
+    @property
+    def where(self) -> str:
+        return self._base or "the image service of the Keystone catalog"
+
+    async def base(self) -> str:
+        """The real Glance's URL: configured, or looked up once in the Keystone catalog."""
+        if self._base is None:
+            async with self._lookup_lock:
+                if self._base is None:
+                    self._base = await trio.to_thread.run_sync(self._from_catalog, abandon_on_cancel=True)
+                    log.info("image API endpoint: the real Glance is %s (from the Keystone catalog)", self._base)
+        return self._base
+
+    def _from_catalog(self) -> str:
+        from keystoneauth1 import exceptions as kexc
+        from keystoneauth1 import session as ks_session
+        from keystoneauth1.identity import v3
+
+        a = self.cfg.auth
+        assert a is not None
+        auth = v3.Password(auth_url=a.auth_url, username=a.username, password=a.password, project_name=a.project_name,
+                           user_domain_name=a.user_domain_name, project_domain_name=a.project_domain_name)
+        sess = ks_session.Session(auth=auth, verify=False if a.insecure else (a.cafile or True), timeout=30)
+        try:
+            url = sess.get_endpoint(service_type="image", interface=a.interface, region_name=a.region_name)
+        except (kexc.Unauthorized, kexc.Forbidden):
+            raise UpstreamUnavailable(f"Keystone at {a.auth_url} refused [glance_catalog]'s credentials while looking "
+                                      "up Glance; check them or set [imgfs] image_api_upstream") from None
+        except kexc.ClientException as e:
+            raise UpstreamUnavailable(f"cannot look Glance up in the Keystone catalog at {a.auth_url} "
+                                      f"({type(e).__name__}); set [imgfs] image_api_upstream") from None
+        finally:
+            sess.session.close()
+        if not url:
+            raise UpstreamUnavailable(f"the Keystone catalog at {a.auth_url} has no image service (interface "
+                                      f"{a.interface}); set [imgfs] image_api_upstream")
+        parts = urllib.parse.urlsplit(url)
+        if parts.hostname in (self.cfg.host, "localhost") and (parts.port or 80) == self.cfg.port:
+            raise UpstreamUnavailable(f"the Keystone catalog names this very endpoint ({url}) as Glance; "
+                                      "set [imgfs] image_api_upstream to the real Glance")
+        return url.rstrip("/")
+
+    async def send(self, method: str, target: str, headers: Headers, body: AsyncIterator[bytes] | None) -> httpx.Response:
+        """Send one request to Glance; the answer's body is left to stream (close it)."""
+        url = (await self.base()) + target
+        request = self.client.build_request(method, url, headers=headers, content=body)
+        given = {k for k, _ in headers}
+        for name in ("accept-encoding", "user-agent", "accept"):  # httpx's defaults: pass only what the caller sent
+            if name.encode() not in given:
+                request.headers.pop(name, None)
+        try:
+            return await self.client.send(request, stream=True)
+        except (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout, OSError) as e:
+            raise UpstreamUnavailable(f"cannot reach Glance at {self._base} ({type(e).__name__}); is glance-api up?") from None
+        except httpx.TimeoutException:
+            raise UpstreamTimeout(f"Glance at {self._base} did not answer {method} {_path(target)} within "
+                                  f"{self.cfg.timeout:g}s (image_api_upstream_timeout)") from None
+        except httpx.TransportError as e:
+            raise UpstreamBroke(f"Glance at {self._base} closed the connection without answering {method} "
+                                f"{_path(target)} ({type(e).__name__}); see glance-api's log") from None
+
+    async def authorize(self, headers: Headers, image_id: str) -> Verdict:
+        """Ask Glance, as the caller, for ``image_id``."""
+        key = (_identity(headers), image_id)
+        now = trio.current_time()
+        hit = self._auth_cache.get(key)
+        if hit is not None and hit[0] > now:
+            return Verdict(facts=hit[1], cached=True)
+        # The caller's own headers, less what belongs to its download; Accept stays, so a refusal comes
+        # back in the form the caller asked for (Glance answers the image itself in JSON either way).
+        asked = [(k, v) for k, v in headers if k not in (b"range", b"if-range", b"content-length", b"content-type",
+                                                          b"accept-encoding")]
+        response = await self.send("GET", f"/v2/images/{urllib.parse.quote(image_id, safe='')}", asked, None)
+        try:
+            body = await response.aread()
+        except httpx.HTTPError as e:
+            raise UpstreamUnavailable(f"Glance at {self._base} broke off its answer ({type(e).__name__})") from None
+        finally:
+            await response.aclose()
+        request_id = response.headers.get("x-openstack-request-id", "").encode() or None
+        if 400 <= response.status_code < 500:
+            return Verdict(refusal=Refusal(response.status_code, response_headers(response), body), request_id=request_id)
+        if response.status_code != 200:
+            return Verdict(request_id=request_id)  # Glance is unwell: let it answer the request itself
+        try:
+            doc = json.loads(body)
+            size = doc.get("size")
+            facts = ImageFacts(status=str(doc.get("status")), size=size if isinstance(size, int) else None,
+                               checksum=doc.get("checksum"), os_hash_algo=doc.get("os_hash_algo"),
+                               os_hash_value=doc.get("os_hash_value"))
+        except (ValueError, AttributeError):
+            return Verdict(request_id=request_id)
+        if self.cfg.auth_ttl > 0 and facts.status == "active":
+            if len(self._auth_cache) >= _AUTH_CACHE_MAX:
+                self._auth_cache = {k: v for k, v in self._auth_cache.items() if v[0] > now}
+                while len(self._auth_cache) >= _AUTH_CACHE_MAX:
+                    del self._auth_cache[next(iter(self._auth_cache))]
+            self._auth_cache[key] = (now + self.cfg.auth_ttl, facts)
+        return Verdict(facts=facts, request_id=request_id)
+
+    async def aclose(self) -> None:
+        await self.client.aclose()
+
+
+def response_headers(response: httpx.Response) -> Headers:
+    return [(k.lower(), v) for k, v in response.headers.raw if k.lower() not in HOP_BY_HOP]
+
+
+def _path(target: str) -> str:
+    return target.split("?", 1)[0]
