@@ -195,7 +195,8 @@ class ImageApi:
         image = self.catalog.image(image_id) or await self.catalog.lookup(image_id)
         if image is None:
             return False
-        headers = forwarded_headers(scope["headers"], None, None, scope["scheme"])
+        client = scope.get("client")
+        headers = forwarded_headers(scope["headers"], client[0] if client else None)
         verdict = await self.upstream.authorize(headers, image_id)
         self.stats.auth_cached += verdict.cached
         request_id = [(b"x-openstack-request-id", verdict.request_id)] if verdict.request_id else []
@@ -300,9 +301,7 @@ class ImageApi:
         else:
             self.stats.passthrough_requests += 1
         client = scope.get("client")
-        host = _header(scope, b"host")
-        headers = forwarded_headers(scope["headers"], client[0] if client else None,
-                                    host.encode("latin-1") if host else None, scope["scheme"])
+        headers = forwarded_headers(scope["headers"], client[0] if client else None)
         has_body = any(k in (b"content-length", b"transfer-encoding") for k, _ in scope["headers"])
         target = scope["raw_path"].decode("latin-1") + (("?" + scope["query_string"].decode("latin-1")) if scope["query_string"] else "")
         response = await self.upstream.send(scope["method"], target, headers, self._body(receive) if has_body else None)

@@ -28,15 +28,17 @@ from .config import ImageApiConfig
 
 log = logging.getLogger(__name__)
 
-# RFC 9110 §7.6.1: meaningful for one connection only, never forwarded; plus what httpx sets itself.
+# RFC 9110 §7.6.1: meaningful for one connection only, never forwarded; plus Expect (httpx does not
+# do 100-continue; hypercorn already answered it). Host is forwarded as the caller sent it: Glance builds
+# the links of its version document from it, and Nova's version discovery (keystoneauth, with
+# [glance] endpoint_override) follows those links, so they must lead back to this endpoint.
 HOP_BY_HOP = frozenset({b"connection", b"keep-alive", b"proxy-connection", b"proxy-authenticate",
-                        b"proxy-authorization", b"te", b"trailer", b"transfer-encoding", b"upgrade", b"host",
-                        b"expect"})
+                        b"proxy-authorization", b"te", b"trailer", b"transfer-encoding", b"upgrade", b"expect"})
 # Caller headers that do not change who the caller is: left out of the authorization cache key, so one
 # caller's requests share an answer (a request id differs on every request).
 _NOT_IDENTITY = frozenset({b"user-agent", b"accept", b"accept-encoding", b"x-openstack-request-id",
                            b"x-global-request-id", b"range", b"if-range", b"content-length", b"content-type",
-                           b"x-forwarded-for", b"x-forwarded-host", b"x-forwarded-proto", b"forwarded"})
+                           b"host", b"x-forwarded-for"})
 _AUTH_CACHE_MAX = 4096
 
 Headers = list[tuple[bytes, bytes]]
@@ -82,15 +84,11 @@ class Verdict:
     cached: bool = False
 
 
-def forwarded_headers(headers: Iterable[tuple[bytes, bytes]], client: str | None, host: bytes | None, scheme: str) -> Headers:
-    """The caller's end-to-end headers, plus the de-facto X-Forwarded-* so Glance can name the caller
-    and (with enable_proxy_headers_parsing) build links to this endpoint."""
+def forwarded_headers(headers: Iterable[tuple[bytes, bytes]], client: str | None) -> Headers:
+    """The caller's end-to-end headers, plus X-Forwarded-For so Glance's log can name the caller."""
     out = [(k.lower(), v) for k, v in headers if k.lower() not in HOP_BY_HOP]
     if client:
         out.append((b"x-forwarded-for", client.encode()))
-    if host:
-        out.append((b"x-forwarded-host", host))
-    out.append((b"x-forwarded-proto", scheme.encode()))
     return out
 
 

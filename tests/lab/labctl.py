@@ -40,6 +40,7 @@ PORTS = {
     'cinder': PORT_BASE + 1,
     'glance': PORT_BASE + 2,
     'rgw': PORT_BASE + 3,
+    'imgfs_api': PORT_BASE + 4,      # not a lab daemon: where a test's imgfs serves its Image API endpoint
     'mon_v2': PORT_BASE + 5,
     'mon_v1': PORT_BASE + 6,         # Cinder hands os-brick the mon's legacy v1 address
     'mariadb': PORT_BASE + 10,
@@ -62,6 +63,13 @@ VOLUME_TYPES = {'lab-rbd': {}, 'lab-rbd-multiattach': {'multiattach': '<is> True
 # Glance multi-store: store id -> glance_store driver. Image data in RGW (bucket GLANCE_S3_BUCKET,
 # as the lab's S3 user), in Cinder image-volumes (project `service`), and in a directory.
 GLANCE_STORES = {'s3store': 's3', 'cinderstore': 'cinder', 'filestore': 'file'}
+# The mount-path route for Cinder (README, "Cinder and Nova read through imgfs"): a Glance file store
+# that holds nothing itself and only names the store of the file:// locations that point into an imgfs
+# mount, so Glance can show and delete them. Not in GLANCE_STORES: no image is ever imported into it.
+GLANCE_MOUNT_STORE = 'imgfsmount'
+# Where Cinder gets image bytes (tests/lab/cinder-image-route): from Glance as in a stock cloud, or from
+# an imgfs Image API endpoint on PORTS['imgfs_api'], or through an imgfs mount (file:// locations).
+CINDER_IMAGE_ROUTES = ('glance', 'imgfs-endpoint', 'imgfs-mount')
 GLANCE_DEFAULT_STORE = 's3store'
 GLANCE_S3_BUCKET = 'glance'
 # Multiattach: an image-volume imgfs holds attached (on one or more hosts) can still be attached by
@@ -686,6 +694,20 @@ expiration_time = 600
             (d / sub).mkdir(parents=True, exist_ok=True)
         conf = d / 'cinder.conf'
         ks = self.secrets['keystone']
+        # cinder-volume runs `sudo cinder-rootwrap <conf> qemu-img ...` (hard-coded) to convert images: a
+        # `sudo` that drops the rootwrap prefix and runs the command (the lab runs as root already),
+        # first on the Cinder daemons' PATH only.
+        (d / 'bin').mkdir(exist_ok=True)
+        sudo = d / 'bin' / 'sudo'
+        sudo.write_text('#!/bin/sh\n# imgfs lab: cinder runs as root already\n'
+                        '[ "$1" = cinder-rootwrap ] && shift 2\nexec "$@"\n')
+        sudo.chmod(0o755)
+        route = self.cinder_image_route()
+        image_source = {
+            'glance': '# images from Glance itself (glance_catalog_info), as in a stock cloud',
+            'imgfs-endpoint': f'glance_api_servers = http://{HOST}:{PORTS["imgfs_api"]}',
+            'imgfs-mount': 'allowed_direct_url_schemes = file',
+        }[route]
         conf.write_text(f"""\
 [DEFAULT]
 host = {CINDER_HOST}
@@ -701,6 +723,9 @@ osapi_volume_workers = 1
 enabled_backends = {CINDER_BACKEND}
 default_volume_type = lab-rbd
 glance_catalog_info = image:glance:publicURL
+# image route: {route} (tests/lab/cinder-image-route)
+{image_source}
+image_conversion_dir = {d}/conversion
 # stop fast on SIGTERM (tests/lab/down): the default waits up to 60 s
 graceful_shutdown_timeout = 5
 [database]
@@ -715,6 +740,16 @@ user_domain_name = Default
 project_name = service
 project_domain_name = Default
 service_token_roles_required = true
+[glance]
+# service credentials: Cinder reads image locations (Image API 2.17) as a service user
+auth_type = password
+auth_url = {self.keystone_url}
+username = cinder
+password = {ks['cinder']}
+user_domain_name = Default
+project_name = service
+project_domain_name = Default
+region_name = {REGION}
 [oslo_concurrency]
 lock_path = {d}/locks
 [coordination]
@@ -741,14 +776,55 @@ rados_connect_timeout = 20
                      what='cinder: db sync', timeout=300)
             marker.touch()
 
-    def cinder_start(self) -> None:
+    def cinder_start(self, binaries: tuple[str, ...] = ('cinder-api', 'cinder-scheduler', 'cinder-volume')) -> None:
         """Needs MariaDB, RabbitMQ and Ceph; not Keystone (cinder-api asks it only per request)."""
         d = DATA / 'cinder'
         conf = d / 'cinder.conf'
-        for binary in ('cinder-api', 'cinder-scheduler', 'cinder-volume'):
+        env = dict(self.env, PATH=f'{d}/bin:{self.env["PATH"]}')
+        for binary in binaries:
             self.start(binary, [f'{VENV}/bin/{binary}', '--config-file', str(conf),
-                                '--log-file', str(self.log_path(binary))], cwd=d,
+                                '--log-file', str(self.log_path(binary))], cwd=d, env=env,
                        ports=(PORTS['cinder'],) if binary == 'cinder-api' else ())
+
+    def cinder_image_route(self) -> str:
+        try:
+            route = (DATA / 'cinder' / 'image-route').read_text().strip()
+        except FileNotFoundError:
+            return 'glance'
+        return route if route in CINDER_IMAGE_ROUTES else 'glance'
+
+    def set_cinder_image_route(self, route: str) -> None:
+        """Point Cinder's image downloads at `route`, restarting cinder-api and cinder-volume (both
+        talk to Glance) only if the route changes. The route survives `down`/`up`."""
+        if route not in CINDER_IMAGE_ROUTES:
+            raise LabError(f'unknown image route {route!r}; one of {", ".join(CINDER_IMAGE_ROUTES)}')
+        self.load_secrets()
+        if route == self.cinder_image_route() and all(self.running(b) for b in ('cinder-api', 'cinder-volume')):
+            log(f'cinder: image route already {route}')
+            return
+        (DATA / 'cinder' / 'image-route').write_text(route + '\n')
+        self.cinder_config()
+        daemons = ('cinder-api', 'cinder-volume')
+        for name in daemons:
+            self.stop(name)
+        self.cinder_start(daemons)
+        self.cinder_ready()
+        log(f'cinder: image route {route}')
+
+    def stop(self, name: str, timeout: float = 30) -> None:
+        """SIGTERM the daemon's process group (it was started with setsid), SIGKILL after `timeout`."""
+        pid = self.running(name)
+        if pid is None:
+            return
+        os.killpg(pid, 15)
+        deadline = time.monotonic() + timeout
+        while self.running(name) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        if self.running(name):
+            os.killpg(pid, 9)
+            while self.running(name):
+                time.sleep(0.1)
+        log(f'stopped {name}')
 
     def cinder_ready(self) -> None:
         from cinderclient import client as cinder_client
@@ -837,7 +913,8 @@ disk_chown: RegExpFilter, chown, root, chown, \\d+, /dev/(?!.*/\\.\\.).*
 """)
         conf = d / 'glance-api.conf'
         ks = self.secrets['keystone']
-        backends = ', '.join(f'{k}:{v}' for k, v in GLANCE_STORES.items())
+        backends = ', '.join(f'{k}:{v}' for k, v in {**GLANCE_STORES, GLANCE_MOUNT_STORE: 'file'}.items())
+        (d / 'imgfsmount-unused').mkdir(exist_ok=True)
         conf.write_text(f"""\
 # Written by tests/lab/labctl.py (imgfs lab). Secrets inside: keep 0600.
 [DEFAULT]
@@ -888,6 +965,10 @@ cinder_mount_point_base = {d}/mnt
 rootwrap_config = {d}/rootwrap.conf
 [filestore]
 filesystem_store_datadir = {d}/images
+[{GLANCE_MOUNT_STORE}]
+# holds nothing: it names the store of file:// locations into an imgfs mount (never import into it)
+description = imgfs mount path (node-local, read-only)
+filesystem_store_datadir = {d}/imgfsmount-unused
 [os_glance_staging_store]
 filesystem_store_datadir = {d}/staging
 [os_glance_tasks_store]
@@ -951,8 +1032,9 @@ driver = noop
             return r.status_code == 200 and {s['id'] for s in r.json()['stores']}
         got = self.wait_for('glance-api to list its stores (Keystone auth)', stores, 60,
                             ('glance-api',))
-        if got != set(GLANCE_STORES):
-            raise LabError(f'glance-api lists stores {sorted(got)}, expected {sorted(GLANCE_STORES)}; '
+        if got != {*GLANCE_STORES, GLANCE_MOUNT_STORE}:
+            raise LabError(f'glance-api lists stores {sorted(got)}, expected {sorted(GLANCE_STORES)} and '
+                           f'{GLANCE_MOUNT_STORE}; '
                            f'see {self.log_path("glance-api")}')
         log(f'glance: api up, stores {", ".join(GLANCE_STORES)} (default {GLANCE_DEFAULT_STORE})')
 
@@ -988,6 +1070,8 @@ driver = noop
                 'volume_types': {'default': 'lab-rbd', 'multiattach': 'lab-rbd-multiattach'},
                 'backend_host': f'{CINDER_HOST}@{CINDER_BACKEND}#{CINDER_BACKEND}',
                 'conf': str(DATA / 'cinder' / 'cinder.conf'),
+                'image_route': self.cinder_image_route(),
+                'imgfs_api_url': f'http://{HOST}:{PORTS["imgfs_api"]}',
             },
             'glance': {
                 'deployed': True,
@@ -998,6 +1082,7 @@ driver = noop
                 'config_dir': str(self.glance_dir),
                 'database_url': self.db_url('glance'),
                 'stores': dict(GLANCE_STORES),
+                'mount_store': GLANCE_MOUNT_STORE,
                 'default_store': GLANCE_DEFAULT_STORE,
                 'filestore_dir': str(self.glance_dir / 'images'),
                 's3_bucket': GLANCE_S3_BUCKET,
@@ -1091,11 +1176,18 @@ def status() -> int:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument('command', choices=('up', 'status'))
+    ap.add_argument('command', choices=('up', 'status', 'cinder-image-route'))
+    ap.add_argument('route', nargs='?', choices=CINDER_IMAGE_ROUTES)
     args = ap.parse_args()
     if args.command == 'status':
         return status()
     try:
+        if args.command == 'cinder-image-route':
+            if args.route is None:
+                print(Lab().cinder_image_route())
+                return 0
+            Lab().set_cinder_image_route(args.route)
+            return 0
         Lab().up()
     except LabError as exc:
         print(f'[lab up] ERROR: {exc}', file=sys.stderr)
