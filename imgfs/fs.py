@@ -26,7 +26,7 @@ from .catalog import Catalog
 from .errors import ImgfsError
 from .model import Image, Location
 from .ratelimit import RateLimit
-from .reader import ChunkFetcher, ImageReader, StreamVerifier
+from .reader import ChunkFetcher, ImageReader
 
 log = logging.getLogger(__name__)
 
@@ -260,9 +260,8 @@ class Operations(pyfuse3.Operations):
             raise pyfuse3.FUSEError(errno.ENOENT)
         image = self.catalog.image(node.image_id)
         locations = self.fetcher.order(image.locations) if image is not None and node.store is None else [loc]
-        verify = None
-        if image is not None and image.get("os_hash_algo") in ("sha512", "sha256") and image.get("os_hash_value"):
-            verify = StreamVerifier(image.get("os_hash_algo"), image.get("os_hash_value"), loc.size)  # type: ignore[arg-type]
+        verify = None if image is None else \
+            self.fetcher.verifier(locations, image.get("os_hash_algo"), image.get("os_hash_value"), loc.size)
         fh = self._new_fh()
         self._handles[fh] = ImageReader(self.fetcher, locations, prefetch_max=self.prefetch_max, verify=verify,
                                         on_integrity_error=self.fetcher.drop_copies)

@@ -96,10 +96,10 @@ def endpoint_config(tmp_path: Path, lab: dict, *, proxy: CountingProxy | None, c
     return ["--config-file", str(path)], f"http://127.0.0.1:{port}", sock
 
 
-def start_endpoint(mounter, tmp_path, lab, *, proxy, glance_conf: bool = True, **options):
+def start_endpoint(mounter, tmp_path, lab, *, proxy, extra: tuple[str, ...] = (), **options):
+    """imgfs with the endpoint on, handed the lab's glance-api.conf and then its own imgfs.conf."""
     args, url, sock = endpoint_config(tmp_path, lab, proxy=proxy, **options)
-    first = Path(lab["glance"]["conf"]) if glance_conf else Path(args[1])
-    m = mounter(first, *(args if glance_conf else args[2:]))
+    m = mounter(Path(lab["glance"]["conf"]), *args, *extra)
     wait_for(lambda: _listening(url), 30, "the Image API endpoint")
     return m, url, sock
 

@@ -274,3 +274,35 @@ async def test_copies_ordered_by_weight_then_local_then_cheapest(tmp_path, nurse
     await ImageReader(fetcher, [lblk], prefetch_max=0).read(0, 10)
     await settle(fetcher)
     assert [l.store for l in fetcher.order([ls3, lblk, lf])] == ["blk", "f", "s3"]  # partly cached here: first
+
+
+async def test_a_copy_verified_once_is_not_hashed_again(tmp_path, nursery):
+    """Once a copy was read whole, from that copy alone, and matched the digest, later readers of it get
+    no verifier (its cached chunks are guarded by their xxh3 blocks); another digest, a reader that also
+    has an unverified copy, a stream mixed from two copies, or a quarantine all keep verification on."""
+    import hashlib
+
+    a, b = MemoryBackend(name="a"), MemoryBackend(name="b")
+    cache = ChunkCache(str(tmp_path / "c"), max_bytes=1 << 30, max_count=1000, memory_bytes=0)
+    await cache.open()
+    fetcher = ChunkFetcher(cache, {"a": a, "b": b}, chunk_size=CS, max_connections=2)
+    fetcher.attach(nursery)
+    data = image(3 * CS + 5)
+    la, lb = a.put("img", data), b.put("img", data)
+    good = hashlib.sha512(data).hexdigest()
+    assert fetcher.verifier([la], "md5", "x", len(data)) is None  # nothing to check against
+    first = ImageReader(fetcher, [la], prefetch_max=0, verify=fetcher.verifier([la], "sha512", good, len(data)))
+    assert first.verify is not None
+    for off in range(0, len(data), CS):
+        await first.read(off, CS)
+    assert fetcher.verifier([la], "sha512", good, len(data)) is None
+    assert fetcher.verifier([la], "sha512", "0" * 128, len(data)) is not None
+    assert fetcher.verifier([la, lb], "sha512", good, len(data)) is not None  # b was never verified
+    await settle(fetcher)
+    # b's reader finds a's chunks cached and reads them: the stream mixes copies, so b is not marked
+    mixed = ImageReader(fetcher, [lb, la], prefetch_max=0, verify=fetcher.verifier([lb, la], "sha512", good, len(data)))
+    for off in range(0, len(data), CS):
+        await mixed.read(off, CS)
+    assert fetcher.verifier([lb], "sha512", good, len(data)) is not None
+    fetcher.drop_copies([la])
+    assert fetcher.verifier([la], "sha512", good, len(data)) is not None

@@ -413,6 +413,10 @@ log to stderr = false
 err to stderr = false
 rgw frontends = beast endpoint={HOST}:{PORTS['rgw']}
 rgw dns name = {HOST}
+# per-user bytes sent/received (radosgw-admin usage show): benchmarks count what left RGW, whoever read
+rgw enable usage log = true
+rgw usage log tick interval = 1
+rgw usage log flush threshold = 1
 """)
 
     def ceph_rbd(self) -> None:
