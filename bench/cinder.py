@@ -11,6 +11,7 @@ Prints numbers; asserts nothing but the bytes (sha256 of every full read against
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import json
 import os
@@ -78,6 +79,20 @@ class Daemon:
             if line.startswith("VmHWM:"):
                 return int(line.split()[1]) / 1024
         return 0.0
+
+
+@contextlib.contextmanager
+def running_lab():
+    """lab.json of the running lab; brings the lab up first (and down again at the end) if it is not up."""
+    started = not (LAB_DIR / "lab.json").exists()
+    if started:
+        print("bringing the lab up (tests/lab/up) ...", file=sys.stderr)
+        subprocess.run([str(REPO / "tests/lab/up")], check=True)
+    try:
+        yield json.loads((LAB_DIR / "lab.json").read_text())
+    finally:
+        if started:
+            subprocess.run([str(REPO / "tests/lab/down")], check=False)
 
 
 def lab_clients(lab: dict, *, timeout: float):

@@ -32,7 +32,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
-from tests.conftest import LAB_DIR, wait_for, wait_volume  # noqa: E402
+from tests.conftest import wait_for, wait_volume  # noqa: E402
 
 _spec = importlib.util.spec_from_file_location("bench_cinder", Path(__file__).parent / "cinder.py")
 bench_cinder = importlib.util.module_from_spec(_spec)
@@ -83,12 +83,12 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--size-mib", type=int, default=1024)
     args = ap.parse_args()
-    size = args.size_mib * MiB
-    started_lab = False
-    if not (LAB_DIR / "lab.json").exists():
-        subprocess.run([str(REPO / "tests/lab/up")], check=True)
-        started_lab = True
-    lab = json.loads((LAB_DIR / "lab.json").read_text())
+    with bench_cinder.running_lab() as lab:
+        return run(lab, size_mib)
+
+
+def run(lab: dict, size_mib: int) -> int:
+    size = size_mib * MiB
     pids = Path(lab["pids_dir"])
 
     import rbd
@@ -102,7 +102,7 @@ def main() -> int:
     digest = hashlib.sha256()
 
     def body():
-        for i in range(args.size_mib):
+        for i in range(size_mib):
             piece = i.to_bytes(8, "little") + block[8:]
             digest.update(piece)
             yield piece
@@ -116,7 +116,7 @@ def main() -> int:
         image_id = img["id"]
         t = time.perf_counter()
         sess.put(f"{glance}/v2/images/{image_id}/file", data=body(), headers={"Content-Type": "application/octet-stream"})
-        print(f"uploaded {args.size_mib} MiB to Glance (s3store) in {time.perf_counter() - t:.1f}s", file=sys.stderr)
+        print(f"uploaded {size_mib} MiB to Glance (s3store) in {time.perf_counter() - t:.1f}s", file=sys.stderr)
         want = digest.hexdigest()
 
         conf = work / "imgfs.conf"
@@ -191,10 +191,8 @@ def main() -> int:
         ioctx.close()
         cluster.shutdown()
         subprocess.run(["rm", "-rf", str(work)], check=False)
-        if started_lab:
-            subprocess.run([str(REPO / "tests/lab/down")], check=False)
 
-    print(f"\nCinder volume from a {args.size_mib} MiB image in s3store (RGW) -> RBD volume; loadavg "
+    print(f"\nCinder volume from a {size_mib} MiB image in s3store (RGW) -> RBD volume; loadavg "
           f"{' '.join(open('/proc/loadavg').read().split()[:3])}")
     print(f"{'route':<22} {'create':>8} {'fetch step':>11} {'fetch MB/s':>10} {'vs stock':>9} {'RGW sent':>9} "
           f"{'via glance':>10} {'imgfs CPU':>9}  bytes")
