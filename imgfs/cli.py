@@ -228,6 +228,14 @@ def _mount(config: Config, mountpoint: str) -> int:
         trio.run(serve, config, mountpoint)
     except ImgfsError:
         raise
+    except BaseExceptionGroup as group:  # raised inside the daemon's nursery, so it comes wrapped
+        mine = group.subgroup(lambda e: isinstance(e, ImgfsError))
+        if mine is None:
+            log.exception("imgfs stopped on an unexpected error")
+            return EXIT_FAILURE
+        while isinstance(mine, BaseExceptionGroup):
+            mine = mine.exceptions[0]
+        raise mine from None
     except Exception:
         log.exception("imgfs stopped on an unexpected error")
         return EXIT_FAILURE

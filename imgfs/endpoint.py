@@ -24,6 +24,7 @@ from __future__ import annotations
 import email.utils
 import logging
 import re
+import socket
 import time
 from dataclasses import dataclass, field
 from typing import Any, AsyncIterator, Awaitable, Callable
@@ -166,10 +167,11 @@ class ImageApi:
         try:
             m = _FILE_PATH.match(scope["path"])
             # A legacy Content-Range request header (Glance still honours it) is left to Glance.
-            local = m and scope["method"] in ("GET", "HEAD") and _header(scope, b"content-range") is None
-            if local and await self._download(scope, receive, send, m.group(1)):  # type: ignore[union-attr]
+            download = m is not None and scope["method"] in ("GET", "HEAD")
+            legacy = _header(scope, b"content-range") is not None
+            if download and not legacy and await self._download(scope, receive, send, m.group(1)):  # type: ignore[union-attr]
                 return
-            await self._pass(scope, receive, send, download=bool(m))
+            await self._pass(scope, receive, send, download=download)
         except _ClientGone:
             log.info("image API endpoint: the client of %s %s hung up mid-request", scope["method"], scope["path"])
         except UpstreamUnavailable as e:
@@ -195,9 +197,6 @@ class ImageApi:
 
     async def _download(self, scope: Scope, receive: Receive, send: Send, image_id: str) -> bool:
         """Answer a download from imgfs; False when Glance should answer it instead."""
-        image = self.catalog.image(image_id) or await self.catalog.lookup(image_id)
-        if image is None:
-            return False
         client = scope.get("client")
         headers = forwarded_headers(scope["headers"], client[0] if client else None)
         verdict = await self.upstream.authorize(headers, image_id)
@@ -206,11 +205,18 @@ class ImageApi:
         if verdict.refusal is not None:
             r = verdict.refusal
             self.stats.refusals[r.status] = self.stats.refusals.get(r.status, 0) + 1
-            log.info("image API endpoint: Glance answered %d to a download of image %s; passing its answer on", r.status, image_id)
+            if self._failures_logged.allow(("refusal", r.status)):  # a flood of bad tokens is one line a minute
+                log.info("image API endpoint: Glance answered %d to a download of image %s; passing its answer on",
+                         r.status, image_id)
             await send({"type": "http.response.start", "status": r.status, "headers": r.headers})
             await send({"type": "http.response.body", "body": b"" if scope["method"] == "HEAD" else r.body})
             return True
         if verdict.facts is None:
+            return False
+        # Only for a caller Glance accepted: a lookup of an id no listing has shown asks the stores
+        # directly, and anonymous requests must not make imgfs probe its stores.
+        image = self.catalog.image(image_id) or await self.catalog.lookup(image_id)
+        if image is None:
             return False
         locations = self._servable(image, verdict.facts)
         if not locations:
@@ -337,8 +343,17 @@ async def serve(api: ImageApi, cfg: ImageApiConfig, *, shutdown: trio.Event,
     from hypercorn.config import Config as HypercornConfig
     from hypercorn.trio import serve as hypercorn_serve
 
+    # Bound here, not by hypercorn: a port in use must be a plain OSError the daemon can report in one
+    # line (hypercorn binds inside its own nursery, where it would come wrapped in an ExceptionGroup).
+    sock = socket.socket(socket.AF_INET6 if ":" in cfg.host else socket.AF_INET, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((cfg.host, cfg.port))
+    except OSError:
+        sock.close()
+        raise
     hc = HypercornConfig()
-    hc.bind = [f"[{cfg.host}]:{cfg.port}" if ":" in cfg.host else f"{cfg.host}:{cfg.port}"]
+    hc.bind = [f"fd://{sock.detach()}"]  # hypercorn owns (and closes) the descriptor from here
     hc.include_server_header = False
     hc.include_date_header = False  # Glance's own Date passes through; local answers set theirs
     hc.accesslog = None

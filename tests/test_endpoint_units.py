@@ -128,3 +128,40 @@ def test_hop_by_hop_headers_are_not_forwarded_but_host_is():
     out = dict(forwarded_headers([(b"Connection", b"keep-alive"), (b"Transfer-Encoding", b"chunked"), (b"Host", b"h:1"),
                                   (b"Expect", b"100-continue"), (b"X-Auth-Token", b"t")], "10.0.0.1"))
     assert out == {b"host": b"h:1", b"x-auth-token": b"t", b"x-forwarded-for": b"10.0.0.1"}
+
+
+@pytest.mark.mount
+def test_endpoint_address_in_use_stops_the_daemon_with_one_line(tmp_path):
+    """Cinder and Nova are pointed at the endpoint: a node whose endpoint cannot listen must not look
+    ready. Exit 1 (a restart may find the port free), one line naming the option, the mount gone."""
+    import socket
+    import subprocess
+    import sys
+
+    from .conftest import is_mounted
+
+    (tmp_path / "files").mkdir()
+    (tmp_path / "files" / "img").write_bytes(b"x" * 100)
+    (tmp_path / "mnt").mkdir()
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        conf = write(tmp_path, "imgfs.conf", f"""
+            [DEFAULT]
+            enabled_backends = f:file
+            [f]
+            filesystem_store_datadir = {tmp_path}/files
+            [imgfs]
+            cache_dir = {tmp_path}/cache
+            control_socket = {tmp_path}/ctl.sock
+            image_api_listen = 127.0.0.1:{port}
+            image_api_upstream = http://127.0.0.1:9
+            """)
+        result = subprocess.run([sys.executable, "-m", "imgfs", "mount", str(tmp_path / "mnt"), "--config-file", conf],
+                                capture_output=True, text=True, timeout=60)
+    assert result.returncode == 1, result.stderr
+    errors = [line for line in result.stderr.splitlines() if " ERROR " in line]
+    assert len(errors) == 1 and "cannot listen on 127.0.0.1:" in errors[0] and "image_api_listen" in errors[0]
+    assert "Traceback" not in result.stderr
+    assert not is_mounted(tmp_path / "mnt")
