@@ -29,7 +29,6 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, AsyncIterator, Awaitable, Callable
 
-import httpx
 import trio
 
 from .catalog import Catalog
@@ -38,8 +37,8 @@ from .errors import ImgfsError
 from .model import Image, Location
 from .ratelimit import RateLimit
 from .reader import ChunkFetcher, ImageReader
-from .upstream import (Headers, ImageFacts, Upstream, UpstreamBroke, UpstreamTimeout, UpstreamUnavailable, forwarded_headers,
-                       response_headers)
+from .upstream import (Headers, ImageFacts, Upstream, UpstreamBroke, UpstreamTimeout, UpstreamUnavailable, body_of,
+                       forwarded_headers, response_headers)
 
 log = logging.getLogger(__name__)
 
@@ -321,15 +320,14 @@ class ImageApi:
                 try:
                     await send({"type": "http.response.start", "status": response.status_code,
                                 "headers": response_headers(response)})
-                    async for piece in response.aiter_raw():
+                    async for piece in body_of(response):
                         self.stats.passthrough_bytes_down += len(piece)
                         await send({"type": "http.response.body", "body": piece, "more_body": True})
                     await send({"type": "http.response.body", "body": b""})
-                except httpx.HTTPError as e:
+                except UpstreamBroke as e:
                     # Glance broke off mid-answer: end ours short too (the connection closes), as Glance's did.
-                    if self._failures_logged.allow(("passthrough", type(e))):
-                        log.warning("image API endpoint: Glance broke off its answer to %s %s (%s)", scope["method"],
-                                    scope["path"], type(e).__name__)
+                    if self._failures_logged.allow(("passthrough", str(e))):
+                        log.warning("image API endpoint: %s %s: %s", scope["method"], scope["path"], e)
                 nursery.cancel_scope.cancel()
         finally:
             with trio.CancelScope(shield=True):

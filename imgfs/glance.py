@@ -49,16 +49,41 @@ def parse(body: dict[str, Any]) -> GlanceImage | None:
     return GlanceImage(str(body["id"]), str(body.get("name") or ""), int(body["size"]), stores, meta)
 
 
+def keystone_session(cfg: GlanceCatalogConfig, *, timeout: float):
+    """A keystoneauth session with [glance_catalog]'s credentials."""
+    from keystoneauth1 import session as ks_session
+    from keystoneauth1.identity import v3
+
+    auth = v3.Password(auth_url=cfg.auth_url, username=cfg.username, password=cfg.password,
+                       project_name=cfg.project_name, user_domain_name=cfg.user_domain_name,
+                       project_domain_name=cfg.project_domain_name)
+    return ks_session.Session(auth=auth, verify=False if cfg.insecure else (cfg.cafile or True), timeout=timeout)
+
+
+def image_endpoint(cfg: GlanceCatalogConfig, *, timeout: float) -> str:
+    """The image service's URL in the Keystone catalog, as [glance_catalog]'s user sees it (blocking)."""
+    from keystoneauth1 import exceptions as kexc
+
+    sess = keystone_session(cfg, timeout=timeout)
+    where = f"the Keystone catalog at {cfg.auth_url}"
+    try:
+        url = sess.get_endpoint(service_type="image", interface=cfg.interface, region_name=cfg.region_name)
+    except (kexc.Unauthorized, kexc.Forbidden):
+        raise BackendAccessDenied(f"{where} refused [glance_catalog]'s credentials; check username / password / "
+                                  "project_name") from None
+    except kexc.ClientException as e:
+        raise BackendUnavailable(f"cannot look the image service up in {where} ({type(e).__name__})") from None
+    finally:
+        sess.session.close()
+    if not url:
+        raise BackendError(f"{where} has no image service (interface {cfg.interface}); check [glance_catalog] "
+                           "region_name / interface")
+    return url.rstrip("/")
+
+
 class GlanceSource:
     def __init__(self, cfg: GlanceCatalogConfig, *, timeout: float) -> None:
-        from keystoneauth1 import session as ks_session
-        from keystoneauth1.identity import v3
-
-        auth = v3.Password(auth_url=cfg.auth_url, username=cfg.username, password=cfg.password,
-                           project_name=cfg.project_name, user_domain_name=cfg.user_domain_name,
-                           project_domain_name=cfg.project_domain_name)
-        verify: bool | str = False if cfg.insecure else (cfg.cafile or True)
-        self.session = ks_session.Session(auth=auth, verify=verify, timeout=timeout)
+        self.session = keystone_session(cfg, timeout=timeout)
         self.endpoint_filter = {"service_type": "image", "interface": cfg.interface, "region_name": cfg.region_name}
         self._where = f"Glance catalog (via {cfg.auth_url})"
 

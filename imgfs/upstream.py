@@ -25,6 +25,8 @@ import httpx
 import trio
 
 from .config import ImageApiConfig
+from .errors import ImgfsError
+from .glance import image_endpoint
 
 log = logging.getLogger(__name__)
 
@@ -127,33 +129,16 @@ class Upstream:
         return self._base
 
     def _from_catalog(self) -> str:
-        from keystoneauth1 import exceptions as kexc
-        from keystoneauth1 import session as ks_session
-        from keystoneauth1.identity import v3
-
-        a = self.cfg.auth
-        assert a is not None
-        auth = v3.Password(auth_url=a.auth_url, username=a.username, password=a.password, project_name=a.project_name,
-                           user_domain_name=a.user_domain_name, project_domain_name=a.project_domain_name)
-        sess = ks_session.Session(auth=auth, verify=False if a.insecure else (a.cafile or True), timeout=30)
+        assert self.cfg.auth is not None
         try:
-            url = sess.get_endpoint(service_type="image", interface=a.interface, region_name=a.region_name)
-        except (kexc.Unauthorized, kexc.Forbidden):
-            raise UpstreamUnavailable(f"Keystone at {a.auth_url} refused [glance_catalog]'s credentials while looking "
-                                      "up Glance; check them or set [imgfs] image_api_upstream") from None
-        except kexc.ClientException as e:
-            raise UpstreamUnavailable(f"cannot look Glance up in the Keystone catalog at {a.auth_url} "
-                                      f"({type(e).__name__}); set [imgfs] image_api_upstream") from None
-        finally:
-            sess.session.close()
-        if not url:
-            raise UpstreamUnavailable(f"the Keystone catalog at {a.auth_url} has no image service (interface "
-                                      f"{a.interface}); set [imgfs] image_api_upstream")
+            url = image_endpoint(self.cfg.auth, timeout=30)
+        except ImgfsError as e:
+            raise UpstreamUnavailable(f"{e}; or set [imgfs] image_api_upstream") from None
         parts = urllib.parse.urlsplit(url)
         if parts.hostname in (self.cfg.host, "localhost") and (parts.port or 80) == self.cfg.port:
             raise UpstreamUnavailable(f"the Keystone catalog names this very endpoint ({url}) as Glance; "
                                       "set [imgfs] image_api_upstream to the real Glance")
-        return url.rstrip("/")
+        return url
 
     async def send(self, method: str, target: str, headers: Headers, body: AsyncIterator[bytes] | None) -> httpx.Response:
         """Send one request to Glance; the answer's body is left to stream (close it)."""
@@ -215,6 +200,15 @@ class Upstream:
 
     async def aclose(self) -> None:
         await self.client.aclose()
+
+
+async def body_of(response: httpx.Response) -> AsyncIterator[bytes]:
+    """Glance's answer as it arrives (raw: a Content-Encoding passes as it is)."""
+    try:
+        async for piece in response.aiter_raw():
+            yield piece
+    except httpx.HTTPError as e:
+        raise UpstreamBroke(f"Glance broke off its answer ({type(e).__name__})") from None
 
 
 def response_headers(response: httpx.Response) -> Headers:
