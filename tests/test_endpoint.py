@@ -118,7 +118,7 @@ def test_glance_refusals_pass_through_unchanged_and_no_byte_is_served(tmp_path, 
     assert s3_bytes(rgw_proxy, img["id"]) == 0, "a refused caller made imgfs fetch"
     s = status(sock)["image_api"]
     assert s["local_downloads"] == 0
-    assert s["refusals"] == {"404": 1, "401": 2}
+    assert s["refusals"] == {"404": 3, "401": 2}  # the private image, the unknown and the malformed id; no and a bad token
     # The demo user may read a public image: the same token is authorized, per image.
     pub, pub_data = images(MiB + 1, visibility="public")
     wait_listed(m, pub["id"])
