@@ -75,6 +75,18 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def nova_download(lab: dict, sess, endpoint: str, image_id: str, dest: Path, want: str) -> tuple[float, str]:
+    """nova.virt.images.fetch (tests/lab/nova_download.py, lab venv) from ``endpoint``: (seconds, OK|MISMATCH)."""
+    drop_caches()
+    env = dict(os.environ, NOVA_TOKEN=sess.get_token(), NOVA_USER_ID=sess.get_user_id(), NOVA_PROJECT_ID=sess.get_project_id())
+    out = subprocess.run([str(Path(lab["lab_dir"]) / "venv/bin/python"), str(REPO / "tests/lab/nova_download.py"), endpoint,
+                          image_id, str(dest)], env=env, capture_output=True, text=True, timeout=600)
+    got = json.loads(out.stdout.strip().splitlines()[-1])
+    ok = "OK" if "error" not in got and hashlib.sha256(dest.read_bytes()).hexdigest() == want else f"FAILED {got.get('error', '')}"
+    dest.unlink(missing_ok=True)
+    return got.get("seconds", float("nan")), ok
+
+
 def route(name: str) -> None:
     subprocess.run([str(REPO / "tests/lab/cinder-image-route"), name], check=True, capture_output=True, timeout=300)
 
@@ -84,7 +96,7 @@ def main() -> int:
     ap.add_argument("--size-mib", type=int, default=1024)
     args = ap.parse_args()
     with bench_cinder.running_lab() as lab:
-        return run(lab, size_mib)
+        return run(lab, args.size_mib)
 
 
 def run(lab: dict, size_mib: int) -> int:
@@ -110,6 +122,7 @@ def run(lab: dict, size_mib: int) -> int:
     image_id, daemon = None, None
     volumes: list[str] = []
     rows: list[dict] = []
+    nova_rows: list[tuple[str, tuple[float, str]]] = []
     try:
         img = sess.post(f"{glance}/v2/images", json={"name": f"bench-vfi-{uuid.uuid4().hex[:6]}", "disk_format": "raw",
                                                      "container_format": "bare", "visibility": "public"}).json()
@@ -164,6 +177,10 @@ def run(lab: dict, size_mib: int) -> int:
         route("imgfs-endpoint")
         create("endpoint, 1st (cold)")
         create("endpoint, 2nd (warm)")
+        # Nova's own download code (glanceclient, into a file; no eventlet thread pool in the way), warm:
+        # how fast a client of the Image API can take the image, from Glance and from imgfs.
+        for name, url in (("nova download, stock", glance), ("nova download, endpoint", lab["cinder"]["imgfs_api_url"])):
+            nova_rows.append((name, nova_download(lab, sess, url, image_id, work / "nova.img", want)))
         subprocess.run([str(REPO / ".venv/bin/imgfs"), "evict", image_id, "--socket", str(work / "ctl.sock")], check=True,
                        capture_output=True)
         route("imgfs-mount")
@@ -203,10 +220,13 @@ def run(lab: dict, size_mib: int) -> int:
               f"{(size / fetch / 1e6) if fetch else float('nan'):10.0f} "
               f"{(stock / fetch) if fetch and stock else float('nan'):8.2f}x {r['rgw_mib']:7.0f}Mi {r['glance_mib']:8.0f}Mi "
               f"{r['imgfs_cpu_s'] if r['imgfs_cpu_s'] is not None else float('nan'):8.2f}s  {r['bytes']}")
+    for name, (seconds, ok) in nova_rows:
+        print(f"{name:<24} {'':>8} {seconds:10.2f}s {size / seconds / 1e6:10.0f} {stock / seconds if stock else float('nan'):8.2f}x"
+              f" {'':>9} {'':>10} {'':>9}  {ok}")
     print("fetch step = Cinder's own download of the image into image_conversion_dir (its log line); create = the "
           "whole API call until the volume is available (fetch + qemu-img + rbd import). RGW sent: RGW's usage log; "
           "via glance: glance-api's wchar (sockets and logs). vs stock = stock fetch time / this fetch time.")
-    return 0 if all(r["bytes"] == "OK" for r in rows) else 1
+    return 0 if all(r["bytes"] == "OK" for r in rows) and all(ok == "OK" for _, (_, ok) in nova_rows) else 1
 
 
 if __name__ == "__main__":

@@ -11,7 +11,6 @@ import logging
 import os
 import signal
 from dataclasses import dataclass
-from functools import partial
 from typing import TYPE_CHECKING
 
 import pyfuse3
@@ -294,7 +293,7 @@ async def _start_image_api(daemon: Daemon, nursery: trio.Nursery) -> None:
     api, cfg = daemon.image_api, daemon.config.image_api
     assert api is not None and cfg is not None
     try:
-        await nursery.start(partial(serve_endpoint, api, cfg, shutdown=trio.Event()))
+        await nursery.start(serve_endpoint, api, cfg)
     except OSError as e:
         raise EndpointError(f"cannot listen on {daemon.config.options.image_api_listen} for the Image API endpoint "
                             f"({e.strerror or e}); change [imgfs] image_api_listen or stop what uses it") from None

@@ -219,8 +219,9 @@ class ImageApi:
             return False
         locations = self._servable(image, verdict.facts)
         if not locations:
-            log.info("image API endpoint: image %s is %s with %s bytes in Glance, which imgfs does not hold; passing "
-                     "the download to Glance", image_id, verdict.facts.status, verdict.facts.size)
+            if self._failures_logged.allow(("not held", image_id)):
+                log.info("image API endpoint: image %s is %s with %s bytes in Glance, which imgfs does not hold; "
+                         "passing the download to Glance", image_id, verdict.facts.status, verdict.facts.size)
             return False
         facts, size = verdict.facts, locations[0].size
         try:
@@ -281,9 +282,10 @@ class ImageApi:
                 nursery.cancel_scope.cancel()
         finally:
             reader.close()
-            if done:
-                log.info("image API endpoint: served image %s from imgfs (%d bytes%s, %.1f s)", image_id, sent,
-                         "" if wanted is None else f" at {start}", time.monotonic() - began)
+            if done:  # one line per whole image; ranges (a random reader makes many) at DEBUG
+                log.log(logging.INFO if wanted is None else logging.DEBUG, "image API endpoint: served image %s from "
+                        "imgfs (%d bytes%s, %.1f s)", image_id, sent, "" if wanted is None else f" at {start}",
+                        time.monotonic() - began)
             else:
                 self.stats.aborted += 1  # a store failure, a digest mismatch, the client gone, or a stop
         return True
@@ -334,10 +336,10 @@ class ImageApi:
                 await response.aclose()
 
 
-async def serve(api: ImageApi, cfg: ImageApiConfig, *, shutdown: trio.Event,
-                task_status=trio.TASK_STATUS_IGNORED) -> None:
-    """Serve ``api`` on cfg.host:cfg.port until ``shutdown`` is set or the surrounding nursery is cancelled.
-    Raises OSError when the address cannot be bound."""
+async def serve(api: ImageApi, cfg: ImageApiConfig, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+    """Serve ``api`` on cfg.host:cfg.port until the surrounding nursery is cancelled (the daemon's stop:
+    downloads in flight end there, short of their Content-Length, and the socket closes). Raises
+    OSError when the address cannot be bound."""
     from hypercorn.config import Config as HypercornConfig
     from hypercorn.trio import serve as hypercorn_serve
 
@@ -356,8 +358,7 @@ async def serve(api: ImageApi, cfg: ImageApiConfig, *, shutdown: trio.Event,
     hc.include_date_header = False  # Glance's own Date passes through; local answers set theirs
     hc.accesslog = None
     hc.errorlog = logging.getLogger("hypercorn.error")  # kept at WARNING by imgfs.cli
-    hc.graceful_timeout = 1.0  # a stop ends downloads in flight: their clients see a short body
     hc.keep_alive_timeout = 75.0  # Cinder and Nova reuse pooled connections
     hc.h11_max_incomplete_size = 64 * 1024  # Glance (eventlet/uWSGI) takes headers up to 64 KiB: Keystone tokens are long
     hc.backlog = 256
-    await hypercorn_serve(api, hc, shutdown_trigger=shutdown.wait, task_status=task_status)
+    await hypercorn_serve(api, hc, task_status=task_status)

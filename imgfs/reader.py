@@ -54,6 +54,9 @@ class Holder(Protocol):
 _KIND_COST = {"file": 0, "memory": 0, "cinder": 1, "s3": 2}
 
 
+# Glance's os_hash_algo values imgfs checks images against (Glance's hashing_algorithm, sha512 by default)
+VERIFIED_HASHES = ("sha512", "sha256")
+
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 
 
@@ -146,12 +149,11 @@ class ChunkFetcher:
         assert self._nursery is not None, "ChunkFetcher.attach() was not called"
         self._nursery.start_soon(fn, *args)
 
-    HASHES = ("sha512", "sha256")
-
-    def verifier(self, locations: Sequence[Location], algo: str | None, digest: str | None, size: int) -> "StreamVerifier | None":
+    def verifier(self, locations: Sequence[Location], algo: str | None, digest: str | None,
+                 size: int) -> "StreamVerifier | None":
         """A verifier for a reader of ``locations`` against the catalog's digest, or None when there is no
         digest to check or every one of those copies was verified before."""
-        if algo not in self.HASHES or not digest:
+        if algo not in VERIFIED_HASHES or not digest:
             return None
         if all((loc, algo, digest.lower()) in self._verified for loc in locations):
             return None
