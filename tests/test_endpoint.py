@@ -58,6 +58,7 @@ def test_download_is_served_locally_with_glance_headers_and_no_second_fetch(tmp_
     assert head.status_code == 200 and head.content == b""
     assert head.headers["Content-Length"] == str(len(data)) and head.headers["Content-MD5"] == img["checksum"]
     assert s3_bytes(rgw_proxy, img["id"]) == fetched
+    assert status(sock)["image_api"]["auth_cached"] >= 1  # Glance's "yes" to this caller, reused within the TTL
     # The download went through imgfs's cache, shared with the mount: the file reads without a fetch.
     assert (m.images / img["id"]).read_bytes() == data
     assert s3_bytes(rgw_proxy, img["id"]) == fetched
@@ -146,6 +147,7 @@ def test_image_not_active_in_glance_is_left_to_glance(tmp_path, lab, glance_api,
         glance_api("POST", f"/v2/images/{img['id']}/actions/reactivate")
     assert ep("GET", f"/v2/images/{img['id']}/file").content == data
     assert status(sock)["image_api"]["local_downloads"] == 1
+    assert status(sock)["image_api"]["auth_cached"] == 0  # image_api_auth_ttl = 0: Glance asked every time
 
 
 # ---- everything else passes through ----------------------------------------------------------------
