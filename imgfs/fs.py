@@ -13,11 +13,12 @@ This is the only module that turns ``ImgfsError`` into ``FUSEError`` (their errn
 from __future__ import annotations
 
 import errno
+import functools
 import logging
 import os
 import stat
 from dataclasses import dataclass
-from typing import Iterator
+from typing import Any, Awaitable, Callable, Iterator, TypeVar
 
 import pyfuse3
 import trio
@@ -40,6 +41,26 @@ _TIMEOUT = 1.0  # seconds the kernel may trust names and attributes before askin
 NAME_MAX = 255  # bytes in one name, as Linux's own filesystems allow
 
 XATTR_PREFIX = "user.imgfs."
+
+_H = TypeVar("_H", bound=Callable[..., Awaitable[Any]])
+
+
+def _guarded(handler: _H) -> _H:
+    """A bug in a handler fails that request with EIO and one logged traceback. pyfuse3 lets only
+    FUSEError out of a handler: anything else ends pyfuse3.main(), and with it the whole daemon (the
+    mount, and the Image API endpoint that Cinder and Nova download through)."""
+
+    @functools.wraps(handler)
+    async def run(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return await handler(*args, **kwargs)
+        except pyfuse3.FUSEError:
+            raise
+        except Exception:
+            log.exception("internal error in the FUSE %s handler; answering EIO", handler.__name__)
+            raise pyfuse3.FUSEError(errno.EIO) from None
+
+    return run  # type: ignore[return-value]
 
 
 @dataclass(frozen=True, slots=True)
@@ -138,6 +159,7 @@ class Operations(pyfuse3.Operations):
 
     # ---- lookups and attributes ---------------------------------------------------------------------
 
+    @_guarded
     async def lookup(self, parent_inode: int, name: bytes, ctx=None) -> pyfuse3.EntryAttributes:
         if len(name) > NAME_MAX:  # the kernel passes names up to ~4 KiB; statfs promises 255
             raise pyfuse3.FUSEError(errno.ENAMETOOLONG)
@@ -178,6 +200,7 @@ class Operations(pyfuse3.Operations):
             raise pyfuse3.FUSEError(errno.ENOTDIR)
         raise pyfuse3.FUSEError(errno.ENOENT)
 
+    @_guarded
     async def getattr(self, inode: int, ctx=None) -> pyfuse3.EntryAttributes:
         if inode in (ROOT, IMAGES, STORES, BY_NAME) or inode in self._inode_stores:
             return self._dir_attr(inode)
@@ -197,6 +220,7 @@ class Operations(pyfuse3.Operations):
 
     # ---- directories --------------------------------------------------------------------------------
 
+    @_guarded
     async def readlink(self, inode: int, ctx=None) -> bytes:
         link = self._links.get(inode)
         target = None if link is None else self._link_target(link)
@@ -221,6 +245,7 @@ class Operations(pyfuse3.Operations):
         else:
             raise pyfuse3.FUSEError(errno.ENOTDIR)
 
+    @_guarded
     async def opendir(self, inode: int, ctx=None) -> int:
         # A snapshot per open directory, so paging through it stays consistent while the catalog changes.
         entries = [(name.encode(), ino) for name, ino in self._children(inode)]
@@ -228,6 +253,7 @@ class Operations(pyfuse3.Operations):
         self._dirs[fh] = entries
         return fh
 
+    @_guarded
     async def readdir(self, fh: int, start_id: int, token) -> None:
         entries = self._dirs[fh]
         for i in range(start_id, len(entries)):
@@ -239,6 +265,7 @@ class Operations(pyfuse3.Operations):
             if not pyfuse3.readdir_reply(token, name, attr, i + 1):
                 return
 
+    @_guarded
     async def releasedir(self, fh: int) -> None:
         self._dirs.pop(fh, None)
 
@@ -249,6 +276,7 @@ class Operations(pyfuse3.Operations):
         self._next_fh += 1
         return fh
 
+    @_guarded
     async def open(self, inode: int, flags: int, ctx=None) -> pyfuse3.FileInfo:
         if flags & os.O_ACCMODE != os.O_RDONLY or flags & (os.O_TRUNC | os.O_APPEND):
             raise pyfuse3.FUSEError(errno.EROFS)
@@ -269,6 +297,7 @@ class Operations(pyfuse3.Operations):
         info.keep_cache = True  # an open pins one version; the kernel cache is dropped when it changes
         return info
 
+    @_guarded
     async def read(self, fh: int, off: int, size: int) -> bytes | memoryview:
         reader = self._handles.get(fh)
         if reader is None:
@@ -308,12 +337,14 @@ class Operations(pyfuse3.Operations):
         if self._failures_logged.allow((image_id, type(e))):
             log.warning("read of image %s failed (%s): %s", image_id, errno.errorcode.get(e.errno, e.errno), e)
 
+    @_guarded
     async def release(self, fh: int) -> None:
         reader = self._handles.pop(fh, None)
         if reader is not None:
             reader.close()
         self._check_drained()
 
+    @_guarded
     async def flush(self, fh: int) -> None:
         pass
 
@@ -343,9 +374,11 @@ class Operations(pyfuse3.Operations):
             attrs.update(image.meta)
         return attrs
 
+    @_guarded
     async def listxattr(self, inode: int, ctx=None) -> list[bytes]:
         return [(XATTR_PREFIX + name).encode() for name in self._xattrs(inode)]
 
+    @_guarded
     async def getxattr(self, inode: int, name: bytes, ctx=None) -> bytes:
         key = name.decode("utf-8", "replace")
         if not key.startswith(XATTR_PREFIX):
@@ -355,6 +388,7 @@ class Operations(pyfuse3.Operations):
             raise pyfuse3.FUSEError(pyfuse3.ENOATTR)
         return value.encode()
 
+    @_guarded
     async def statfs(self, ctx=None) -> pyfuse3.StatvfsData:
         data = pyfuse3.StatvfsData()
         ids = self.catalog.image_ids()

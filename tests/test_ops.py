@@ -170,3 +170,24 @@ async def test_store_listing_failure_keeps_last_listing(world, caplog):
     assert [n for n, _ in ops._children(IMAGES)] == ["img"]
     assert catalog.stores["alpha"].reachable is False
     assert caplog.text.count("cannot connect") == 1  # said once, not every refresh
+
+
+async def test_a_bug_in_a_handler_is_eio_for_that_request_not_the_end_of_the_daemon(world, caplog):
+    """pyfuse3 ends its main loop on any exception but FUSEError: that would take the mount (and the
+    Image API endpoint in the same process) down for one bad request."""
+    a, b, catalog, ops = world
+    a.put("one", b"x" * 100)
+    await catalog.refresh()
+    attr = await ops.lookup(IMAGES, b"one")
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("a bug")
+
+    ops.fetcher.verifier = broken
+    with pytest.raises(pyfuse3.FUSEError) as info:
+        await ops.open(attr.st_ino, os.O_RDONLY)
+    assert info.value.errno == errno.EIO
+    assert "internal error in the FUSE open handler" in caplog.text and "RuntimeError: a bug" in caplog.text
+    del ops.fetcher.verifier  # the next open works again
+    info = await ops.open(attr.st_ino, os.O_RDONLY)
+    assert await ops.read(info.fh, 0, 10) == b"x" * 10
