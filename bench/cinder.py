@@ -15,6 +15,7 @@ import contextlib
 import hashlib
 import json
 import os
+import random
 import re
 import signal
 import subprocess
@@ -115,6 +116,18 @@ def lab_clients(lab: dict, *, timeout: float):
     return sess, cinder, cluster, cluster.open_ioctx(ceph["rbd_pool"])
 
 
+def attachment_totals(sock: Path, *, settle: float) -> dict:
+    """The daemon's attachment counters once the grace after the last fetch has run out."""
+    time.sleep(settle)
+    out = subprocess.run([str(REPO / ".venv/bin/imgfs"), "status", "--json", "--socket", str(sock)], check=True,
+                         capture_output=True, text=True).stdout
+    return json.loads(out)["attachment_totals"][0]
+
+
+def held_note(t: dict) -> str:
+    return f"held {t['seconds_held']:.1f} s in all, {t['fetches_per_attach']} fetches each"
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--size-mib", type=int, default=1024)
@@ -167,13 +180,15 @@ def main() -> int:
         rows.append(("direct librbd read, 4 MiB reads (best of 2)", f"{size / t_direct / 1e6:.0f} MB/s", ""))
         rows.append(("direct librbd read, 8 MiB reads", f"{size / t_direct8 / 1e6:.0f} MB/s", ""))
 
-        config = write_cinder_config(work / "imgfs.conf", lab, cache_dir=work / "cache", host=host,
-                                     attach_idle_timeout=600, chunk_size_mb=8)
+        sock = work / "ctl.sock"
+        config = write_cinder_config(work / "imgfs.conf", lab, cache_dir=work / "cache", host=host, chunk_size_mb=8,
+                                     attach_idle_timeout=5, control_socket=sock)
         log = work / "imgfs.log"
         d = Daemon(config, work / "mnt", log)
         path = work / "mnt" / "images" / image_id
         wait_for(path.exists, 30, "the image in the mount")
         t_cold = dd(path)
+        held_cold = attachment_totals(sock, settle=5 + 2)
         m = re.search(r"attached volume \S+ .* in ([0-9.]+)s", log.read_text())
         attach_s = float(m.group(1)) if m else float("nan")
         t_warm = dd(path)
@@ -188,8 +203,28 @@ def main() -> int:
         rows.append(("imgfs warm (chunk cache, page cache dropped)", f"{size / t_warm / 1e6:.0f} MB/s", f"{t_direct / t_warm:.2f}x direct"))
         rows.append(("imgfs warm after restart", f"{size / t_warm2 / 1e6:.0f} MB/s", f"attachments made: {attached_after_warm} (fully cached: none needed)"))
         rows.append(("attach latency (create + connect + complete)", f"{attach_s * 1e3:.0f} ms", "from the daemon's log line"))
+        rows.append(("cold sequential read: attachments", f"{held_cold['attaches']} made", held_note(held_cold)))
         rows.append(("daemon peak RSS", f"{rss:.0f} MiB", ""))
         rows.append(("sha256 through the mount", "OK" if ok else "MISMATCH", ""))
+
+        # 2000 random 4 KiB reads on a cold cache (QD1, no readahead): what holding per fetch costs
+        subprocess.run(["rm", "-rf", str(work / "cache")], check=True)
+        d4 = Daemon(config, work / "mnt", log)
+        wait_for(path.exists, 30, "the image in the mount")
+        rng = random.Random(7)
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_RANDOM)
+            began = time.perf_counter()
+            for _ in range(2000):
+                os.pread(fd, 4096, rng.randrange(size // 4096) * 4096)
+            t_random = time.perf_counter() - began
+        finally:
+            os.close(fd)
+        held_random = attachment_totals(sock, settle=5 + 2)
+        d4.stop()
+        rows.append(("2000 random 4 KiB reads, cold: attachments", f"{held_random['attaches']} made",
+                     f"{held_note(held_random)}; {2000 / t_random:.0f} reads/s"))
 
         # N cold readers: one attachment however many readers
         subprocess.run(["rm", "-rf", str(work / "cache")], check=True)

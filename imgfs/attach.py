@@ -1,8 +1,14 @@
 """Cinder multi-attach semantics, enforced by the daemon (the policy; backends/cinder.py does the calls).
 
-- One attachment per volume per host, shared by every open file of it (a refcount). Attaching is lazy:
-  the first chunk that must come from the volume attaches it, so a fully cached image never touches
-  Cinder. The last close starts an idle timer; when it runs out the volume is detached.
+- One attachment per volume per host, shared by every fetch from it (a refcount of fetches in flight,
+  not of open files: the image-volume is Glance's, imgfs a guest on it). Attaching is lazy: the first
+  chunk that must come from the volume attaches it, so a fully cached image never touches Cinder. When
+  the last fetch ends, a short grace (``idle_timeout``) keeps the attachment for the next one (a
+  sequential reader attaches once); a volume that is not multiattach gets at most NON_MULTIATTACH_GRACE,
+  so glance-api and other hosts can have it.
+- Stepping aside: when the catalog no longer shows the image on that volume (deleted in Glance, no
+  longer active, the volume deleting or migrating), the volume is detached as soon as its fetches in
+  flight end, and not attached again while it stays gone.
 - Attach and detach of one volume never race (one lock per volume), and once begun they finish
   (shielded): an attachment is never left half-made or forgotten.
 - A volume another host holds is never taken over. Cinder refuses the attachment (HTTP 400, status
@@ -21,12 +27,15 @@ from typing import Protocol
 
 import trio
 
-from .errors import Busy, ImgfsError
+from .errors import BackendError, Busy, ImgfsError
 from .model import Location
 
 log = logging.getLogger(__name__)
 
 ORPHAN_RETRY = 10.0  # seconds between attempts to delete attachments a failed attach left
+# A volume only one host may attach is held no longer than a read needs: consecutive fetches of a
+# sequential reader follow each other within milliseconds; another host waits at most this long.
+NON_MULTIATTACH_GRACE = 1.0
 
 
 class VolumeOps(Protocol):
@@ -56,6 +65,9 @@ class _Volume:
     idle_since: float | None = None
     lock: trio.Lock = field(default_factory=trio.Lock)
     idle_scope: trio.CancelScope | None = None
+    multiattach: bool = True  # as Cinder said at the last attach
+    gone: str | None = None  # why the catalog no longer shows it: never attached again
+    fetches: int = 0  # fetches during the current attachment
 
 
 class Attachments:
@@ -78,6 +90,9 @@ class Attachments:
         self._sweeping = False
         self.attaches = 0
         self.detaches = 0
+        self.detaches_gone = 0  # detached because the image left the catalog
+        self.fetches = 0  # fetches that held an attachment
+        self.held_seconds = 0.0  # total time attachments were held (finished ones)
 
     def start(self, nursery: trio.Nursery) -> None:
         self._nursery = nursery
@@ -124,6 +139,8 @@ class Attachments:
     def hold(self, loc: Location) -> None:
         v = self._volume(loc.version)
         v.refs += 1
+        v.fetches += 1
+        self.fetches += 1
         v.idle_since = None
         if v.idle_scope is not None:
             v.idle_scope.cancel()
@@ -138,7 +155,34 @@ class Attachments:
             v.idle_since = time.monotonic()
             if v.attached and self._nursery is not None:
                 self._nursery.start_soon(self._detach_when_idle, v)
-            elif not v.attached:
+            elif not v.attached and v.gone is None:
+                self._volumes.pop(v.volume_id, None)
+
+    def _grace(self, v: _Volume) -> float:
+        if v.gone is not None:
+            return 0.0
+        return self.idle_timeout if v.multiattach else min(self.idle_timeout, NON_MULTIATTACH_GRACE)
+
+    def step_aside(self, loc: Location, why: str) -> None:
+        """The catalog no longer shows this copy: detach the volume once its fetches in flight end (they
+        finish or fail cleanly), and refuse to attach it again while it stays gone."""
+        v = self._volume(loc.version)
+        if v.gone is None:
+            log.info("volume %s of image %s (store '%s'): %s; %s", v.volume_id, loc.image_id, self.ops.name, why,
+                     "detaching it now" if v.attached and not v.refs else
+                     "detaching it when the fetches in flight end" if v.attached else "not attaching it again")
+        v.gone = why
+        if v.attached and v.refs == 0 and self._nursery is not None:
+            if v.idle_scope is not None:
+                v.idle_scope.cancel()
+            self._nursery.start_soon(self._detach_when_idle, v)
+
+    def welcome(self, loc: Location) -> None:
+        """The catalog shows this copy (again): it may be attached when a fetch needs it."""
+        v = self._volumes.get(loc.version)
+        if v is not None and v.gone is not None:
+            v.gone = None
+            if not v.attached and not v.refs:
                 self._volumes.pop(v.volume_id, None)
 
     def is_ready(self, loc: Location) -> bool:
@@ -148,6 +192,9 @@ class Attachments:
     async def ready(self, loc: Location) -> None:
         """Make the volume readable on this host: attach it unless an attachment is already shared."""
         v = self._volume(loc.version)
+        if v.gone is not None:
+            raise BackendError(f"store '{self.ops.name}': image {loc.image_id} is no longer on volume {v.volume_id} "
+                               f"({v.gone}); not attaching it again")
         if v.attached:
             return
         async with v.lock:
@@ -168,7 +215,7 @@ class Attachments:
                 # Once Cinder is asked, see it through: a cancelled attach would leave an attachment
                 # nobody knows to delete.
                 with trio.CancelScope(shield=True):
-                    await trio.to_thread.run_sync(self.ops.attach, v.volume_id, limiter=self._limiter)
+                    made = await trio.to_thread.run_sync(self.ops.attach, v.volume_id, limiter=self._limiter)
             except Busy as e:
                 if getattr(e, "transitional", False) and trio.current_time() + delay < deadline:
                     log.info("volume %s of image %s is %s; retrying in %.1fs", v.volume_id, loc.image_id, getattr(e, "status", "busy"), delay)
@@ -177,7 +224,8 @@ class Attachments:
                     continue
                 log.debug("%s", e)  # the reader's failure (or its fail-over) is logged where it happens
                 raise
-            v.attached, v.attached_at = True, time.monotonic()
+            v.attached, v.attached_at, v.fetches = True, time.monotonic(), v.refs
+            v.multiattach = bool(getattr(made, "multiattach", True))
             self.attaches += 1
             log.info("attached volume %s (image %s, store '%s') read-only in %.2fs", v.volume_id, loc.image_id, self.ops.name, trio.current_time() - started)
             if v.refs == 0 and self._nursery is not None:  # every reader left while we attached
@@ -188,13 +236,13 @@ class Attachments:
     async def _detach_when_idle(self, v: _Volume) -> None:
         with trio.CancelScope() as scope:
             v.idle_scope = scope
-            await trio.sleep(self.idle_timeout)
+            await trio.sleep(self._grace(v))
         if scope.cancelled_caught:
             return
         async with v.lock:
             if v.refs == 0 and v.attached:
-                await self._detach(v, "idle")
-                if v.refs == 0 and not v.attached:
+                await self._detach(v, "image left the catalog" if v.gone is not None else "idle")
+                if v.refs == 0 and not v.attached and v.gone is None:
                     self._volumes.pop(v.volume_id, None)
                 elif v.refs == 0 and self._nursery is not None:  # Cinder refused: try again later
                     self._nursery.start_soon(self._detach_when_idle, v)
@@ -207,8 +255,12 @@ class Attachments:
                 log.error("%s; will retry", e)
                 return
         v.attached = False
+        held = time.monotonic() - v.attached_at
         self.detaches += 1
-        log.info("detached volume %s from store '%s' (%s)", v.volume_id, self.ops.name, why)
+        self.detaches_gone += v.gone is not None
+        self.held_seconds += held
+        log.info("detached volume %s from store '%s' (%s) after %.1fs and %d fetches", v.volume_id, self.ops.name, why,
+                 held, v.fetches)
 
     # ---- start-up and shutdown ----------------------------------------------------------------------
 
@@ -245,6 +297,14 @@ class Attachments:
             if v.attached:
                 await self._detach(v, "shutdown")
 
+    def totals(self) -> dict:
+        """What `imgfs status` and the metrics say of this store's attachments since the start."""
+        now = time.monotonic()
+        held = self.held_seconds + sum(now - v.attached_at for v in self._volumes.values() if v.attached)
+        return {"store": self.ops.name, "attaches": self.attaches, "detaches": self.detaches,
+                "detaches_image_gone": self.detaches_gone, "seconds_held": round(held, 1), "fetches": self.fetches,
+                "fetches_per_attach": round(self.fetches / self.attaches, 1) if self.attaches else None}
+
     def status(self) -> list[dict]:
         now = time.monotonic()
         return [
@@ -255,6 +315,10 @@ class Attachments:
                 "attached": v.attached,
                 "attached_for": round(now - v.attached_at, 1) if v.attached else None,
                 "idle_for": None if v.idle_since is None else round(now - v.idle_since, 1),
+                "fetches": v.fetches,
+                "multiattach": v.multiattach,
+                "gone": v.gone,
             }
             for v in self._volumes.values()
+            if v.attached or v.refs or v.gone is None  # a gone volume let go of is history (see totals())
         ]

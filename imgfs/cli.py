@@ -325,10 +325,14 @@ def _status_table(s: dict) -> str:
                      f"({api['local_bytes'] / 2**20:.0f} MiB, {api['aborted']} ended early), {api['passthrough_downloads']} "
                      f"passed to Glance, {api['passthrough_requests']} other requests, refused by Glance: {refused}, "
                      f"{api['active']} in flight")
+    for t in s.get("attachment_totals", ()):
+        if t["attaches"]:
+            lines.append(f"attach  store {t['store']}: {t['attaches']} attachments made, held {t['seconds_held']:.0f}s in all, "
+                         f"{t['fetches_per_attach']} fetches each, {t['detaches_image_gone']} given up as the image left")
     for a in s["attachments"]:
         idle = "in use" if a["idle_for"] is None else f"idle {a['idle_for']:.0f}s"
-        lines.append(f"attach  {a['volume_id']} (store {a['store']}) refcount {a['refcount']} {idle}"
-                     + ("" if a["attached"] else " (not attached)"))
+        lines.append(f"attach  {a['volume_id']} (store {a['store']}) {a['refcount']} fetches in flight, {idle}"
+                     + ("" if a["attached"] else " (not attached)") + (f" (gone: {a['gone']})" if a["gone"] else ""))
     for i in s["cached_images"]:
         pinned = ", pinned" if i["image"] in s["pinned"] else ""
         lines.append(f"image   {i['image']} {i['name'] or ''} {i['size'] / 2**20:.0f} MiB from {i['store']}: "

@@ -130,7 +130,9 @@ class ImgfsOptions:
     # Cinder image-volumes
     host: str = ""  # the name this node attaches volumes as; empty: the machine's hostname
     lock_path: str = "/var/lib/imgfs/locks"  # default: [oslo_concurrency] lock_path, shared with glance-api
-    attach_idle_timeout: float = 60.0
+    # seconds an attachment outlives the last fetch from its volume (one attach costs ~0.5-1 s here: a
+    # pause in a sequential read must not pay it again, while Glance's delete must not wait long)
+    attach_idle_timeout: float = 5.0
     attach_timeout: float = 60.0
     detach_deadline: float = 60.0
     cinder_api_timeout: float = 30.0

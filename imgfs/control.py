@@ -93,6 +93,7 @@ def status(d: Daemon) -> dict[str, Any]:
         "inflight_fetches": fetcher.inflight,
         "errors": dict(fetcher.stats.errors),
         "attachments": [a for att in d.attachments.values() for a in att.status()],
+        "attachment_totals": [att.totals() for att in d.attachments.values()],
         "pinned": [image for _, image in cache.pinned],
         "cached_images": images,
         "image_api": None if d.image_api is None else {
@@ -135,6 +136,15 @@ def metrics(d: Daemon) -> bytes:
             yield GaugeMetricFamily("imgfs_inflight_fetches", "fetches in flight", value=s["inflight_fetches"])
             yield GaugeMetricFamily("imgfs_attachments", "Cinder volumes attached by this host",
                                     value=sum(1 for a in s["attachments"] if a["attached"]))
+            for name, key, doc in (("attachments_made", "attaches", "Cinder attachments made"),
+                                   ("attachment_seconds", "seconds_held", "seconds Cinder attachments were held"),
+                                   ("attachment_fetches", "fetches", "fetches that held a Cinder attachment"),
+                                   ("detaches_image_gone", "detaches_image_gone",
+                                    "detaches because the image left the catalog")):
+                family = CounterMetricFamily(f"imgfs_{name}", doc, labels=["store"])
+                for t in s["attachment_totals"]:
+                    family.add_metric([t["store"]], t[key])
+                yield family
             up = GaugeMetricFamily("imgfs_store_reachable", "1 if the store's last listing worked", labels=["store"])
             for store in s["stores"]:
                 up.add_metric([store["name"]], 1 if store["reachable"] else 0)

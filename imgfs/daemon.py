@@ -141,6 +141,22 @@ def build(config: Config, mountpoint: str) -> Daemon:
                     log.info("cache: dropped %d chunks of image %s (store '%s', version %s)", dropped, image_id, loc.store, loc.version)
 
     catalog.listeners.append(forget_old_versions)
+
+    async def step_aside(image_id: str, old: Image | None, new: Image | None) -> None:
+        # The image-volume is Glance's: once the catalog no longer shows the image on it (deleted, not
+        # active, the volume deleting or migrating), imgfs lets go of it so Glance and Cinder can act.
+        for loc in old.locations if old else ():
+            holder = attachments.get(loc.store)
+            current = new.at(loc.store) if new else None
+            if holder is not None and (current is None or current.version != loc.version):
+                holder.step_aside(loc, "the image left the catalog" if new is None else "the image moved off the volume")
+        for loc in new.locations if new else ():
+            holder = attachments.get(loc.store)
+            if holder is not None:
+                holder.welcome(loc)
+
+    if attachments:
+        catalog.listeners.append(step_aside)
     image_api = None
     if config.image_api is not None:
         from .endpoint import ImageApi  # imports hypercorn and httpx: only when the endpoint is on

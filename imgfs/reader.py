@@ -17,8 +17,9 @@ import bisect
 import hashlib
 import logging
 import math
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
-from typing import Callable, Protocol, Sequence
+from typing import AsyncIterator, Callable, Protocol, Sequence
 
 import trio
 
@@ -37,8 +38,8 @@ UNAVAILABLE_HOLD = 5.0
 
 
 class Holder(Protocol):
-    """A store whose locations must be made ready before reading (Cinder: attached), and are held
-    while files are open (see imgfs.attach)."""
+    """A store whose locations must be made ready before reading (Cinder: attached), held while a
+    fetch from them is in flight (see imgfs.attach: a short grace keeps it for the next one)."""
 
     def hold(self, loc: Location) -> None: ...
 
@@ -171,14 +172,19 @@ class ChunkFetcher:
             self._verified = {v for v in self._verified if v[0] != loc}
             self.spawn(self.cache.drop, loc.store, loc.image_id)
 
-    def hold(self, loc: Location) -> None:
+    @asynccontextmanager
+    async def _using(self, loc: Location) -> AsyncIterator[None]:
+        """Hold ``loc``'s store for one fetch (Cinder: attached while bytes move, never for an open
+        file whose chunks are cached): an attachment is a guest on a volume that Glance owns."""
         holder = self.holders.get(loc.store)
-        if holder is not None:
-            holder.hold(loc)
-
-    def release(self, loc: Location) -> None:
-        holder = self.holders.get(loc.store)
-        if holder is not None:
+        if holder is None:
+            yield
+            return
+        holder.hold(loc)
+        try:
+            await holder.ready(loc)
+            yield
+        finally:
             holder.release(loc)
 
     def key(self, loc: Location, index: int) -> ChunkKey:
@@ -237,10 +243,7 @@ class ChunkFetcher:
         first = run[0][0]
         try:
             self._check_available(loc)
-            holder = self.holders.get(loc.store)
-            if holder is not None:
-                await holder.ready(loc)
-            async with self._prefetch:
+            async with self._using(loc), self._prefetch:
                 lengths = [self.chunk_length(loc, i) for i, _, _ in run]
                 data = memoryview(await self._fetch_range(loc, first * self.chunk_size, sum(lengths)))
                 for (i, _, flight), length in zip(run, lengths):
@@ -316,12 +319,9 @@ class ChunkFetcher:
             data = await self.cache.get(key, self.chunk_length(loc, index))
             if data is None:
                 self._check_available(loc)
-                holder = self.holders.get(loc.store)
-                if holder is not None:
-                    # Before taking a fetch slot: an attach waiting out another host's transitional
-                    # state must not starve reads of every other image.
-                    await holder.ready(loc)
-                async with self._demand:
+                # Attached before taking a fetch slot: an attach waiting out another host's transitional
+                # state must not starve reads of every other image.
+                async with self._using(loc), self._demand:
                     data = memoryview(await self._fetch(loc, index))
                     flight.data = data
                     flight.done.set()
@@ -442,17 +442,14 @@ class ImageReader:
         self.locations = list(locations)
         self.loc = self.locations[0]
         self.prefetch_max = prefetch_max
-        self._held = [self.loc]
+        self._held = [self.loc]  # the copies this open file read from (quarantined together on a mismatch)
         self._copies_read: set[Location] = set()  # while verifying: the copies bytes came from
-        fetcher.hold(self.loc)
         self._next = 0  # where a sequential reader reads next
         self._run = 0  # bytes read sequentially so far
         self._prefetched = 0  # chunks [.., _prefetched) have been asked for
 
     def close(self) -> None:
-        for loc in self._held:
-            self.fetcher.release(loc)
-        self._held = []
+        """Nothing to give back: stores are held per fetch, not per open file."""
 
     def _track(self, offset: int, end: int) -> None:
         cs = self.fetcher.chunk_size
@@ -500,7 +497,6 @@ class ImageReader:
                 log.warning("image %s: %s; reading from store '%s' instead", loc.image_id, error, loc.store)
                 self.loc = loc
                 self._held.append(loc)
-                self.fetcher.hold(loc)
                 self._prefetched = 0
                 return True
         return False

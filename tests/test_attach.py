@@ -179,3 +179,59 @@ async def test_shutdown_tries_the_orphans_once_more(policy, autojump_clock):
     fake.left = {"att-2": "v2"}
     await a.close()
     assert not fake.left and fake.calls == [("delete", "att-2")]
+
+
+async def test_a_volume_that_left_the_catalog_is_let_go_and_never_attached_again(policy, autojump_clock):
+    fake, a = policy
+    a.hold(loc("v1"))
+    await a.ready(loc("v1"))  # a fetch in flight
+    a.step_aside(loc("v1"), "the image left the catalog")
+    await trio.sleep(30)
+    assert fake.attached == {"v1": 1}  # the fetch in flight finishes first
+    a.release(loc("v1"))
+    await until(lambda: fake.attached == {"v1": 0})  # then at once: no grace for a gone volume
+    assert a.totals()["detaches_image_gone"] == 1
+    a.hold(loc("v1"))
+    with pytest.raises(ImgfsError) as info:
+        await a.ready(loc("v1"))
+    assert "not attaching it again" in str(info.value) and info.value.errno == 5
+    a.release(loc("v1"))
+    assert fake.calls.count(("attach", "v1")) == 1
+    a.welcome(loc("v1"))  # back in the catalog (the volume is available again): attachable
+    a.hold(loc("v1"))
+    await a.ready(loc("v1"))
+    assert fake.attached == {"v1": 1}
+
+
+async def test_an_idle_volume_that_left_the_catalog_is_detached_at_once(policy, autojump_clock):
+    fake, a = policy
+    a.hold(loc("v1"))
+    await a.ready(loc("v1"))
+    a.release(loc("v1"))  # idle, within its 60 s grace
+    await trio.sleep(1)
+    a.step_aside(loc("v1"), "the image left the catalog")
+    await until(lambda: fake.attached == {"v1": 0})
+    assert trio.current_time() < 5
+
+
+async def test_a_volume_only_one_host_may_attach_gets_a_short_grace(policy, autojump_clock):
+    """Another host (or glance-api) waits for a non-multiattach volume: imgfs keeps it only for the
+    fetches of a read, not for its idle timeout."""
+    from imgfs.attach import NON_MULTIATTACH_GRACE
+
+    fake, a = policy
+
+    class Single:
+        multiattach = False
+
+    fake.attach = lambda volume_id, _attach=fake.attach: (_attach(volume_id), Single())[1]
+    for _ in range(3):  # three fetches in a row share one attachment
+        a.hold(loc("v1"))
+        await a.ready(loc("v1"))
+        a.release(loc("v1"))
+        await trio.sleep(NON_MULTIATTACH_GRACE / 2)
+    assert fake.calls == [("attach", "v1")]
+    await trio.sleep(NON_MULTIATTACH_GRACE)
+    await until(lambda: fake.attached == {"v1": 0})
+    t = a.totals()
+    assert (t["attaches"], t["fetches"], t["fetches_per_attach"]) == (1, 3, 3.0)

@@ -57,9 +57,12 @@ def test_image_volume_reads_back_exactly(tmp_path, lab, cinder, image_volume, ho
         assert secret not in log and secret not in dump
 
 
-def test_two_readers_share_one_attachment_until_idle(tmp_path, lab, cinder, image_volume, host, mounter):
-    vol = image_volume(3 * MiB)
-    m = mounter(config(tmp_path, lab, host, attach_idle_timeout=2, memory_cache_mb=0))
+def test_open_files_hold_nothing_and_fetches_share_one_attachment(tmp_path, lab, cinder, image_volume, host, mounter):
+    """The image-volume is Glance's: imgfs holds it while chunks are fetched, plus a grace, not while
+    files are open. Two readers' fetches share one attachment; with both files still open and their
+    chunks cached, the attachment goes after the grace, and the files still read."""
+    vol = image_volume(3 * MiB, multiattach=True)  # a volume only one host may attach gets at most 1 s
+    m = mounter(config(tmp_path, lab, host, attach_idle_timeout=3, memory_cache_mb=0))
     path = m.images / vol.image_id
     a, b = os.open(path, os.O_RDONLY), os.open(path, os.O_RDONLY)
     try:
@@ -67,12 +70,16 @@ def test_two_readers_share_one_attachment_until_idle(tmp_path, lab, cinder, imag
         assert os.pread(b, MiB, 2 * MiB) == vol.data[2 * MiB : 3 * MiB]
         attached = host_attachments(cinder, vol.volume_id, host)
         assert len(attached) == 1 and attached[0]["device"] == "imgfs:cinderstore"
+        wait_for(lambda: not host_attachments(cinder, vol.volume_id, host), 30, "the detach after the grace")
+        assert cinder.volumes.get(vol.volume_id).status == "available"  # while both files are open
+        os.posix_fadvise(a, 0, 0, os.POSIX_FADV_DONTNEED)
+        assert os.pread(a, MiB, 0) == vol.data[:MiB]  # from imgfs's chunk cache: no attach
+        assert not host_attachments(cinder, vol.volume_id, host)
     finally:
         os.close(a)
         os.close(b)
-    wait_for(lambda: not host_attachments(cinder, vol.volume_id, host), 30, "the idle detach")
-    assert cinder.volumes.get(vol.volume_id).status == "available"
-    assert "detached volume" in m.log() and "(idle)" in m.log()
+    assert "detached volume" in m.log() and "(idle) after" in m.log()
+    assert m.log().count("attached volume") == 1
 
 
 def test_volume_held_by_another_host_is_never_taken(tmp_path, lab, cinder, image_volume, host, mounter):
@@ -123,7 +130,7 @@ def test_multiattach_volume_attaches_alongside_another_host(tmp_path, lab, cinde
 
 
 def test_sigkill_then_restart_removes_the_stale_attachment(tmp_path, lab, cinder, image_volume, host, mounter):
-    vol = image_volume(MiB)
+    vol = image_volume(MiB, multiattach=True)  # held for the 60 s grace after the read, when the kill comes
     cfg = config(tmp_path, lab, host)
     m = mounter(cfg)
     assert sha256_file(m.images / vol.image_id) == sha256(vol.data)

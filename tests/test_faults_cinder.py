@@ -62,12 +62,24 @@ class Rig:
 
 @pytest.fixture
 def rig(tmp_path, lab, image_volume, mounter) -> Rig:
+    """A multiattach image-volume: imgfs keeps its attachment for the grace (60 s here) after a fetch,
+    so a fault injected between two reads meets an attached volume."""
+    return make_rig(tmp_path, lab, image_volume, mounter, multiattach=True)
+
+
+@pytest.fixture
+def single_rig(tmp_path, lab, image_volume, mounter) -> Rig:
+    """A volume only one host may attach (the lab's default type)."""
+    return make_rig(tmp_path, lab, image_volume, mounter, multiattach=False)
+
+
+def make_rig(tmp_path, lab, image_volume, mounter, *, multiattach: bool) -> Rig:
     files = tmp_path / "files"
     files.mkdir()
     other = random_bytes(3 * MiB + 1, 31)
     (files / "other-image").write_bytes(other)
     host = f"imgfs-test-{uuid.uuid4().hex[:8]}"
-    vol = image_volume(16 * MiB + 77)
+    vol = image_volume(16 * MiB + 77, multiattach=multiattach)
     conf = write_cinder_config(tmp_path / "imgfs.conf", lab, cache_dir=tmp_path / "cache", host=host, file_dir=files,
                                cinder_api_timeout=API_TIMEOUT, volume_read_timeout=VOLUME_READ_TIMEOUT, attach_timeout=5)
     m = mounter(conf, "--debug")
@@ -125,7 +137,8 @@ def test_osd_stopped_mid_read(rig, cinder, observed):
 
 
 @pytest.mark.cell("cinder", "volume attached by another host")
-def test_volume_held_by_another_host(rig, cinder, observed):
+def test_volume_held_by_another_host(single_rig, cinder, observed):
+    rig = single_rig
     other = {"host": "other-host", "platform": "x86_64", "os_type": "linux", "ip": "127.0.0.2", "multipath": False}
     theirs = cinder.attachments.create(rig.vol.volume_id, other, mode="ro")
     try:
