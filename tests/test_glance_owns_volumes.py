@@ -48,9 +48,11 @@ def test_glance_deletes_an_image_imgfs_has_read_from_its_volume(tmp_path, lab, g
 
 def test_an_open_file_of_a_deleted_image_gets_a_clean_error_never_other_bytes(tmp_path, lab, glance, glance_image,
                                                                             mounter):
-    """The file is open and fully cached when Glance deletes the image. Once the catalog shows it gone,
-    its cached chunks are dropped and its volume is never attached again: the next read that reaches
-    imgfs fails with EIO. Before that, it gets the right bytes from the cache. Never other bytes."""
+    """The file is open and fully cached when Glance deletes the image. Before the catalog notices, a
+    read gets the right bytes (page cache or chunk cache). Once it shows the image gone, imgfs drops the
+    kernel's cache of the file and the image's chunks and never attaches the volume again: the kernel,
+    revalidating the file's attributes, is told the image no longer exists (ENOENT); a read that got
+    as far as the reader would fail with EIO. Never other bytes."""
     img, data = glance_image(2 * MiB, copy_to=("cinderstore",))
     m = start(mounter, tmp_path, imgfs_config(tmp_path, lab, attach_idle_timeout=1, memory_cache_mb=0))
     path = m.path / "stores" / "cinderstore" / img["id"]
@@ -66,9 +68,9 @@ def test_an_open_file_of_a_deleted_image_gets_a_clean_error_never_other_bytes(tm
         os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
         with pytest.raises(OSError) as info:
             os.pread(fd, MiB, MiB)
-        assert info.value.errno == errno.EIO
+        assert info.value.errno in (errno.ENOENT, errno.EIO), info.value
     finally:
         os.close(fd)
     assert volume_id not in attached(m)
-    assert "not attaching it again" in m.log()
+    assert "not attaching it again" in m.log() or "detaching it" in m.log()
     assert status(m)["attachment_totals"][0]["attaches"] == 1  # the gone volume was not attached again
