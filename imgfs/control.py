@@ -198,18 +198,15 @@ async def warm(d: Daemon, image_id: str, send, *, pin: bool = False, rate: float
     chunks = -(-loc.size // fetcher.chunk_size)
     step = max(1, 32 * 1024 * 1024 // fetcher.chunk_size)  # one ranged request per step
     start, done = time.monotonic(), 0
-    fetcher.hold(loc)
-    try:
-        for first in range(0, chunks, step):
-            last = min(first + step, chunks)
-            await fetcher.warm(loc, first, last)
-            done = min(loc.size, last * fetcher.chunk_size)
-            if rate:  # pace to the asked average, so a warm can share a thin link politely
-                await trio.sleep_until(trio.current_time() + max(0.0, done / rate - (time.monotonic() - start)))
-            elapsed = time.monotonic() - start
-            await send({"image": image_id, "bytes": done, "total": loc.size, "rate": done / elapsed if elapsed else None})
-    finally:
-        fetcher.release(loc)
+    # A Cinder copy is held by each fetch of the warm (and the grace between them), not by the warm.
+    for first in range(0, chunks, step):
+        last = min(first + step, chunks)
+        await fetcher.warm(loc, first, last)
+        done = min(loc.size, last * fetcher.chunk_size)
+        if rate:  # pace to the asked average, so a warm can share a thin link politely
+            await trio.sleep_until(trio.current_time() + max(0.0, done / rate - (time.monotonic() - start)))
+        elapsed = time.monotonic() - start
+        await send({"image": image_id, "bytes": done, "total": loc.size, "rate": done / elapsed if elapsed else None})
     if pin:
         await d.cache.pin(loc.store, image_id)
     return {"done": image_id, "pinned": pin, "bytes": done, "seconds": round(time.monotonic() - start, 3), "store": loc.store}
