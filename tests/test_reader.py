@@ -306,3 +306,42 @@ async def test_a_copy_verified_once_is_not_hashed_again(tmp_path, nursery):
     assert fetcher.verifier([lb], "sha512", good, len(data)) is not None
     fetcher.drop_copies([la])
     assert fetcher.verifier([la], "sha512", good, len(data)) is not None
+
+
+async def test_a_store_is_held_for_fetches_not_for_open_files(tmp_path, nursery):
+    """Cinder's image-volumes are Glance's: a copy is held while a fetch from it runs, never merely
+    because a file is open, and a read served from the cache holds nothing."""
+    backend = MemoryBackend(name="cinder")
+
+    class Counting:
+        def __init__(self) -> None:
+            self.held = self.holds = 0
+
+        def hold(self, loc):
+            self.held += 1
+            self.holds += 1
+
+        def release(self, loc):
+            self.held -= 1
+
+        async def ready(self, loc):
+            assert self.held > 0  # ready only inside a hold
+
+        def is_ready(self, loc):
+            return False
+
+    holder = Counting()
+    cache = ChunkCache(str(tmp_path / "c"), max_bytes=1 << 30, max_count=1000, memory_bytes=0)
+    await cache.open()
+    fetcher = ChunkFetcher(cache, {"cinder": backend}, chunk_size=CS, max_connections=2, holders={"cinder": holder})
+    fetcher.attach(nursery)
+    data = image(4 * CS)
+    loc = backend.put("img", data)
+    reader = ImageReader(fetcher, [loc], prefetch_max=0)  # open
+    assert holder.holds == 0
+    assert await reader.read(0, 4 * CS) == data
+    await settle(fetcher)
+    assert holder.held == 0 and holder.holds == 4  # one hold per chunk fetched, none left while still open
+    assert await reader.read(0, 4 * CS) == data  # from the cache
+    assert holder.holds == 4
+    reader.close()
