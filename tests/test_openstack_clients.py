@@ -20,7 +20,7 @@ import uuid
 
 import pytest
 
-from .conftest import LAB_DIR, REPO, volume_bytes, wait_for, wait_volume
+from .conftest import LAB_DIR, REPO, volume_bytes, wait_volume
 from .imageapi import MiB, Api, s3_bytes, start_endpoint, status, token_of, wait_listed
 from .imageapi import glance_api, rgw_proxy  # noqa: F401  (fixtures)
 
