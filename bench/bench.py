@@ -27,38 +27,49 @@ import procs  # noqa: E402
 from image import ensure_image  # noqa: E402
 from procs import BenchError, Interrupted, drop_caches, log  # noqa: E402
 from s3server import BUCKET, S3RVER_VERSION, BackendMeter, S3rver, backend_ceiling, ensure_s3rver  # noqa: E402
-from systems import IMGFS_BIN, REPO, Ctx, Imgfs, Local, Rclone, S3fs, System  # noqa: E402
+from systems import IMGFS_BIN, REPO, Ctx, Floor, Imgfs, Local, Rclone, S3fs, System  # noqa: E402
 
 STATE = REPO / ".bench"          # gitignored: node_modules, images, runs, results
-ALL = ["local", "imgfs", "s3fs", "rclone"]
+ALL = ["local", "floor", "imgfs", "s3fs", "rclone"]
 MiB = 1 << 20
+GiB = 1 << 30
 
 # key, label, unit, better ("hi"/"lo"), target
-#   target: ("peer", x)  imgfs >= x * best peer
+#   target: ("peer", x)  imgfs >= x * best peer (better "lo": imgfs <= x * best peer)
 #           ("local", x) imgfs >= x * local-file value of the same row
+#           ("floor", x) imgfs >= x * the floor row's value (better "lo": <=)
 #           ("max", x)   imgfs <= x
+# "daemon CPU" rows: user + system CPU seconds of the daemon process tree (every thread) during that
+# row's reads, per GiB read (per 1000 reads for random 4K): the figure that carries to a busy node.
 METRICS = [
     ("seq_cold_1M", "cold seq read, dd bs=1M", "MB/s", "hi", ("peer", 1.5)),
+    ("cpu_cold_1M", "  daemon CPU s/GiB, cold seq 1M", "s/GiB", "lo", ("peer", 1.0)),
     ("seq_cold_4M", "cold seq read, dd bs=4M", "MB/s", "hi", ("peer", 1.5)),
     ("cold_backend_x", "  backend bytes/size, 1 cold dd", "x", "lo", None),
     ("cold_s3rver_cpu", "  s3rver CPU s during cold dd", "s", "lo", None),
-    ("seq_warm_1M", "warm seq (own cache, pc dropped) 1M", "MB/s", "hi", ("local", 0.9)),
+    ("seq_warm_1M", "warm seq (own cache, pc dropped) 1M", "MB/s", "hi", ("floor", 0.8)),
+    ("cpu_warm_1M", "  daemon CPU s/GiB, warm seq 1M", "s/GiB", "lo", ("floor", 1.3)),
     ("seq_warm_4M", "warm seq (own cache, pc dropped) 4M", "MB/s", "hi", ("local", 0.9)),
+    ("cpu_warm_4M", "  daemon CPU s/GiB, warm seq 4M", "s/GiB", "lo", None),
     ("seq_warm_restart_1M", "warm seq after daemon restart, 1M", "MB/s", "hi", ("local", 0.9)),
     ("warm_backend_x", "  backend bytes/size, warm reads", "x", "lo", None),
     ("seq_reread_1M", "re-read (page cache hot), 1M", "MB/s", "hi", None),
+    ("cpu_reread_1M", "  daemon CPU s/GiB, re-read 1M", "s/GiB", "lo", None),
     ("ttfb_ms", "TTFB cold (open + 4 KiB @0)", "ms", "lo", None),
     ("ttfb_backend_mib", "  backend MiB fetched for that 4 KiB", "MiB", "lo", None),
     ("rand_cold_iops", "random 4K cold (after TTFB), QD1", "IOPS", "hi", None),
     ("rand_cold_mbps", "random 4K cold (after TTFB), QD1", "MB/s", "hi", None),
     ("rand_cold_p99_ms", "random 4K cold, p99 latency", "ms", "lo", None),
-    ("rand_cold_backend_mib", "  backend MiB for those cold 4K reads", "MiB", "lo", None),
-    ("rand_warm_iops", "random 4K warm (pc dropped), QD1", "IOPS", "hi", None),
+    ("rand_cold_backend_mib", "  backend MiB for those cold 4K reads", "MiB", "lo", ("max", 128)),
+    ("cpu_rand_cold", "  daemon CPU s per 1000 cold 4K reads", "s", "lo", None),
+    ("rand_warm_iops", "random 4K warm (pc dropped), QD1", "IOPS", "hi", ("floor", 0.7)),
+    ("cpu_rand_warm", "  daemon CPU s per 1000 warm 4K reads", "s", "lo", None),
     ("rand_warm_mbps", "random 4K warm (pc dropped), QD1", "MB/s", "hi", None),
     ("rand_warm_p99_ms", "random 4K warm, p99 latency", "ms", "lo", None),
     ("conc_wall_s", "N cold readers: wall time", "s", "lo", None),
     ("conc_agg_mbps", "N cold readers: aggregate", "MB/s", "hi", None),
     ("conc_backend_x", "N cold readers: backend bytes/size", "x", "lo", ("max", 1.02)),
+    ("cpu_conc", "  daemon CPU s/GiB read, N cold readers", "s/GiB", "lo", None),
     ("rss_mib", "daemon peak RSS (VmHWM, tree)", "MiB", "lo", ("max", 256)),
     ("start_s", "mount start -> file visible (max)", "s", "lo", None),
 ]
@@ -75,30 +86,35 @@ class Runner:
         self.dd_timeout = max(120.0, self.size / 5e6)
 
     def seq(self, s: System, bs: str, what: str) -> dict:
+        c0 = s.cpu_s()
         with BackendMeter(self.srv) as m:
             r = measure.dd(s.path(), bs, self.size, self.dd_timeout)
-        r.update(backend_bytes=m.bytes, backend_x=m.bytes / self.size, s3rver_cpu_s=m.cpu_s)
+        r.update(backend_bytes=m.bytes, backend_x=m.bytes / self.size, s3rver_cpu_s=m.cpu_s,
+                 cpu_per_gib=per(s, c0, self.size / GiB))
         s.sample_rss()
         log(f"  {s.name:14s} {what:24s} bs={bs}: {r['mbps']:8.1f} MB/s  "
-            f"backend {r['backend_x']:.3f}x  s3rver cpu {m.cpu_s:.1f}s")
+            f"backend {r['backend_x']:.3f}x  s3rver cpu {m.cpu_s:.1f}s  daemon {cpu_text(r['cpu_per_gib'])} CPU-s/GiB")
         return r
 
     def rand(self, s: System, seed: int, what: str) -> dict:
+        c0 = s.cpu_s()
         with BackendMeter(self.srv) as m:
             r = measure.random_reads(s.path(), self.ctx.local_image, self.size,
                                      self.args.random_ops, seed, self.args.random_max_s)
-        r.update(backend_bytes=m.bytes)
+        r.update(backend_bytes=m.bytes, cpu_per_1000=per(s, c0, r["ops"] / 1000))
         s.sample_rss()
         log(f"  {s.name:14s} {what:24s}: {r['iops']:8.0f} IOPS, p99 {r['p99_ms']:.2f} ms, "
             f"{r['ops']} ops{' (time-capped)' if r['truncated'] else ''}, "
-            f"backend {m.bytes / MiB:.1f} MiB")
+            f"backend {m.bytes / MiB:.1f} MiB, daemon {cpu_text(r['cpu_per_1000'])} CPU-s per 1000")
         return r
 
     def conc(self, s: System) -> dict:
+        c0 = s.cpu_s()
         with BackendMeter(self.srv) as m:
             r = measure.concurrent(s.path(), self.args.readers, "1M", self.size,
                                    self.args.conc_timeout)
-        r.update(backend_bytes=m.bytes, backend_x=m.bytes / self.size, s3rver_cpu_s=m.cpu_s)
+        r.update(backend_bytes=m.bytes, backend_x=m.bytes / self.size, s3rver_cpu_s=m.cpu_s,
+                 cpu_per_gib=per(s, c0, self.args.readers * self.size / GiB))
         s.sample_rss()
         log(f"  {s.name:14s} {self.args.readers} concurrent cold readers: wall {r['wall_s']:.1f}s, "
             f"{r['agg_mbps']:.0f} MB/s aggregate, backend {r['backend_x']:.3f}x")
@@ -119,7 +135,9 @@ class Runner:
             samples.append(self.seq(s, bs, what))
         mb = sorted(x["mbps"] for x in samples)
         cpu = sorted(x["s3rver_cpu_s"] for x in samples)
+        daemon = sorted(x["cpu_per_gib"] for x in samples if x["cpu_per_gib"] is not None)
         return {"mbps": mb[len(mb) // 2], "mbps_min": mb[0], "mbps_max": mb[-1],
+                "cpu_per_gib": daemon[len(daemon) // 2] if daemon else None,
                 "backend_x": max(x["backend_x"] for x in samples),
                 "s3rver_cpu_s": cpu[len(cpu) // 2], "samples": samples}
 
@@ -163,6 +181,27 @@ class Runner:
                  conc_wall_s=d["conc"]["wall_s"], conc_agg_mbps=d["conc"]["agg_mbps"])
         return m, d
 
+    def floor(self, s: System) -> tuple[dict, dict]:
+        """The minimal pyfuse3 server over the local copy: the rows that need no backend."""
+        d = {}
+        s.setup()
+        s.start()
+        d["warm_1M"] = self.rep(s, "1M", "source pc dropped", s.drop)
+        d["warm_4M"] = self.rep(s, "4M", "source pc dropped", s.drop)
+        d["reread_1M"] = self.rep(s, "1M", "re-read (pc hot)", None)
+        d["verify_seq"] = self.verify(s, "floor")
+        s.drop()
+        d["rand_warm"] = self.rand(s, 2, "random 4K (pc dropped)")
+        s.stop()
+        d["start_s"] = s.start_s
+        m = dict(seq_warm_1M=d["warm_1M"]["mbps"], seq_warm_4M=d["warm_4M"]["mbps"],
+                 cpu_warm_1M=d["warm_1M"]["cpu_per_gib"], cpu_warm_4M=d["warm_4M"]["cpu_per_gib"],
+                 seq_reread_1M=d["reread_1M"]["mbps"], cpu_reread_1M=d["reread_1M"]["cpu_per_gib"],
+                 rand_warm_iops=d["rand_warm"]["iops"], rand_warm_mbps=d["rand_warm"]["mbps"],
+                 rand_warm_p99_ms=d["rand_warm"]["p99_ms"], cpu_rand_warm=d["rand_warm"]["cpu_per_1000"],
+                 rss_mib=s.hwm_kib / 1024, start_s=max(s.start_s))
+        return m, d
+
     def fuse(self, s: System) -> tuple[dict, dict]:
         d = {}
         s.setup()
@@ -200,7 +239,11 @@ class Runner:
                  rand_warm_p99_ms=d["rand_warm"]["p99_ms"],
                  conc_wall_s=d["conc"]["wall_s"], conc_agg_mbps=d["conc"]["agg_mbps"],
                  conc_backend_x=d["conc"]["backend_x"], rss_mib=s.hwm_kib / 1024,
-                 start_s=max(s.start_s))
+                 start_s=max(s.start_s),
+                 cpu_cold_1M=d["cold_1M"]["cpu_per_gib"], cpu_warm_1M=d["warm_1M"]["cpu_per_gib"],
+                 cpu_warm_4M=d["warm_4M"]["cpu_per_gib"], cpu_reread_1M=d["reread_1M"]["cpu_per_gib"],
+                 cpu_rand_cold=d["rand_cold"]["cpu_per_1000"], cpu_rand_warm=d["rand_warm"]["cpu_per_1000"],
+                 cpu_conc=d["conc"]["cpu_per_gib"])
         return m, d
 
     def cold_variant(self, s: System) -> tuple[dict, dict]:
@@ -212,8 +255,20 @@ class Runner:
         d["read_ahead_kb"] = s.read_ahead_kb
         d["exit_codes"] = s.exit_codes
         m = {"seq_cold_1M": d["cold_1M"]["mbps"], "seq_cold_4M": d["cold_4M"]["mbps"],
-             "cold_backend_x": d["cold_1M"]["backend_x"], "rss_mib": s.hwm_kib / 1024}
+             "cold_backend_x": d["cold_1M"]["backend_x"], "rss_mib": s.hwm_kib / 1024,
+             "cpu_cold_1M": d["cold_1M"]["cpu_per_gib"]}
         return m, d
+
+
+def per(s: System, before: float | None, units: float) -> float | None:
+    after = s.cpu_s()
+    if before is None or after is None or units <= 0:
+        return None
+    return (after - before) / units
+
+
+def cpu_text(v: float | None) -> str:
+    return "-" if v is None else f"{v:.2f}"
 
 
 # ---------------------------------------------------------------------------
@@ -248,7 +303,7 @@ def build_table(results: dict, columns: list[str]) -> tuple[str, list[dict]]:
     rows_json = []
     W = 38
     head = (f"{'metric':{W}s} {'unit':5s} " + " ".join(f"{c:>14s}" for c in cols)
-            + f" {'imgfs/best':>10s} {'imgfs/local':>11s}  target")
+            + f" {'imgfs/best':>10s} {'imgfs/local':>11s} {'imgfs/floor':>11s}  target")
     lines = [head, "-" * len(head)]
     for key, label, unit, better, target in METRICS:
         label = label.replace("N cold", f"{results['params']['readers']} cold")
@@ -274,29 +329,37 @@ def build_table(results: dict, columns: list[str]) -> tuple[str, list[dict]]:
             best = max(peer_vals) if better == "hi" else min(peer_vals)
         im = vals.get("imgfs")
         lo = vals.get("local")
-        informational = label.startswith("  ")
+        fl = vals.get("floor")
+        # informational rows get no ratio, except the daemon-CPU rows, whose ratios are the point
+        informational = label.startswith("  ") and unit not in ("s/GiB",) and not key.startswith("cpu_")
         r_peer = im / best if (isinstance(im, (int, float)) and best
                                and not informational) else None
         r_local = im / lo if (isinstance(im, (int, float)) and isinstance(lo, (int, float))
                               and lo and not informational) else None
+        r_floor = im / fl if (isinstance(im, (int, float)) and isinstance(fl, (int, float))
+                              and fl and not informational) else None
         tgt, status = "", None
+        cmp, word = ((lambda r, x: r >= x), ">=") if better == "hi" else ((lambda r, x: r <= x), "<=")
         if target:
             kind, x = target
             if kind == "peer":
-                tgt = f">= {x}x best peer"
-                status = r_peer >= x if r_peer is not None else None
+                tgt = f"{word} {x}x best peer"
+                status = cmp(r_peer, x) if r_peer is not None else None
             elif kind == "local":
-                tgt = f">= {x:.0%} of local"
-                status = r_local >= x if r_local is not None else None
+                tgt = f"{word} {x:.0%} of local"
+                status = cmp(r_local, x) if r_local is not None else None
+            elif kind == "floor":
+                tgt = f"{word} {x}x floor"
+                status = cmp(r_floor, x) if r_floor is not None else None
             elif kind == "max":
                 tgt = f"<= {x}{'' if unit == 'x' else ' ' + unit}"
                 status = im <= x if isinstance(im, (int, float)) else None
             tgt += {True: "  PASS", False: "  MISS", None: "  n/a"}[status]
         lines.append(f"{label:{W}s} {unit:5s} " + " ".join(f"{c:>14s}" for c in cells)
-                     + f" {ratio(r_peer):>10s} {ratio(r_local):>11s}  {tgt}")
+                     + f" {ratio(r_peer):>10s} {ratio(r_local):>11s} {ratio(r_floor):>11s}  {tgt}")
         rows_json.append({"key": key, "label": label, "unit": unit, "better": better,
                           "values": vals, "variants": notes, "best_peer": best,
-                          "imgfs_over_best_peer": r_peer, "imgfs_over_local": r_local,
+                          "imgfs_over_best_peer": r_peer, "imgfs_over_local": r_local, "imgfs_over_floor": r_floor,
                           "target": tgt.strip(), "target_met": status})
     ver = []
     for c in cols:
@@ -435,6 +498,8 @@ def main(argv=None) -> int:
             plan.append(("local", Local(ctx), "local"))
         if "imgfs" in args.only:
             plan.append(("imgfs", Imgfs(ctx), "fuse"))
+        if "floor" in args.only:  # after imgfs: it takes imgfs's read_ahead_kb, as the peers do
+            plan.append(("floor", Floor(ctx), "floor"))
         if "s3fs" in args.only:
             plan.append(("s3fs", S3fs(ctx), "fuse"))
             if not args.no_variants:
@@ -445,7 +510,7 @@ def main(argv=None) -> int:
                 plan.append(("rclone", Rclone(ctx, "off"), "variant"))
 
         for col, s, kind in plan:
-            if kind != "local" and col != "imgfs" and args.peer_read_ahead_kb is None:
+            if kind not in ("local",) and col != "imgfs" and args.peer_read_ahead_kb is None:
                 imgres = results["systems"].get("imgfs", {})
                 ra = imgres.get("read_ahead_kb")
                 ctx.peer_read_ahead_kb = ra if ra else 16384
@@ -456,6 +521,8 @@ def main(argv=None) -> int:
             try:
                 if kind == "local":
                     m, d = runner.local(s)
+                elif kind == "floor":
+                    m, d = runner.floor(s)
                 elif kind == "fuse":
                     m, d = runner.fuse(s)
                 else:
@@ -487,9 +554,12 @@ def main(argv=None) -> int:
                     if k in m and m[k] > entry.setdefault("metrics", {}).get(k, 0):
                         entry["metrics"][k] = m[k]
                         entry["best_variant"][k] = s.variant
+                        if k == "seq_cold_1M":  # the CPU of the configuration whose speed is shown
+                            entry["metrics"]["cpu_cold_1M"] = m.get("cpu_cold_1M")
+                            entry["best_variant"]["cpu_cold_1M"] = s.variant
             else:
                 entry.update(info)
-                entry["verified"] = kind == "fuse"
+                entry["verified"] = kind in ("fuse", "floor")
                 if s.exit_codes and any(c not in (0, None) for c in s.exit_codes):
                     entry["nonzero_exit_codes"] = s.exit_codes
             log(f"=== {s.name} done in {dt:.0f}s")

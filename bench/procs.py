@@ -219,6 +219,19 @@ def descendants(pid: int) -> list[int]:
     return out
 
 
+def cpu_seconds(pid: int) -> float:
+    """utime + stime of pid plus all its live descendants (every thread included), in seconds."""
+    tick = os.sysconf("SC_CLK_TCK")
+    total = 0
+    for p in descendants(pid):
+        try:
+            fields = Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()
+            total += int(fields[11]) + int(fields[12])  # utime, stime (fields 14 and 15 of stat)
+        except (OSError, IndexError, ValueError):
+            pass
+    return total / tick
+
+
 def vm_hwm_kib(pid: int) -> int:
     """Peak RSS of pid plus all its descendants (sum of VmHWM, conservative)."""
     total = 0

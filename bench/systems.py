@@ -117,6 +117,12 @@ class System:
         procs.set_read_ahead_kb(self.mnt, self.ctx.peer_read_ahead_kb)
         self.read_ahead_kb = procs.get_read_ahead_kb(self.mnt)
 
+    def cpu_s(self) -> float | None:
+        """CPU seconds (user + system) the daemon and its descendants have used so far."""
+        if self.proc is None or self.proc.poll() is not None:
+            return None
+        return procs.cpu_seconds(self.proc.pid)
+
     def sample_rss(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
             self.hwm_kib = max(self.hwm_kib, procs.vm_hwm_kib(self.proc.pid))
@@ -189,6 +195,26 @@ class Local(System):
     warm_restart = cold
 
     def teardown(self, keep_cache: bool) -> None:
+        pass
+
+
+class Floor(System):
+    """The floor: bench/floor_fs.py, a minimal pyfuse3 server (read = os.pread on the trio thread)
+    serving the local copy of the image, with the same Python and pyfuse3 as imgfs. There is no
+    backend and no cache of its own: "warm" is its source file with the page cache dropped."""
+    column = "floor"
+
+    def argv(self) -> list[str]:
+        return [str(REPO / ".venv" / "bin" / "python"), str(Path(__file__).resolve().parent / "floor_fs.py"),
+                str(self.ctx.local_image), str(self.mnt)]
+
+    def describe(self) -> str:
+        return "bench/floor_fs.py LOCAL_IMAGE MNT (pyfuse3, read = os.pread on the trio thread; same read_ahead_kb)"
+
+    def path(self) -> Path:
+        return self.mnt / "image"
+
+    def wipe(self) -> None:
         pass
 
 

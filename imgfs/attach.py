@@ -13,7 +13,9 @@
   (shielded): an attachment is never left half-made or forgotten.
 - A volume another host holds is never taken over. Cinder refuses the attachment (HTTP 400, status
   ``in-use``); transitional states (``attaching``, ``detaching``, ...) are waited out with backoff up to
-  ``attach_timeout``; then the reader falls back to another store or gets EBUSY.
+  ``attach_timeout``, and so is a volume that is not multiattach and ``in-use`` (its holder, Glance's
+  download or another host's imgfs, holds it only while it reads); then the reader falls back to
+  another store or gets EBUSY. A multiattach volume ``in-use`` is not waited for.
 - Start-up removes attachments a crashed daemon of this host left behind; shutdown detaches everything,
   shielded, within ``detach_deadline``.
 """

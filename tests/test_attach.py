@@ -23,6 +23,7 @@ class FakeCinder:
         self.attached: dict[str, int] = {}  # volume -> attachments of ours
         self.calls: list[tuple[str, str]] = []
         self.refuse: dict[str, list[str]] = {}  # volume -> statuses to answer with, in order
+        self.single_attach: set[str] = set()  # volumes whose type is not multiattach
         self.stale: list[tuple[str, str]] = []
         self.left: dict[str, str] = {}  # attachment -> volume: a failed attach could not delete them
         self.deletable = True  # False: Cinder refuses deletes (RabbitMQ down)
@@ -33,7 +34,7 @@ class FakeCinder:
             statuses = self.refuse.get(volume_id)
             if statuses:
                 status = statuses.pop(0)
-                raise VolumeBusy(f"volume {volume_id} is {status}", status)
+                raise VolumeBusy(f"volume {volume_id} is {status}", status, single_attach=volume_id in self.single_attach)
             self.attached[volume_id] = self.attached.get(volume_id, 0) + 1
         return object()
 
@@ -129,6 +130,25 @@ async def test_in_use_elsewhere_is_refused_at_once(policy, autojump_clock):
         await a.ready(loc("v1"))
     assert info.value.errno == 16  # EBUSY
     assert trio.current_time() == start and fake.calls == [("attach", "v1")]
+
+
+async def test_a_single_attach_volume_in_use_is_waited_for(policy, autojump_clock):
+    """Not multiattach: its holder (Glance's download, another host's imgfs) holds it only for a read."""
+    fake, a = policy
+    fake.single_attach.add("v1")
+    fake.refuse["v1"] = ["in-use", "in-use", "in-use"]
+    a.hold(loc("v1"))
+    start = trio.current_time()
+    await a.ready(loc("v1"))
+    assert fake.attached == {"v1": 1} and len(fake.calls) == 4
+    assert 0 < trio.current_time() - start < 30
+
+
+def test_which_refusals_are_worth_waiting_for():
+    assert VolumeBusy("m", "attaching").transitional
+    assert not VolumeBusy("m", "in-use").transitional  # multiattach: another holder may keep it for hours
+    assert VolumeBusy("m", "in-use", single_attach=True).transitional
+    assert not VolumeBusy("m", "error", single_attach=True).transitional
 
 
 async def test_transitional_state_that_lasts_gives_ebusy_after_the_timeout(policy, autojump_clock):
@@ -237,3 +257,12 @@ async def test_a_volume_only_one_host_may_attach_gets_a_short_grace(policy, auto
     await until(lambda: fake.attached == {"v1": 0})
     t = a.totals()
     assert (t["attaches"], t["fetches"], t["fetches_per_attach"]) == (1, 3, 3.0)
+
+
+def test_cinders_refusal_names_the_status_whole():
+    from imgfs.backends.cinder import _IN_USE
+
+    # Cinder's wording (volume/api.py, _attachment_reserve): the status has a hyphen
+    message = ("Invalid volume: Volume 5d1c status must be available or downloading to reserve, but the current "
+               "status is in-use. (HTTP 400)")
+    assert _IN_USE.search(message).group(1) == "in-use"

@@ -86,7 +86,10 @@ def imgfs_config(tmp_path: Path, lab: dict, **options) -> list[str]:
            # prefer S3, then Cinder (weights, Glance's semantics): without them the cheapest copy, the
            # local file store, would be read first
            "", "[s3store]", "weight = 100",
-           "", "[cinderstore]", f"rbd_keyring_file = {lab['ceph']['client_cinder_keyring']}", "weight = 50", ""]
+           "", "[cinderstore]", f"rbd_keyring_file = {lab['ceph']['client_cinder_keyring']}", "weight = 50",
+           # the single-attach cinder store (tests/test_glance_owns_volumes.py): last of the stores
+           "", f"[{lab['glance']['single_attach_store']}]", f"rbd_keyring_file = {lab['ceph']['client_cinder_keyring']}",
+           "weight = 10", ""]
     )
     path = tmp_path / "imgfs.conf"
     path.write_text(text)

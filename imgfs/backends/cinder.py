@@ -39,19 +39,28 @@ from .base import valid_image_name
 log = logging.getLogger(__name__)
 
 API_VERSION = "3.54"  # attachments API with attach mode
-_IN_USE = re.compile(r"current status is (\w+)")
+_IN_USE = re.compile(r"current status is ([\w-]+)")
 # Cinder states another host passes through briefly; waiting for them is worthwhile, 'in-use' is not.
 TRANSITIONAL = {"attaching", "detaching", "reserved", "downloading", "creating", "maintenance"}
+# Volume states in which an image-volume is there to read. The attach states belong to every attach
+# (imgfs's own, Glance's downloads, other hosts) and pass within a second: dropping the image from the
+# catalog for them would make imgfs step aside from its own attachment.
+SERVABLE = {"available", "in-use", "reserved", "attaching", "detaching"}
+MIGRATING = {"starting", "migrating", "completing"}
 _SECRET_KEYS = ("keyring", "auth_password", "secret", "password", "token", "key")
 
 
 class VolumeBusy(Busy):
-    """The volume is held elsewhere (non-multiattach) or passing through a state that forbids attaching."""
+    """The volume is held elsewhere (non-multiattach) or passing through a state that forbids attaching.
 
-    def __init__(self, message: str, status: str) -> None:
+    ``transitional``: worth waiting for. Besides the passing states, that is a volume that is not
+    multiattach and ``in-use``: its holder is Glance's download or another host's imgfs, and each of
+    them holds it only while it reads (imgfs: NON_MULTIATTACH_GRACE), so it comes free shortly."""
+
+    def __init__(self, message: str, status: str, single_attach: bool = False) -> None:
         super().__init__(message)
         self.status = status
-        self.transitional = status in TRANSITIONAL
+        self.transitional = status in TRANSITIONAL or (single_attach and status == "in-use")
 
 
 def mask(value: Any) -> Any:
@@ -251,8 +260,11 @@ class CinderBackend:
             return None
         if self.cfg.volume_type and getattr(volume, "volume_type", None) != self.cfg.volume_type:
             return None
-        if volume.status not in ("available", "in-use"):
-            return None  # being written by Glance, or in error: not an image yet
+        if volume.status not in SERVABLE:
+            return None  # being written or deleted by Glance, or in error: not an image (any more)
+        migration = getattr(volume, "migration_status", None) or ""
+        if migration in MIGRATING or migration.startswith("target:"):
+            return None  # Cinder is moving it (or this is the copy being made): let go until it is done
         try:
             size = int(meta["image_size"])
         except (KeyError, ValueError):
@@ -338,7 +350,9 @@ class CinderBackend:
             found = _IN_USE.search(str(getattr(e, "message", e)))
             if found:
                 status = found.group(1)
-                raise VolumeBusy(f"{self._where}: volume {volume_id} is {status} (held by another host or busy); not taking it", status) from None
+                single = not getattr(volume, "multiattach", False)
+                raise VolumeBusy(f"{self._where}: volume {volume_id} is {status} (held by another host or busy); not taking it",
+                                 status, single_attach=single) from None
             raise self._error(e, f"attaching volume {volume_id}") from None
         except Exception as e:
             raise self._error(e, f"attaching volume {volume_id}") from None

@@ -62,7 +62,7 @@ CINDER_BACKEND = 'ceph'
 VOLUME_TYPES = {'lab-rbd': {}, 'lab-rbd-multiattach': {'multiattach': '<is> True'}}
 # Glance multi-store: store id -> glance_store driver. Image data in RGW (bucket GLANCE_S3_BUCKET,
 # as the lab's S3 user), in Cinder image-volumes (project `service`), and in a directory.
-GLANCE_STORES = {'s3store': 's3', 'cinderstore': 'cinder', 'filestore': 'file'}
+GLANCE_STORES = {'s3store': 's3', 'cinderstore': 'cinder', 'filestore': 'file', 'cindersingle': 'cinder'}
 # The mount-path route for Cinder (README, "Cinder and Nova read through imgfs"): a Glance file store
 # that holds nothing itself and only names the store of the file:// locations that point into an imgfs
 # mount, so Glance can show and delete them. Not in GLANCE_STORES: no image is ever imported into it.
@@ -75,6 +75,10 @@ GLANCE_S3_BUCKET = 'glance'
 # Multiattach: an image-volume imgfs holds attached (on one or more hosts) can still be attached by
 # Glance itself for a download or a copy-image; with lab-rbd the second attachment is refused.
 GLANCE_VOLUME_TYPE = 'lab-rbd-multiattach'
+# A second cinder store on the default, single-attach type, as most clouds have it: one holder at a
+# time (Glance's download, or one host's imgfs), each holding the volume only while it reads.
+GLANCE_SINGLE_STORE = 'cindersingle'
+GLANCE_SINGLE_VOLUME_TYPE = 'lab-rbd'
 # Marker put in every daemon's environment: tests/lab/down only signals process groups carrying it.
 MARKER = 'IMGFS_LAB_DAEMON'
 
@@ -919,6 +923,9 @@ disk_chown: RegExpFilter, chown, root, chown, \\d+, /dev/(?!.*/\\.\\.).*
         ks = self.secrets['keystone']
         backends = ', '.join(f'{k}:{v}' for k, v in {**GLANCE_STORES, GLANCE_MOUNT_STORE: 'file'}.items())
         (d / 'imgfsmount-unused').mkdir(exist_ok=True)
+        cinder_stanzas = ''.join(
+            self._glance_cinder_stanza(d, store, vtype)
+            for store, vtype in (('cinderstore', GLANCE_VOLUME_TYPE), (GLANCE_SINGLE_STORE, GLANCE_SINGLE_VOLUME_TYPE)))
         conf.write_text(f"""\
 # Written by tests/lab/labctl.py (imgfs lab). Secrets inside: keep 0600.
 [DEFAULT]
@@ -954,20 +961,7 @@ s3_store_bucket = {GLANCE_S3_BUCKET}
 s3_store_create_bucket_on_put = True
 s3_store_bucket_url_format = path
 # no s3_store_region_name: with it the bucket gets a LocationConstraint RGW rejects
-[cinderstore]
-cinder_store_auth_address = {self.keystone_url}
-cinder_store_user_name = glance
-cinder_store_password = {ks['glance']}
-cinder_store_project_name = service
-cinder_store_user_domain_name = Default
-cinder_store_project_domain_name = Default
-cinder_os_region_name = {REGION}
-cinder_volume_type = {GLANCE_VOLUME_TYPE}
-cinder_use_multipath = False
-cinder_state_transition_timeout = 120
-cinder_mount_point_base = {d}/mnt
-rootwrap_config = {d}/rootwrap.conf
-[filestore]
+{cinder_stanzas}[filestore]
 filesystem_store_datadir = {d}/images
 [{GLANCE_MOUNT_STORE}]
 # holds nothing: it names the store of file:// locations into an imgfs mount (never import into it)
@@ -986,6 +980,24 @@ driver = noop
 """)
         conf.chmod(0o600)
         return conf
+
+    def _glance_cinder_stanza(self, d: Path, store: str, volume_type: str) -> str:
+        ks = self.secrets['keystone']
+        return f"""\
+[{store}]
+cinder_store_auth_address = {self.keystone_url}
+cinder_store_user_name = glance
+cinder_store_password = {ks['glance']}
+cinder_store_project_name = service
+cinder_store_user_domain_name = Default
+cinder_store_project_domain_name = Default
+cinder_os_region_name = {REGION}
+cinder_volume_type = {volume_type}
+cinder_use_multipath = False
+cinder_state_transition_timeout = 120
+cinder_mount_point_base = {d}/mnt
+rootwrap_config = {d}/rootwrap.conf
+"""
 
     def glance_db(self) -> None:
         """Config + schema; needs only MariaDB."""
@@ -1091,6 +1103,8 @@ driver = noop
                 'filestore_dir': str(self.glance_dir / 'images'),
                 's3_bucket': GLANCE_S3_BUCKET,
                 'cinder_volume_type': GLANCE_VOLUME_TYPE,
+                'single_attach_store': GLANCE_SINGLE_STORE,
+                'single_attach_volume_type': GLANCE_SINGLE_VOLUME_TYPE,
                 'cinder_store_project': 'service',
                 'log': str(self.log_path('glance-api')),
             },
