@@ -23,6 +23,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
 import measure  # noqa: E402
+import metadata  # noqa: E402
 import procs  # noqa: E402
 from image import ensure_image  # noqa: E402
 from procs import BenchError, Interrupted, drop_caches, log  # noqa: E402
@@ -72,6 +73,10 @@ METRICS = [
     ("cpu_conc", "  daemon CPU s/GiB read, N cold readers", "s/GiB", "lo", None),
     ("rss_mib", "daemon peak RSS (VmHWM, tree)", "MiB", "lo", ("max", 256)),
     ("start_s", "mount start -> file visible (max)", "s", "lo", None),
+    ("ls_first_s", "ls -l of 10,000 images, first", "s", "lo", ("max", 0.5)),
+    ("ls_warm_s", "ls -l of 10,000 images, again", "s", "lo", ("max", 0.5)),
+    ("stat_all_s", "stat of 10,000 images, one by one", "s", "lo", None),
+    ("meta_start_s", "mount start -> 10,000 visible (file store)", "s", "lo", ("max", 0.5)),
 ]
 
 
@@ -408,6 +413,8 @@ def parse_args(argv):
     ap.add_argument("--s3-data-dir", default=None,
                     help="s3rver data dir (default: a fresh dir on tmpfs /dev/shm)")
     ap.add_argument("--json", default=None, help="results JSON path")
+    ap.add_argument("--no-metadata", action="store_true",
+                    help="skip the metadata rows (ls -l / stat of 10,000 images in a file store)")
     a = ap.parse_args(argv)
     a.only = [x.strip() for x in a.only.split(",") if x.strip()]
     bad = [x for x in a.only if x not in ALL]
@@ -564,6 +571,20 @@ def main(argv=None) -> int:
                     entry["nonzero_exit_codes"] = s.exit_codes
             log(f"=== {s.name} done in {dt:.0f}s")
 
+        if not args.no_metadata and "imgfs" in args.only:
+            log(f"=== metadata: {metadata.COUNT} images (loadavg {procs.loadavg()})")
+            try:
+                meta = metadata.measure(run_dir / "metadata", log_dir)
+                for col, vals in meta.items():
+                    entry = results["systems"].setdefault(col, {"variants": {}, "best_variant": {}})
+                    entry.setdefault("metrics", {}).update(
+                        {k: v for k, v in vals.items() if k in ("ls_first_s", "ls_warm_s", "stat_all_s")})
+                    if "start_s" in vals:
+                        entry["metrics"]["meta_start_s"] = vals["start_s"]
+                    entry["metadata"] = vals
+            except BenchError as e:
+                failures.append(f"metadata: {e}")
+                log(f"FAILED metadata: {e}")
         results["env"]["loadavg_end"] = procs.loadavg()
         results["env"]["seconds"] = time.monotonic() - t_start
         results["env"]["peer_read_ahead_kb"] = ctx.peer_read_ahead_kb

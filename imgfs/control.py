@@ -86,6 +86,7 @@ def status(d: Daemon) -> dict[str, Any]:
             "memory_hits": cache.stats.memory_hits, "misses": cache.stats.misses,
             "hit_rate": round((cache.stats.hits + cache.stats.memory_hits) / lookups, 4) if lookups else None,
             "evictions": cache.stats.evictions, "corrupt": cache.stats.corrupt, "fill_failures": cache.stats.fill_failures,
+            "open_files": cache.open_files, "limit_open_files": cache.max_open,
         },
         "bytes_served": d.ops.bytes_served,
         "fetched_bytes": fetcher.stats.fetched_bytes,

@@ -290,6 +290,7 @@ async def serve(
             await attachments.close()
         for backend in daemon.backends.values():
             backend.close()
+        daemon.cache.close()
         if daemon.catalog.source is not None:
             daemon.catalog.source.close()
         if daemon.image_api is not None:

@@ -37,7 +37,11 @@ STORES = ROOT + 2
 BY_NAME = ROOT + 3
 _FIRST_STORE = 16
 _FIRST_FILE = 1024
-_TIMEOUT = 1.0  # seconds the kernel may trust names and attributes before asking again
+_TIMEOUT = 1.0  # seconds the kernel may trust directories and by-name links before asking again
+# An image file is immutable while the catalog shows the same version of it: the kernel may keep its
+# name and attributes (ls -l and stat of thousands of images stay in the kernel). Every change the
+# catalog sees invalidates them (inode, and the name where the image went away).
+_FILE_TIMEOUT = 3600.0
 NAME_MAX = 255  # bytes in one name, as Linux's own filesystems allow
 
 XATTR_PREFIX = "user.imgfs."
@@ -100,6 +104,7 @@ class Operations(pyfuse3.Operations):
         self._reading = 0  # read requests in flight
         self._drained: trio.Event | None = None  # set once shutdown began and no read is in flight
         self.invalidate = _invalidate_kernel_cache
+        self.forget_name = _invalidate_kernel_entry
         catalog.listeners.append(self._on_change)
 
     # ---- inodes -------------------------------------------------------------------------------------
@@ -138,6 +143,7 @@ class Operations(pyfuse3.Operations):
 
     def _file_attr(self, ino: int, loc: Location) -> pyfuse3.EntryAttributes:
         attr = self._attr(ino)
+        attr.entry_timeout = attr.attr_timeout = _FILE_TIMEOUT
         attr.st_mode = stat.S_IFREG | 0o444
         attr.st_nlink = 1
         attr.st_size = loc.size
@@ -202,6 +208,9 @@ class Operations(pyfuse3.Operations):
 
     @_guarded
     async def getattr(self, inode: int, ctx=None) -> pyfuse3.EntryAttributes:
+        return self._attr_of(inode)
+
+    def _attr_of(self, inode: int) -> pyfuse3.EntryAttributes:
         if inode in (ROOT, IMAGES, STORES, BY_NAME) or inode in self._inode_stores:
             return self._dir_attr(inode)
         link = self._links.get(inode)
@@ -259,7 +268,7 @@ class Operations(pyfuse3.Operations):
         for i in range(start_id, len(entries)):
             name, ino = entries[i]
             try:
-                attr = await self.getattr(ino)
+                attr = self._attr_of(ino)
             except pyfuse3.FUSEError:
                 continue  # vanished since opendir
             if not pyfuse3.readdir_reply(token, name, attr, i + 1):
@@ -381,6 +390,11 @@ class Operations(pyfuse3.Operations):
     @_guarded
     async def getxattr(self, inode: int, name: bytes, ctx=None) -> bytes:
         key = name.decode("utf-8", "replace")
+        if not key.startswith("user."):
+            # security.*, system.* (ACLs), trusted.*: namespaces imgfs does not have. ENOTSUP says so, and
+            # ls -l then stops asking for the rest of the mount (coreutils caches it per device): two round
+            # trips per file fewer (ls -l of 10,000 images: 20,000 requests).
+            raise pyfuse3.FUSEError(errno.EOPNOTSUPP)
         if not key.startswith(XATTR_PREFIX):
             raise pyfuse3.FUSEError(pyfuse3.ENOATTR)
         value = self._xattrs(inode).get(key[len(XATTR_PREFIX):])
@@ -423,6 +437,18 @@ class Operations(pyfuse3.Operations):
             after = None if new is None else (new.primary if store is None else new.at(store))
             if before != after:
                 await self.invalidate(ino)
+                if after is None:  # gone from this view: the kernel must forget the name too
+                    parent = IMAGES if store is None else self._store_inodes.get(store)
+                    if parent is not None:
+                        await self.forget_name(parent, image_id)
+
+
+async def _invalidate_kernel_entry(parent: int, name: str) -> None:
+    try:
+        await trio.to_thread.run_sync(pyfuse3.invalidate_entry, parent, name.encode(), 0)
+    except OSError as e:
+        if e.errno != errno.ENOENT:
+            log.debug("invalidating name %s in inode %d: %s", name, parent, e)
 
 
 async def _invalidate_kernel_cache(inode: int) -> None:

@@ -8,6 +8,12 @@
 - Each open file detects sequential access: while reads follow each other the prefetch window grows
   (twice the sequential run, from one chunk up to prefetch_max); a jump resets it to nothing, so random
   readers never pay for prefetch.
+- Random readers fetch small: a read that does not follow the previous one, of at most SMALL_READ bytes,
+  whose chunk is neither cached nor on its way, fetches only the 64 KiB blocks it covers (one ranged
+  request) and caches them as 64 KiB entries of their own (verified per block like any chunk, kept
+  across restarts). A random 4 KiB read then costs the store 64 KiB, not a whole chunk, and the first
+  read of an image returns before a whole chunk has arrived. Once reads follow each other, the reader
+  is sequential and fetches whole chunks with prefetch again.
 - Exact bytes or an error: a chunk of the wrong length is an error, never padded.
 """
 
@@ -24,13 +30,16 @@ from typing import AsyncIterator, Callable, Protocol, Sequence
 import trio
 
 from .backends.base import Backend
-from .cache import ChunkCache
+from .cache import BLOCK, ChunkCache
 from .errors import BackendError, BackendUnavailable, Busy, ImgfsError, IntegrityError, ShortRead, StaleImage
 from .model import ChunkKey, Location
 
 log = logging.getLogger(__name__)
 
 RUN_BYTES = 32 * 1024 * 1024  # the largest single request a sequential prefetch makes
+# Random readers: blocks of the cache's own verification size, fetched for reads of at most SMALL_READ.
+SMALL_BLOCK = BLOCK
+SMALL_READ = 256 * 1024
 # After a copy did not answer in time (a hung cinder-api, a stopped OSD), further fetches of it fail at
 # once for this long: the kernel retries a failed read several times, and each retry must not cost the
 # reader another full timeout (nor the sick service another request).
@@ -189,6 +198,73 @@ class ChunkFetcher:
 
     def key(self, loc: Location, index: int) -> ChunkKey:
         return ChunkKey(loc.store, loc.image_id, loc.version, self.chunk_size, index)
+
+    def small_key(self, loc: Location, block: int) -> ChunkKey:
+        return ChunkKey(loc.store, loc.image_id, loc.version, SMALL_BLOCK, block)
+
+    def has_chunk(self, loc: Location, index: int) -> bool:
+        """The chunk is cached or being fetched: reading it costs the store nothing more."""
+        key = self.key(loc, index)
+        return key in self._inflight or self.cache.contains(key)
+
+    async def read_small(self, loc: Location, offset: int, length: int) -> memoryview:
+        """Bytes [offset, offset+length) of the image from 64 KiB blocks: cached ones from the cache, the
+        missing ones in runs, one ranged request per run, each block single-flight."""
+        bs = SMALL_BLOCK
+        first, last = offset // bs, (offset + length - 1) // bs
+        parts: list[memoryview] = []
+        for block in range(first, last + 1):
+            key = self.small_key(loc, block)
+            flight = self._inflight.get(key)
+            if flight is None:
+                blen = min(bs, loc.size - block * bs)
+                data = await self.cache.read(key, 0, blen, blen)
+                if data is not None:
+                    parts.append(data)
+                    continue
+                flight = self._inflight.get(key)  # another reader may have started it meanwhile
+                if flight is None:
+                    run = [block]
+                    while run[-1] < last:
+                        nxt = self.small_key(loc, run[-1] + 1)
+                        if nxt in self._inflight or self.cache.contains(nxt):
+                            break
+                        run.append(run[-1] + 1)
+                    flights = [(i, self.small_key(loc, i), _Flight()) for i in run]
+                    for _, k, f in flights:
+                        self._inflight[k] = f
+                    self.spawn(self._fly_small, loc, flights)
+                    flight = flights[0][2]
+            parts.append(await self.wait(flight))
+        data = parts[0] if len(parts) == 1 else memoryview(b"".join(parts))
+        lo = offset - first * bs
+        return data[lo : lo + length]
+
+    async def _fly_small(self, loc: Location, run: list[tuple[int, ChunkKey, _Flight]]) -> None:
+        bs = SMALL_BLOCK
+        first = run[0][0]
+        try:
+            self._check_available(loc)
+            async with self._using(loc), self._demand:
+                end = min((run[-1][0] + 1) * bs, loc.size)
+                data = memoryview(await self._fetch_range(loc, first * bs, end - first * bs))
+                for i, _, flight in run:
+                    flight.data = data[(i - first) * bs : min((i - first + 1) * bs, data.nbytes)]
+                    flight.done.set()
+                for _, key, flight in run:
+                    await self.cache.put(key, flight.data, remember=False)  # type: ignore[arg-type]
+        except ImgfsError as e:
+            for _, _, flight in run:
+                flight.error = e
+            self._count_error(e, loc, prefetch=False)
+        except Exception as e:  # a bug must fail these reads, not the daemon
+            log.exception("unexpected error fetching blocks of image %s", loc.image_id)
+            for _, _, flight in run:
+                flight.error = BackendError(f"internal error fetching image {loc.image_id}: {type(e).__name__}")
+        finally:
+            for _, key, flight in run:
+                del self._inflight[key]
+                flight.done.set()
 
     def chunk_length(self, loc: Location, index: int) -> int:
         return min(self.chunk_size, loc.size - index * self.chunk_size)
@@ -447,6 +523,9 @@ class ImageReader:
         self._next = 0  # where a sequential reader reads next
         self._run = 0  # bytes read sequentially so far
         self._prefetched = 0  # chunks [.., _prefetched) have been asked for
+        # Bytes read in a row before the reader counts as sequential (whole chunks, prefetch): a random
+        # reader's read lands near its previous one now and then, and must not cost a chunk each time.
+        self._sequential = min(2 * SMALL_READ, fetcher.chunk_size)
 
     def close(self) -> None:
         """Nothing to give back: stores are held per fetch, not per open file."""
@@ -463,7 +542,7 @@ class ImageReader:
         self._next = max(end, self._next) if self._run else end
 
     def _prefetch(self, end: int) -> None:
-        if not self.prefetch_max or not self._run:
+        if not self.prefetch_max or self._run < self._sequential:
             return
         cs = self.fetcher.chunk_size
         window = min(self.prefetch_max, max(cs, 2 * self._run))
@@ -509,7 +588,11 @@ class ImageReader:
                 copy = self._cached_copy(index)
                 if self.verify is not None:
                     self._copies_read.add(copy)
-                data = await self.fetcher.read(copy, index, start, end)
+                if self._run < self._sequential and end - start <= SMALL_READ and not self.fetcher.has_chunk(copy, index):
+                    cs = self.fetcher.chunk_size  # a random reader: the blocks it needs, not the chunk
+                    data = await self.fetcher.read_small(copy, index * cs + start, end - start)
+                else:
+                    data = await self.fetcher.read(copy, index, start, end)
                 if data.nbytes != end - start:
                     raise ShortRead(f"image {self.loc.image_id} chunk {index}: {data.nbytes} bytes, expected {end - start}")
                 return data
@@ -535,7 +618,7 @@ class ImageReader:
         self._track(offset, end)
         cs = self.fetcher.chunk_size
         first, last = offset // cs, (end - 1) // cs
-        if last > first:  # spans chunks: start every missing fetch now, so they run in parallel
+        if last > first and (self._run >= self._sequential or end - offset > SMALL_READ):  # spans chunks: start every missing fetch now, so they run in parallel
             for i in range(first, last + 1):
                 copy = self._cached_copy(i)
                 if not self.fetcher.cache.contains(self.fetcher.key(copy, i)):

@@ -199,6 +199,7 @@ async def test_full_disk_logs_and_keeps_going(tiny_fs, caplog):
     for i in range(8):
         got = await cache.get(key(i), CS)
         assert got is None or bytes(got) == data(i)
+    cache.close()  # the files kept open for hits: the file system is unmounted next
 
 
 async def test_pinned_images_survive_eviction_and_restarts(tmp_path):
@@ -233,3 +234,89 @@ async def test_a_cache_full_of_pins_refuses_fills_not_reads(tmp_path, caplog):
     await cache.put(key(0, image="new"), data(0))  # no room, nothing evictable: skipped, logged
     assert not cache.contains(key(0, image="new")) and cache.count == 2
     assert "full of pinned images" in caplog.text
+
+
+async def test_resident_hits_are_read_on_the_loop_and_still_verified(tmp_path, monkeypatch):
+    """The first read opens and checks the chunk file in a worker thread and keeps it open; later reads
+    whose pages are resident are served on the trio thread (RWF_NOWAIT), with no thread hop, and still
+    verified: a block damaged behind the open descriptor is caught, dropped and never returned."""
+    import trio
+
+    import imgfs.cache as cache_mod
+
+    hops = []
+    real = trio.to_thread.run_sync
+
+    async def counting(fn, *args, **kw):
+        hops.append(fn.__name__)
+        return await real(fn, *args, **kw)
+
+    monkeypatch.setattr(cache_mod.trio.to_thread, "run_sync", counting)
+    size = 4 * CS  # four 64 KiB blocks
+    cache = make(tmp_path, max_bytes=100 * size)
+    await cache.open()
+    await cache.put(key(0), data(0, size))
+    hops.clear()
+    assert bytes(await cache.read(key(0), 5, 4096, size)) == data(0, size)[5:4096]
+    assert hops == ["_open_verified"]
+    for start in (0, CS - 10, 3 * CS):  # resident now (just written, then read)
+        assert bytes(await cache.read(key(0), start, start + 4096, size)) == data(0, size)[start:start + 4096]
+    assert hops == ["_open_verified"], "a resident hit took a thread hop"
+    assert cache.nowait
+
+    path = chunk_files(tmp_path)[0]
+    with open(path, "r+b") as f:  # flip one byte of block 2 in place (same inode as the open fd)
+        f.seek(-2 * CS, os.SEEK_END)
+        b = f.read(1)
+        f.seek(-1, os.SEEK_CUR)
+        f.write(bytes([b[0] ^ 1]))
+    assert await cache.read(key(0), 2 * CS, 2 * CS + 10, size) is None
+    assert cache.stats.corrupt == 1 and not path.exists() and cache.count == 0
+    cache.close()
+
+
+async def test_without_rwf_nowait_every_hit_reads_in_a_thread(tmp_path, monkeypatch):
+    import imgfs.cache as cache_mod
+
+    cache = make(tmp_path)
+    cache.nowait = False  # a kernel or file system without RWF_NOWAIT
+    await cache.open()
+    await cache.put(key(1), data(1))
+    calls = []
+    real = cache_mod._read_dup
+    monkeypatch.setattr(cache_mod, "_read_dup", lambda *a: calls.append(1) or real(*a))
+    for _ in range(2):
+        assert bytes(await cache.get(key(1), CS)) == data(1)
+    assert len(calls) == 1  # the first read opened the file; the second read its dup in a thread
+    cache.close()
+
+
+async def test_an_evicted_chunk_closes_its_file(tmp_path):
+    entry = CS + 200
+    cache = make(tmp_path, max_bytes=2 * entry)
+    await cache.open()
+    await cache.put(key(0), data(0))
+    assert bytes(await cache.get(key(0), CS)) == data(0)
+    assert len(cache._fds) == 1
+    await cache.put(key(1), data(1))
+    await cache.put(key(2), data(2))  # evicts chunk 0
+    assert not cache.contains(key(0)) and len(cache._fds) == 0
+    cache.close()
+
+
+def test_a_read_buffer_is_reused_only_once_nothing_refers_to_it():
+    from imgfs.cache import _Buffers
+
+    pool = _Buffers()
+    size = 1 << 20
+    held = memoryview(pool.get(size))[10:20]  # a reply still being sent, a piece the verifier keeps
+    first = id(held.obj)
+    other = pool.get(size)
+    assert other is not held.obj  # still referred to: never handed out again
+    second = id(other)
+    del other
+    again = pool.get(size)
+    assert id(again) == second  # nothing refers to it any more: reused, not reallocated
+    del held
+    assert id(pool.get(size)) in (first, second)
+    assert pool.get(4096) is not pool.get(4096)  # small ones are not pooled

@@ -33,8 +33,15 @@ async def world(tmp_path, nursery):
     async def record(ino):
         invalidated.append(ino)
 
+    forgotten = []
+
+    async def forget(parent, name):
+        forgotten.append((parent, name))
+
     ops.invalidate = record
     ops.invalidated = invalidated
+    ops.forget_name = forget
+    ops.forgotten = forgotten
     return a, b, catalog, ops
 
 
@@ -88,6 +95,10 @@ async def test_xattrs(world):
     with pytest.raises(pyfuse3.FUSEError) as e:
         await ops.getxattr(ino, b"user.other")
     assert e.value.errno == pyfuse3.ENOATTR
+    for other in (b"security.selinux", b"system.posix_acl_access", b"trusted.x"):  # namespaces imgfs lacks
+        with pytest.raises(pyfuse3.FUSEError) as e:
+            await ops.getxattr(ino, other)
+        assert e.value.errno == errno.EOPNOTSUPP, other
     assert await ops.listxattr(IMAGES) == []
 
 
@@ -138,8 +149,30 @@ async def test_changed_image_invalidates_kernel_cache_and_pins_open_version(worl
     with pytest.raises(pyfuse3.FUSEError) as e:
         await ops.read(fh, CS, 100)  # the old version's chunk 1 is not cached: refused, not mixed
     assert e.value.errno == errno.ESTALE
+    assert not ops.forgotten  # changed, not gone: the name stays
     fh2 = (await ops.open(ino, os.O_RDONLY)).fh
     assert await ops.read(fh2, 0, 3 * CS) == new
+
+
+async def test_kernel_keeps_file_attributes_long_and_forgets_names_that_go(world):
+    """Images are immutable per version: entry and attribute timeouts are long for files (ls -l of
+    thousands of images stays in the kernel), short for directories; a removed image's names are
+    invalidated in every view that showed it."""
+    a, b, catalog, ops = world
+    a.put("img", b"x" * 100)
+    b.put("img", b"x" * 100)
+    await catalog.refresh()
+    attr = await ops.lookup(IMAGES, b"img")
+    assert attr.entry_timeout >= 3600 and attr.attr_timeout >= 3600
+    assert (await ops.getattr(IMAGES)).attr_timeout <= 1
+    store_dir = (await ops.lookup(STORES, b"alpha")).st_ino
+    await ops.lookup(store_dir, b"img")
+    a.delete("img")
+    await catalog.refresh()
+    assert ops.forgotten == [(store_dir, "img")]  # still in images/ (from beta)
+    b.delete("img")
+    await catalog.refresh()
+    assert (IMAGES, "img") in ops.forgotten
 
 
 async def test_removed_image_disappears(world):

@@ -64,7 +64,7 @@ async def test_concurrent_readers_fetch_each_chunk_once(parts):
         for i in range(12):
             n.start_soon(read_all, i)
     assert all(r == data for r in results.values())
-    assert sorted(backend.reads) == [("img", i * CS) for i in range(8)]
+    assert backend.read_bytes == len(data)  # every byte fetched once (in chunks or runs of chunks)
     assert set(backend.reads.values()) == {1}
 
 
@@ -345,3 +345,74 @@ async def test_a_store_is_held_for_fetches_not_for_open_files(tmp_path, nursery)
     assert await reader.read(0, 4 * CS) == data  # from the cache
     assert holder.holds == 4
     reader.close()
+
+
+async def test_random_readers_fetch_64k_blocks_and_keep_them(tmp_path, nursery):
+    """Chunks of 1 MiB: a random 4 KiB read costs the store one 64 KiB block, not the chunk; the blocks
+    are cached (across a restart too); a reader that goes sequential fetches whole chunks again."""
+    big = 16 * CS  # 1 MiB chunks
+    backend = MemoryBackend(name="mem")
+    data = image(8 * big + 777)
+    loc = backend.put("img", data)
+
+    async def fetcher_on(cache_dir) -> ChunkFetcher:
+        cache = ChunkCache(str(cache_dir), max_bytes=1 << 30, max_count=10_000, memory_bytes=0)
+        await cache.open()
+        f = ChunkFetcher(cache, {"mem": backend}, chunk_size=big, max_connections=4)
+        f.attach(nursery)
+        return f
+
+    fetcher = await fetcher_on(tmp_path / "cache")
+    reader = ImageReader(fetcher, [loc], prefetch_max=4 * big)
+    assert await reader.read(0, 4096) == data[:4096]  # the first read of an image: one block
+    assert fetcher.stats.fetched_bytes == CS
+    rng = random.Random(5)
+    offsets = [rng.randrange(len(data) - 4096) for _ in range(40)]
+    for off in offsets:
+        assert await reader.read(off, 4096) == data[off : off + 4096], off
+    await settle(fetcher)
+    blocks = {o // CS for o in offsets} | {(o + 4095) // CS for o in offsets} | {0}
+    # each block touched fetched once, nothing else: no chunk, no prefetch
+    assert (len(blocks) - 1) * CS < fetcher.stats.fetched_bytes <= len(blocks) * CS
+    assert fetcher.stats.prefetches == 0 and fetcher.stats.fetches <= len(blocks)
+
+    fetched = fetcher.stats.fetched_bytes
+    fetcher.cache.close()
+    again = await fetcher_on(tmp_path / "cache")  # a restart: the blocks are on disk
+    reader = ImageReader(again, [loc], prefetch_max=4 * big)
+    for off in offsets:
+        assert await reader.read(off, 4096) == data[off : off + 4096], off
+    assert again.stats.fetched_bytes == 0
+
+    seq = ImageReader(again, [loc], prefetch_max=4 * big)  # sequential from the start: whole chunks
+    out = bytearray()
+    for off in range(0, len(data), 128 * 1024):
+        out += await seq.read(off, 128 * 1024)
+    assert bytes(out) == data
+    await settle(again)
+    # the reads before the reader counted as sequential (512 KiB) came in blocks, then the chunks: once more
+    assert again.stats.fetched_bytes <= len(data) + 512 * 1024
+    assert again.stats.fetches <= 9 + 8  # the chunks (9), and at most 8 blocks before that
+    assert fetched  # (the first pass fetched something)
+    again.cache.close()
+
+
+async def test_a_failing_small_fetch_fails_over_and_never_pads(tmp_path, nursery):
+    backend = MemoryBackend(name="mem")
+    other = MemoryBackend(name="other")
+    big = 16 * CS
+    data = image(4 * big)
+    bad, good = backend.put("img", data), other.put("img", data)
+    cache = ChunkCache(str(tmp_path / "c2"), max_bytes=1 << 30, max_count=10_000, memory_bytes=0)
+    await cache.open()
+    fetcher = ChunkFetcher(cache, {"mem": backend, "other": other}, chunk_size=big, max_connections=4)
+    fetcher.attach(nursery)
+    backend.fail_reads = 1
+    reader = ImageReader(fetcher, [bad, good], prefetch_max=0)
+    assert await reader.read(big + 100, 4096) == data[big + 100 : big + 4196]
+    assert reader.loc is good and other.read_bytes == CS  # one block from the other copy
+    backend.short_reads = 1
+    reader = ImageReader(fetcher, [bad], prefetch_max=0)
+    with pytest.raises(ShortRead):  # a store one byte short: an error, never padded
+        await reader.read(3 * big + 5, 4096)
+    cache.close()
