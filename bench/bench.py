@@ -13,6 +13,7 @@ import platform
 import shutil
 import signal
 import socket
+import subprocess
 import sys
 import time
 import traceback
@@ -25,7 +26,7 @@ sys.path.insert(0, str(HERE))
 import measure  # noqa: E402
 import metadata  # noqa: E402
 import procs  # noqa: E402
-from image import ensure_image  # noqa: E402
+from image import ensure_image, ensure_qcow2, sha256_file  # noqa: E402
 from procs import BenchError, Interrupted, drop_caches, log  # noqa: E402
 from s3server import BUCKET, S3RVER_VERSION, BackendMeter, S3rver, backend_ceiling, ensure_s3rver  # noqa: E402
 from systems import IMGFS_BIN, REPO, Ctx, Floor, Imgfs, Local, Rclone, S3fs, System  # noqa: E402
@@ -73,6 +74,10 @@ METRICS = [
     ("cpu_conc", "  daemon CPU s/GiB read, N cold readers", "s/GiB", "lo", None),
     ("rss_mib", "daemon peak RSS (VmHWM, tree)", "MiB", "lo", ("max", 256)),
     ("start_s", "mount start -> file visible (max)", "s", "lo", None),
+    ("qemu_warm_s", "qemu-img convert qcow2->raw, own cache", "s", "lo", ("local", 1.5)),
+    ("cpu_qemu_warm", "  daemon CPU s during that convert", "s", "lo", None),
+    ("qemu_cold_s", "qemu-img convert qcow2->raw, cold", "s", "lo", None),
+    ("qemu_cold_backend_x", "  backend bytes/qcow2 size, cold convert", "x", "lo", ("max", 1.05)),
     ("ls_first_s", "ls -l of 10,000 images, first", "s", "lo", ("max", 0.5)),
     ("ls_warm_s", "ls -l of 10,000 images, again", "s", "lo", ("max", 0.5)),
     ("stat_all_s", "stat of 10,000 images, one by one", "s", "lo", None),
@@ -159,6 +164,33 @@ class Runner:
         return {"ttfb_ms": ms[len(ms) // 2], "backend_bytes": max(x["backend_bytes"] for x in samples),
                 "samples": samples}
 
+    def qemu(self, s: System, what: str) -> dict | None:
+        """`qemu-img convert -O raw` of the qcow2 through this system (output on tmpfs), checked by
+        the sha256 of the raw disk it must give."""
+        src = s.path_of(self.ctx.qcow2_key) if self.ctx.qcow2_key else None
+        if src is None:
+            return None
+        out = Path(f"/dev/shm/imgfs-bench-qemu-{os.getpid()}.raw")
+        c0 = s.cpu_s()
+        with BackendMeter(self.srv) as m:
+            t0 = time.monotonic()
+            r = subprocess.run(["qemu-img", "convert", "-O", "raw", str(src), str(out)], capture_output=True,
+                               text=True, timeout=600)
+            dt = time.monotonic() - t0
+        cpu = None if c0 is None or s.cpu_s() is None else s.cpu_s() - c0
+        try:
+            if r.returncode != 0:
+                raise BenchError(f"qemu-img convert of {src} failed: {r.stderr.strip()}")
+            got = sha256_file(out)
+        finally:
+            out.unlink(missing_ok=True)
+        if got != self.qcow2_raw_sha:
+            raise BenchError(f"BYTE MISMATCH: qemu-img convert of {src} gave a disk with sha256 {got}, "
+                             f"expected {self.qcow2_raw_sha}")
+        log(f"  {s.name:14s} qemu-img convert ({what}): {dt:.2f}s, backend {m.bytes / MiB:.1f} MiB "
+            f"({m.bytes / self.ctx.qcow2_size:.3f}x of the qcow2), daemon CPU {cpu_text(cpu)} s; raw sha256 OK")
+        return {"seconds": dt, "backend_bytes": m.bytes, "backend_x": m.bytes / self.ctx.qcow2_size, "cpu_s": cpu}
+
     # -- per kind ---------------------------------------------------------
     def local(self, s: Local) -> tuple[dict, dict]:
         d = {}
@@ -176,6 +208,8 @@ class Runner:
         d["rand_warm"] = self.rand(s, 2, "random 4K (disk)")
         s.cold()
         d["conc"] = self.conc(s)
+        s.cold()
+        d["qemu"] = self.qemu(s, "local qcow2, pc dropped")
         m = dict(seq_cold_1M=d["cold_1M"]["mbps"], seq_cold_4M=d["cold_4M"]["mbps"],
                  seq_warm_1M=d["warm_1M"]["mbps"], seq_warm_4M=d["warm_4M"]["mbps"],
                  seq_reread_1M=d["reread_1M"]["mbps"], ttfb_ms=d["ttfb"]["ttfb_ms"],
@@ -184,6 +218,8 @@ class Runner:
                  rand_warm_iops=d["rand_warm"]["iops"], rand_warm_mbps=d["rand_warm"]["mbps"],
                  rand_warm_p99_ms=d["rand_warm"]["p99_ms"],
                  conc_wall_s=d["conc"]["wall_s"], conc_agg_mbps=d["conc"]["agg_mbps"])
+        if d["qemu"]:
+            m.update(qemu_warm_s=d["qemu"]["seconds"], qemu_cold_s=d["qemu"]["seconds"])
         return m, d
 
     def floor(self, s: System) -> tuple[dict, dict]:
@@ -225,6 +261,10 @@ class Runner:
         d["conc"] = self.conc(s)
         s.drop()
         d["verify_conc"] = self.verify(s, f"after {self.args.readers}-reader cold fill")
+        s.cold()
+        d["qemu_cold"] = self.qemu(s, "cold")
+        s.drop()
+        d["qemu_warm"] = self.qemu(s, "own cache, pc dropped")
         s.stop()
         d["read_ahead_kb"] = s.read_ahead_kb
         d["exit_codes"] = s.exit_codes
@@ -249,6 +289,9 @@ class Runner:
                  cpu_warm_4M=d["warm_4M"]["cpu_per_gib"], cpu_reread_1M=d["reread_1M"]["cpu_per_gib"],
                  cpu_rand_cold=d["rand_cold"]["cpu_per_1000"], cpu_rand_warm=d["rand_warm"]["cpu_per_1000"],
                  cpu_conc=d["conc"]["cpu_per_gib"])
+        if d["qemu_cold"] and d["qemu_warm"]:
+            m.update(qemu_cold_s=d["qemu_cold"]["seconds"], qemu_cold_backend_x=d["qemu_cold"]["backend_x"],
+                     qemu_warm_s=d["qemu_warm"]["seconds"], cpu_qemu_warm=d["qemu_warm"]["cpu_s"])
         return m, d
 
     def cold_variant(self, s: System) -> tuple[dict, dict]:
@@ -413,6 +456,8 @@ def parse_args(argv):
     ap.add_argument("--s3-data-dir", default=None,
                     help="s3rver data dir (default: a fresh dir on tmpfs /dev/shm)")
     ap.add_argument("--json", default=None, help="results JSON path")
+    ap.add_argument("--no-qemu", action="store_true",
+                    help="skip the qemu-img convert rows (a compressed qcow2 of a 256 MiB ext4 disk)")
     ap.add_argument("--no-metadata", action="store_true",
                     help="skip the metadata rows (ls -l / stat of 10,000 images in a file store)")
     a = ap.parse_args(argv)
@@ -498,7 +543,13 @@ def main(argv=None) -> int:
                   key=key, size=size, local_image=img,
                   peer_read_ahead_kb=args.peer_read_ahead_kb or 16384,
                   imgfs_conf_extra=args.imgfs_conf_extra)
+        if not args.no_qemu:
+            qcow2, _raw, raw_sha = ensure_qcow2(STATE / "images")
+            ctx.qcow2_key, ctx.qcow2_local, ctx.qcow2_size = str(uuid.uuid4()), qcow2, qcow2.stat().st_size
+            srv.upload(qcow2, ctx.qcow2_key)
+            log(f"uploaded {qcow2.name} ({ctx.qcow2_size / MiB:.0f} MiB) as {BUCKET}/{ctx.qcow2_key}")
         runner = Runner(args, ctx, srv, sha)
+        runner.qcow2_raw_sha = raw_sha if not args.no_qemu else None
 
         plan: list[tuple[str, System, str]] = []
         if "local" in args.only:

@@ -34,6 +34,10 @@ class Ctx:
     local_image: Path
     peer_read_ahead_kb: int = 16384
     imgfs_conf_extra: list[str] = field(default_factory=list)
+    # the qemu-img row: a compressed qcow2 in the same bucket, and its local copy
+    qcow2_key: str | None = None
+    qcow2_local: Path | None = None
+    qcow2_size: int = 0
 
 
 class System:
@@ -73,6 +77,10 @@ class System:
 
     def path(self) -> Path:
         raise NotImplementedError
+
+    def path_of(self, key: str) -> Path | None:
+        """Another object of the bucket through this system (None: it serves only the image)."""
+        return self.mnt / key
 
     def describe(self) -> str:
         return (" ".join(self.argv()).replace(str(self.base), "$D")
@@ -177,6 +185,9 @@ class Local(System):
     def path(self) -> Path:
         return self.ctx.local_image
 
+    def path_of(self, key: str) -> Path | None:
+        return self.ctx.qcow2_local if key == self.ctx.qcow2_key else None
+
     def describe(self) -> str:
         return f"dd of {self.ctx.local_image} (virtio disk; cold = drop_caches)"
 
@@ -213,6 +224,9 @@ class Floor(System):
 
     def path(self) -> Path:
         return self.mnt / "image"
+
+    def path_of(self, key: str) -> Path | None:
+        return None
 
     def wipe(self) -> None:
         pass
@@ -256,6 +270,9 @@ cache_max_size_gb = 4
 
     def path(self) -> Path:
         return self.mnt / "images" / self.ctx.key
+
+    def path_of(self, key: str) -> Path | None:
+        return self.mnt / "images" / key
 
     def ready(self) -> bool:
         return self.ctx.key in os.listdir(self.mnt / "images")
