@@ -233,38 +233,12 @@ class ChunkFetcher:
                     flights = [(i, self.small_key(loc, i), _Flight()) for i in run]
                     for _, k, f in flights:
                         self._inflight[k] = f
-                    self.spawn(self._fly_small, loc, flights)
+                    self.spawn(self._fly_span, loc, flights, SMALL_BLOCK, self._demand, False)
                     flight = flights[0][2]
             parts.append(await self.wait(flight))
         data = parts[0] if len(parts) == 1 else memoryview(b"".join(parts))
         lo = offset - first * bs
         return data[lo : lo + length]
-
-    async def _fly_small(self, loc: Location, run: list[tuple[int, ChunkKey, _Flight]]) -> None:
-        bs = SMALL_BLOCK
-        first = run[0][0]
-        try:
-            self._check_available(loc)
-            async with self._using(loc), self._demand:
-                end = min((run[-1][0] + 1) * bs, loc.size)
-                data = memoryview(await self._fetch_range(loc, first * bs, end - first * bs))
-                for i, _, flight in run:
-                    flight.data = data[(i - first) * bs : min((i - first + 1) * bs, data.nbytes)]
-                    flight.done.set()
-                for _, key, flight in run:
-                    await self.cache.put(key, flight.data, remember=False)  # type: ignore[arg-type]
-        except ImgfsError as e:
-            for _, _, flight in run:
-                flight.error = e
-            self._count_error(e, loc, prefetch=False)
-        except Exception as e:  # a bug must fail these reads, not the daemon
-            log.exception("unexpected error fetching blocks of image %s", loc.image_id)
-            for _, _, flight in run:
-                flight.error = BackendError(f"internal error fetching image {loc.image_id}: {type(e).__name__}")
-        finally:
-            for _, key, flight in run:
-                del self._inflight[key]
-                flight.done.set()
 
     def chunk_length(self, loc: Location, index: int) -> int:
         return min(self.chunk_size, loc.size - index * self.chunk_size)
@@ -311,29 +285,32 @@ class ChunkFetcher:
             if run and (not wanted or len(run) == per_run):
                 for _, k, flight in run:
                     self._inflight[k] = flight
-                self._nursery.start_soon(self._fly_run, loc, run)
+                self._nursery.start_soon(self._fly_span, loc, run, self.chunk_size, self._prefetch, True)
                 self.stats.prefetches += len(run)
                 run = []
 
-    async def _fly_run(self, loc: Location, run: list[tuple[int, ChunkKey, _Flight]]) -> None:
+    async def _fly_span(self, loc: Location, run: list[tuple[int, ChunkKey, _Flight]], unit: int,
+                        limiter: trio.CapacityLimiter, prefetch: bool) -> None:
+        """Fetch adjacent units (chunks, or the 64 KiB blocks of a random reader) [run] with one ranged
+        request, hand each flight its slice, then cache them."""
         first = run[0][0]
         try:
             self._check_available(loc)
-            async with self._using(loc), self._prefetch:
-                lengths = [self.chunk_length(loc, i) for i, _, _ in run]
-                data = memoryview(await self._fetch_range(loc, first * self.chunk_size, sum(lengths)))
-                for (i, _, flight), length in zip(run, lengths):
-                    offset = (i - first) * self.chunk_size
-                    flight.data = data[offset : offset + length]
+            async with self._using(loc), limiter:
+                end = min((run[-1][0] + 1) * unit, loc.size)
+                data = memoryview(await self._fetch_range(loc, first * unit, end - first * unit))
+                for i, _, flight in run:
+                    lo = (i - first) * unit
+                    flight.data = data[lo : min(lo + unit, data.nbytes)]
                     flight.done.set()
                 for _, key, flight in run:
                     await self.cache.put(key, flight.data, remember=False)  # type: ignore[arg-type]
         except ImgfsError as e:
             for _, _, flight in run:
                 flight.error = e
-            self._count_error(e, loc, prefetch=True)
+            self._count_error(e, loc, prefetch=prefetch)
         except Exception as e:  # a bug must fail these reads, not the daemon
-            log.exception("unexpected error prefetching chunks of image %s", loc.image_id)
+            log.exception("unexpected error fetching image %s at %d", loc.image_id, first * unit)
             for _, _, flight in run:
                 flight.error = BackendError(f"internal error fetching image {loc.image_id}: {type(e).__name__}")
         finally:
