@@ -248,11 +248,13 @@ def test_cinder_secrets_never_leave_the_daemon(tmp_path, lab, cinder, image_volu
     """At DEBUG, through an attach (whose connection_info is logged, masked), while attached (status,
     metrics, xattrs), and with a second store Keystone refuses: no password, keyring key or token. The
     keyring os-brick writes to disk while attached is root-only and gone after the stop."""
-    vol = image_volume(2 * MiB + 99)
+    # Multiattach and a 60 s grace: the volume stays attached through every check below (a volume that
+    # is not multiattach is let go a second after its last fetch, before the checks could see it).
+    vol = image_volume(2 * MiB + 99, multiattach=True)
     host = f"imgfs-test-{uuid.uuid4().hex[:8]}"
     sock, port = tmp_path / "run" / "ctl.sock", free_port()
     config = write_cinder_config(tmp_path / "imgfs.conf", lab, cache_dir=tmp_path / "cache", host=host,
-                                 control_socket=sock, metrics_port=port)
+                                 control_socket=sock, metrics_port=port, attach_idle_timeout=60)
     # An unknown user, not a wrong password for a real one: a lockout must not hit the lab's 'imgfs'.
     add_stores(config, {"badcinder": ("cinder", {
         "cinder_store_auth_address": lab["keystone"]["auth_url"],
