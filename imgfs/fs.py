@@ -440,7 +440,11 @@ class Operations(pyfuse3.Operations):
                 if after is None:  # gone from this view: the kernel must forget the name too
                     parent = IMAGES if store is None else self._store_inodes.get(store)
                     if parent is not None:
-                        await self.forget_name(parent, image_id)
+                        # In the background: the kernel takes the directory's lock to forget a name, and
+                        # a lookup in that directory may be what waits on this notification (a lookup
+                        # of an unknown id publishes the catalog's changes): awaiting it here could
+                        # deadlock.
+                        self.fetcher.spawn(self.forget_name, parent, image_id)
 
 
 async def _invalidate_kernel_entry(parent: int, name: str) -> None:

@@ -9,6 +9,7 @@ import stat
 import pyfuse3
 import pytest
 import trio
+import trio.testing
 
 from imgfs.backends.memory import MemoryBackend
 from imgfs.cache import ChunkCache
@@ -169,9 +170,11 @@ async def test_kernel_keeps_file_attributes_long_and_forgets_names_that_go(world
     await ops.lookup(store_dir, b"img")
     a.delete("img")
     await catalog.refresh()
+    await trio.testing.wait_all_tasks_blocked()  # names are forgotten in the background
     assert ops.forgotten == [(store_dir, "img")]  # still in images/ (from beta)
     b.delete("img")
     await catalog.refresh()
+    await trio.testing.wait_all_tasks_blocked()
     assert (IMAGES, "img") in ops.forgotten
 
 

@@ -40,7 +40,7 @@ log = logging.getLogger(__name__)
 
 API_VERSION = "3.54"  # attachments API with attach mode
 _IN_USE = re.compile(r"current status is ([\w-]+)")
-# Cinder states another host passes through briefly; waiting for them is worthwhile, 'in-use' is not.
+# Cinder states another host passes through briefly: worth waiting for ('in-use' only when not multiattach).
 TRANSITIONAL = {"attaching", "detaching", "reserved", "downloading", "creating", "maintenance"}
 # Volume states in which an image-volume is there to read. The attach states belong to every attach
 # (imgfs's own, Glance's downloads, other hosts) and pass within a second: dropping the image from the
