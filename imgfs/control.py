@@ -15,7 +15,7 @@ import os
 import sys
 import threading
 import time
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Awaitable, Callable
 
 import trio
 
@@ -231,6 +231,22 @@ async def evict(d: Daemon, image_id: str | None) -> dict[str, Any]:
     return {"evicted_chunks": dropped, "images": len(ids)}
 
 
+def _one_client(what: str, handler: Callable[[trio.SocketStream], Awaitable[None]]) -> Callable[[trio.SocketStream], Awaitable[None]]:
+    """A client's connection can end only its own handler. serve_listeners runs handlers in its nursery,
+    so anything a handler lets out (a reset connection: BrokenResourceError; a bug) would end the
+    daemon, the mount with it. The metrics port listens on 127.0.0.1, where any local user can reach it."""
+
+    async def run(stream: trio.SocketStream) -> None:
+        try:
+            await handler(stream)
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            pass  # the client went away mid-request or mid-answer
+        except Exception:
+            log.exception("internal error answering a %s client; closed that connection", what)
+
+    return run
+
+
 async def _read_request(stream: trio.SocketStream, end: bytes) -> bytes | None:
     """Bytes up to ``end`` (bounded by MAX_REQUEST); None if the peer went away first."""
     buf = b""
@@ -299,7 +315,7 @@ async def serve_socket(d: Daemon, path: str, *, task_status=trio.TASK_STATUS_IGN
     listener = trio.SocketListener(sock)
     task_status.started()
     try:
-        await trio.serve_listeners(lambda stream: _handle(d, stream), [listener])
+        await trio.serve_listeners(_one_client("control socket", lambda stream: _handle(d, stream)), [listener])
     finally:
         with trio.CancelScope(shield=True):
             try:
@@ -326,4 +342,4 @@ async def serve_metrics(d: Daemon, port: int, *, task_status=trio.TASK_STATUS_IG
 
     listeners = await trio.open_tcp_listeners(port, host="127.0.0.1")
     task_status.started()
-    await trio.serve_listeners(handle, listeners)
+    await trio.serve_listeners(_one_client("metrics port", handle), listeners)

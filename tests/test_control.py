@@ -4,10 +4,13 @@ socket, and a Prometheus scrape of the 127.0.0.1 metrics port."""
 from __future__ import annotations
 
 import json
+import socket
 import os
 import stat
+import struct
 import subprocess
 import sys
+import time
 import urllib.request
 
 import pytest
@@ -114,3 +117,31 @@ def test_verify_without_a_known_digest_says_so(served):
     result = imgfs("verify", str(m.images / "img"))  # a file store: no os_hash_value, checksum or MD5 ETag
     assert result.returncode == 1 and "knows no digest" in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
+
+
+def _reset(sock: socket.socket) -> None:
+    """Close with a TCP RST (or an abrupt close on a Unix socket): the peer's next receive fails."""
+    if sock.family == socket.AF_INET:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    sock.close()
+
+
+def test_a_client_that_resets_or_talks_garbage_never_takes_the_daemon_down(served):
+    """The metrics port listens on 127.0.0.1: any local user can reach it. Half a request then a reset,
+    garbage, a request that never ends: each costs that connection only; the mount, the port and the
+    control socket keep serving."""
+    m, sock_path, port, data = served
+    for payload in (b"GET /met", b"\x00\xff" * 100, b"GET / HTTP/1.0\r\n" + b"x" * 70000):
+        c = socket.create_connection(("127.0.0.1", port), timeout=5)
+        c.sendall(payload)
+        _reset(c)
+    for payload in (b'{"cmd": "sta', b"\xff\xfe\n", b'{"cmd": "warm", "image": "img"}\n'):
+        c = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        c.connect(str(sock_path))
+        c.sendall(payload)
+        _reset(c)  # for warm: gone while the daemon streams progress to it
+    time.sleep(0.5)
+    assert m.proc.poll() is None, m.log()
+    assert sha256_file(m.images / "img") == sha256(data)
+    assert "imgfs_bytes_served_total" in urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
+    assert json.loads(imgfs("status", "--json", "--socket", str(sock_path)).stdout)["images"] == 1
