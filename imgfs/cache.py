@@ -103,7 +103,8 @@ class ChunkCache:
         self._pinned: dict[str, tuple[str, str]] = {}  # image tag -> (store, image id): never evicted
         self.pins_path = os.path.join(root, "pinned.json")
         self._memory: OrderedDict[ChunkKey, memoryview] = OrderedDict()
-        self._memory_used = 0
+        self._memory_used = 0  # bytes of the distinct buffers the tier keeps alive
+        self._held: dict[int, list[Any]] = {}  # id(buffer) -> [buffer, how many kept chunks slice it]
         self._limiter = trio.CapacityLimiter(io_threads)
         self._fds: OrderedDict[str, int] = OrderedDict()  # rel -> open O_RDONLY descriptor, LRU first
         self.max_open = _open_files_limit()
@@ -289,17 +290,35 @@ class ChunkCache:
         return data
 
     def remember(self, key: ChunkKey, data: bytes | memoryview) -> None:
+        """Keep a chunk in memory. A chunk may be a slice of a larger buffer (one GET for a run of
+        chunks): the tier counts each buffer it keeps alive once, at its whole size, for as long as any
+        slice of it is kept, so ``memory_cache_mb`` bounds what the tier really holds."""
         view = memoryview(data)
-        if view.nbytes > self.memory_bytes:
+        base = view.obj if view.obj is not None else view
+        size = memoryview(base).nbytes
+        if size > self.memory_bytes:
             return
-        old = self._memory.pop(key, None)
-        if old is not None:
-            self._memory_used -= old.nbytes
+        self._forget(key)
+        held = self._held.get(id(base))
+        if held is None:
+            self._held[id(base)] = [base, 1]
+            self._memory_used += size
+        else:
+            held[1] += 1
         self._memory[key] = view
-        self._memory_used += view.nbytes
-        while self._memory_used > self.memory_bytes:
-            _, evicted = self._memory.popitem(last=False)
-            self._memory_used -= evicted.nbytes
+        while self._memory_used > self.memory_bytes and self._memory:
+            self._forget(next(iter(self._memory)))
+
+    def _forget(self, key: ChunkKey) -> None:
+        view = self._memory.pop(key, None)
+        if view is None:
+            return
+        base = view.obj if view.obj is not None else view
+        held = self._held[id(base)]
+        held[1] -= 1
+        if held[1] == 0:
+            del self._held[id(base)]
+            self._memory_used -= memoryview(base).nbytes
 
     # ---- the public interface -----------------------------------------------------------------------
 
@@ -379,8 +398,7 @@ class ChunkCache:
     async def put(self, key: ChunkKey, data: bytes | memoryview, *, remember: bool = True) -> None:
         """Store a chunk; failure is logged and swallowed (the reader already has its bytes).
 
-        ``remember=False`` keeps it out of the memory tier: for slices of a larger buffer, which the
-        tier would count at their own size while keeping the whole buffer alive."""
+        ``remember=False`` keeps it out of the memory tier."""
         if remember:
             self.remember(key, data)
         if not self.disk_ok:
@@ -429,7 +447,7 @@ class ChunkCache:
         for rel in rels:
             self._remove(rel)
         for key in [k for k in self._memory if k.store == store and k.image_id == image_id and k.version != keep_version]:
-            self._memory_used -= self._memory.pop(key).nbytes
+            self._forget(key)
         await self._unlink(rels)
         return len(rels)
 

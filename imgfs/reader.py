@@ -304,7 +304,9 @@ class ChunkFetcher:
                     flight.data = data[lo : min(lo + unit, data.nbytes)]
                     flight.done.set()
                 for _, key, flight in run:
-                    await self.cache.put(key, flight.data, remember=False)  # type: ignore[arg-type]
+                    # remembered too: a sequential reader's next READs are served from these bytes, not
+                    # read back from the cache file and verified again (the tier counts the whole buffer)
+                    await self.cache.put(key, flight.data)  # type: ignore[arg-type]
         except ImgfsError as e:
             for _, _, flight in run:
                 flight.error = e

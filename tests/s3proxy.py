@@ -30,7 +30,8 @@ class Request:
 class Fault:
     """What to do to matching ranged GETs: ``status`` (answer with an S3 error of that HTTP status),
     ``stall`` (send half the body, then go silent for ``seconds``), ``reset`` (half the body, then a
-    TCP RST), ``short`` (half the body, then a clean close: fewer bytes than Content-Length)."""
+    TCP RST), ``short`` (half the body, then a clean close: fewer bytes than Content-Length), ``whole``
+    (answer 200 without Content-Range, as a server that ignores Range does)."""
 
     kind: str
     key: str
@@ -77,14 +78,17 @@ class CountingProxy:
                 resp = conn.getresponse()
                 data = resp.read()
                 conn.close()
-                self.send_response(resp.status, resp.reason)
+                whole = fault is not None and fault.kind == "whole" and resp.status == 206
+                self.send_response(200 if whole else resp.status, "OK" if whole else resp.reason)
                 for k, v in resp.getheaders():
+                    if whole and k.lower() == "content-range":
+                        continue
                     if k.lower() not in ("connection", "transfer-encoding", "content-length", "server", "date"):
                         self.send_header(k, v)
                 length = resp.getheader("Content-Length", "0") if self.command == "HEAD" else str(len(data))
                 self.send_header("Content-Length", length)
                 self.end_headers()
-                if fault is not None:
+                if fault is not None and not whole:
                     self._break(fault, data)
                 elif self.command != "HEAD":
                     self.wfile.write(data)

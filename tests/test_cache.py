@@ -320,3 +320,27 @@ def test_a_read_buffer_is_reused_only_once_nothing_refers_to_it():
     del held
     assert id(pool.get(size)) in (first, second)
     assert pool.get(4096) is not pool.get(4096)  # small ones are not pooled
+
+
+async def test_memory_tier_counts_each_buffer_once_at_its_whole_size(tmp_path):
+    """Chunks fetched by one GET are slices of one buffer: the tier keeps that buffer alive while any slice
+    is kept, so it must count the buffer (not the slices) against memory_cache_mb."""
+    cache = make(tmp_path, memory=6 * CS)
+    run_a = memoryview(b"".join(data(i) for i in range(4)))
+    run_b = memoryview(b"".join(data(i) for i in range(4, 8)))
+    cache.remember(key(0), run_a[:CS])  # one slice keeps all four chunks' bytes alive
+    assert cache._memory_used == 4 * CS
+    for i in range(1, 4):
+        cache.remember(key(i), run_a[i * CS:(i + 1) * CS])
+    assert cache._memory_used == 4 * CS
+    for i in range(4, 8):  # 8 chunks' worth would exceed 6: run A goes as a whole
+        cache.remember(key(i), run_b[(i - 4) * CS:(i - 3) * CS])
+    assert cache._memory_used == 4 * CS
+    assert [cache.get_memory(key(i)) is not None for i in range(8)] == [False] * 4 + [True] * 4
+    assert bytes(await cache.read(key(5), 10, 20, CS)) == data(5)[10:20]
+    cache.remember(key(4), data(4))  # replacing a slice by its own buffer
+    assert cache._memory_used == 5 * CS
+    await cache.drop("s", "img")
+    assert cache._memory_used == 0 and not cache._held
+    cache.remember(key(9), memoryview(b"x" * (7 * CS))[:CS])  # a buffer larger than the tier: not kept
+    assert cache._memory_used == 0 and cache.get_memory(key(9)) is None

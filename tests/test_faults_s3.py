@@ -71,10 +71,10 @@ def broken_read(rig: Rig, observed, expect: int) -> None:
 @pytest.mark.cell("S3", "500/503 burst")
 @pytest.mark.parametrize("code", [500, 503])
 def test_error_bursts(rig, observed, code):
-    rig.proxy.inject("status", rig.victim, count=ATTEMPTS - 1, status=code)  # botocore's retries absorb it
+    rig.proxy.inject("status", rig.victim, count=ATTEMPTS - 1, status=code)  # the retries absorb it
     assert_reads_exactly(rig.path(rig.victim), rig.sources[rig.victim])
     # one line per request that needed retries (the burst may hit a demand and a prefetch request)
-    line = assert_one_line(rig.mount, "victim-image.*[0-9]+ HTTP errors retried by botocore; attempt [0-9]+ worked", exactly=False)
+    line = assert_one_line(rig.mount, f"victim-image.*HTTP {code}.*; attempt [0-9]+ worked", exactly=False)
     observed(f"every byte; {line.rsplit(': ', 1)[-1]}")
     finish(rig)
 
@@ -93,7 +93,7 @@ def test_long_error_bursts(rig, observed, code):
 def test_stalled_body(rig, observed):
     rig.proxy.inject("stall", rig.victim, count=1, seconds=4 * READ_TIMEOUT)
     assert_reads_exactly(rig.path(rig.victim), rig.sources[rig.victim])
-    assert_one_line(rig.mount, "victim-image.*mid-body: ReadTimeoutError; attempt 2 worked")
+    assert_one_line(rig.mount, "victim-image.*failed (before the answer|mid-body): ReadTimeoutError; attempt 2 worked")
     observed("every byte; ReadTimeoutError, attempt 2 worked")
     finish(rig)
 
@@ -102,7 +102,7 @@ def test_stalled_body(rig, observed):
 def test_stalled_for_good(rig, observed):
     rig.proxy.inject("stall", rig.victim, seconds=4 * READ_TIMEOUT)
     broken_read(rig, observed, errno.EIO)
-    assert_one_line(rig.mount, "read of image victim-image failed \\(EIO\\).*mid-body: ReadTimeoutError")
+    assert_one_line(rig.mount, "read of image victim-image failed \\(EIO\\).*failed (before the answer|mid-body): ReadTimeoutError")
     rig.proxy.clear()
     finish(rig)
 
@@ -139,6 +139,17 @@ def test_access_denied(rig, observed):
     assert_one_line(rig.mount, "read of image victim-image failed \\(EACCES\\).*access denied.*check s3_store_access_key")
     # credentials do not heal: neither botocore nor imgfs retries a 403 (the kernel may ask again)
     assert "retrying" not in rig.mount.log() and len([r for r in rig.proxy.requests if r.status == 403]) <= 6
+    rig.proxy.clear()
+    finish(rig)
+
+
+@pytest.mark.cell("S3", "Range ignored (200, whole object)")
+def test_range_ignored(rig, observed):
+    rig.proxy.inject("whole", rig.victim)
+    broken_read(rig, observed, errno.EIO)
+    assert_one_line(rig.mount, "read of image victim-image failed \\(EIO\\).*ignored the Range header")
+    # not a transient fault: no retry, and the whole object's body is never read
+    assert "retrying" not in rig.mount.log()
     rig.proxy.clear()
     finish(rig)
 

@@ -8,6 +8,7 @@ version. Error messages name the store, endpoint and bucket -- never a key.
 from __future__ import annotations
 
 import logging
+import random
 import time
 
 import boto3
@@ -19,19 +20,21 @@ from ..config import ImgfsOptions, S3StoreConfig
 from ..errors import BackendAccessDenied, BackendError, BackendUnavailable, ImgfsError, ShortRead, StaleImage
 from ..model import Location
 from .base import valid_image_name
+from .s3_ranged import RangedGetter
 
 log = logging.getLogger(__name__)
 
 _DENIED = {"AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch", "403", "AllAccessDisabled"}
 _MISSING = {"NoSuchKey", "404", "NotFound"}
 _CHANGED = {"PreconditionFailed", "412"}
+# What botocore's "standard" retry mode retries, which the data path keeps (it retries by itself, below).
+_RETRY_STATUS = {429, 500, 502, 503, 504}
+_RETRY_CODES = {"SlowDown", "Throttling", "ThrottlingException", "RequestLimitExceeded", "RequestThrottled",
+                "TooManyRequestsException", "ServiceUnavailable", "InternalError", "RequestTimeout",
+                "RequestTimeoutException", "PriorRequestNotComplete", "BandwidthLimitExceeded"}
 
-# Errors while streaming a body are not retried by botocore (it retries only the request itself).
+# Errors while the body streams: urllib3's own (botocore wraps only those raised before the answer).
 _STREAM_ERRORS = (
-    botocore.exceptions.IncompleteReadError,
-    botocore.exceptions.ResponseStreamingError,
-    botocore.exceptions.ReadTimeoutError,
-    botocore.exceptions.ConnectionClosedError,
     urllib3.exceptions.ProtocolError,
     urllib3.exceptions.ReadTimeoutError,
     ConnectionError,
@@ -41,7 +44,7 @@ _STREAM_ERRORS = (
 
 class S3Backend:
     kind = "s3"
-    read_timeout = None  # botocore's connect/read timeouts and retries bound every read
+    read_timeout = None  # s3_connect_timeout, s3_read_timeout and s3_max_attempts bound every read
 
     def __init__(self, cfg: S3StoreConfig, options: ImgfsOptions) -> None:
         self.name = cfg.name
@@ -72,6 +75,12 @@ class S3Backend:
                 request_checksum_calculation="when_required",
             ),
         )
+        # The data path: ranged GETs signed and sent without boto3's operation pipeline (s3_ranged.py).
+        self._getter = RangedGetter(endpoint_url=cfg.endpoint_url, region=cfg.region_name or "us-east-1",
+                                    access_key=cfg.access_key, secret_key=cfg.secret_key, cacert=cfg.cacert,
+                                    connect_timeout=options.s3_connect_timeout, read_timeout=options.s3_read_timeout,
+                                    max_connections=options.backend_max_connections * 2)
+        self._urls: dict[str, str] = {}
 
     def _error(self, e: Exception, what: str) -> BackendError:
         """One line naming the store and what failed; never a credential or a signed URL."""
@@ -129,57 +138,72 @@ class S3Backend:
         error: BackendError | None = None
         for attempt in range(1, self.max_attempts + 1):
             try:
-                data, retries = self._read_once(location, offset, length)
-                if error is not None or retries:
+                data = self._read_once(location, offset, length)
+                if error is not None:
                     # Worked in the end, but an operator seeing slow reads wants to know the store is flaky.
-                    log.info("%s; attempt %d worked", error or f"{self._where}: {what}: {retries} HTTP errors retried by botocore",
-                             attempt + retries)
+                    log.info("%s; attempt %d worked", error, attempt)
                 return data
             except ShortRead as e:
                 error = e
             except ImgfsError:
                 raise
-            except _STREAM_ERRORS as e:
+            except _STREAM_ERRORS as e:  # urllib3's, while the body streams
                 error = BackendError(f"{self._where}: {what} failed mid-body: {type(e).__name__}")
+            except botocore.exceptions.SSLError as e:
+                raise self._error(e, what) from None  # a certificate does not fix itself on retry
+            except (botocore.exceptions.ConnectionError, botocore.exceptions.HTTPClientError) as e:
+                # cannot connect, or the connection failed or timed out before the answer
+                error = self._error(e, what) if isinstance(e, botocore.exceptions.ConnectionError) else \
+                    BackendError(f"{self._where}: {what} failed before the answer: {type(e).__name__}")
             except botocore.exceptions.ClientError as e:
-                code = str(e.response.get("Error", {}).get("Code", ""))
+                code = str(e.response["Error"]["Code"])
+                status = e.response["ResponseMetadata"]["HTTPStatusCode"]
                 if code in _CHANGED:
                     raise StaleImage(f"{self._where}: image {location.image_id} changed (ETag no longer {location.version})") from None
                 if code in _MISSING:
                     raise StaleImage(f"{self._where}: image {location.image_id} was deleted") from None
-                raise self._error(e, what) from None  # botocore already retried what is retryable
+                error = self._error(e, what)
+                if status not in _RETRY_STATUS and code not in _RETRY_CODES:
+                    raise error from None
             except Exception as e:
                 raise self._error(e, what) from None
             if attempt < self.max_attempts:
                 log.debug("%s (attempt %d of %d); retrying", error, attempt, self.max_attempts)
-                time.sleep(min(0.1 * 2**attempt, 2.0))
+                # jittered so that hundreds of nodes throttled together do not come back together
+                time.sleep(random.uniform(0.5, 1.0) * min(0.1 * 2**attempt, 2.0))
         assert error is not None
         raise error
 
-    def _read_once(self, location: Location, offset: int, length: int) -> tuple[bytes, int]:
-        """The bytes, and how many times botocore retried the request (5xx, throttling) to get them."""
-        resp = self.client.get_object(
-            Bucket=self.bucket,
-            Key=location.image_id,
-            Range=f"bytes={offset}-{offset + length - 1}",
-            IfMatch=f'"{location.version}"',
-        )
-        body = resp["Body"]
-        try:
-            if resp.get("ETag", "").strip('"') != location.version:
-                raise StaleImage(f"{self._where}: image {location.image_id} changed (server ignored If-Match)")
-            expected_range = f"bytes {offset}-{offset + length - 1}/"
-            if not str(resp.get("ContentRange", "")).startswith(expected_range):
-                raise BackendError(f"{self._where}: server answered range {resp.get('ContentRange')!r}, asked {expected_range}")
-            data = body.read()
-        finally:
-            body.close()
-        if len(data) != length:
-            raise ShortRead(f"{self._where}: image {location.image_id}: got {len(data)} bytes at {offset}, expected {length}")
-        return data, int(resp.get("ResponseMetadata", {}).get("RetryAttempts", 0))
+    def _url(self, key: str) -> str:
+        """The object's URL as boto3 addresses it (path or virtual host, per s3_store_bucket_url_format):
+        asked of the boto3 client once per image, without its query (the signature is per request)."""
+        url = self._urls.get(key)
+        if url is None:
+            presigned = self.client.generate_presigned_url("get_object", Params={"Bucket": self.bucket, "Key": key},
+                                                           ExpiresIn=60)
+            url = presigned.split("?", 1)[0]
+            if len(self._urls) >= 4096:
+                self._urls.clear()
+            self._urls[key] = url
+        return url
+
+    def _read_once(self, location: Location, offset: int, length: int) -> bytes:
+        answer = self._getter.get(self._url(location.image_id), offset, length, location.version)
+        if answer.etag != location.version:
+            raise StaleImage(f"{self._where}: image {location.image_id} changed (server ignored If-Match)")
+        if not answer.content_range:
+            raise BackendError(f"{self._where}: the server ignored the Range header (it answered with the whole "
+                               "object); imgfs needs an S3 server that serves byte ranges")
+        expected_range = f"bytes {offset}-{offset + length - 1}/"
+        if not answer.content_range.startswith(expected_range):
+            raise BackendError(f"{self._where}: server answered range {answer.content_range!r}, asked {expected_range}")
+        if len(answer.data) != length:
+            raise ShortRead(f"{self._where}: image {location.image_id}: got {len(answer.data)} bytes at {offset}, expected {length}")
+        return answer.data
 
     def describe(self) -> dict[str, str]:
         return {"type": "s3", "endpoint": self.endpoint, "bucket": self.bucket}
 
     def close(self) -> None:
+        self._getter.close()
         self.client.close()
