@@ -83,7 +83,7 @@ def status(d: Daemon) -> dict[str, Any]:
         "cache": {
             "dir": cache.root, "disk_ok": cache.disk_ok, "bytes": cache.used_bytes, "limit_bytes": cache.max_bytes,
             "chunks": cache.count, "limit_chunks": cache.max_count, "hits": cache.stats.hits,
-            "memory_hits": cache.stats.memory_hits, "misses": cache.stats.misses,
+            "loop_hits": cache.stats.loop_hits, "memory_hits": cache.stats.memory_hits, "misses": cache.stats.misses,
             "hit_rate": round((cache.stats.hits + cache.stats.memory_hits) / lookups, 4) if lookups else None,
             "evictions": cache.stats.evictions, "corrupt": cache.stats.corrupt, "fill_failures": cache.stats.fill_failures,
             "open_files": cache.open_files, "limit_open_files": cache.max_open,

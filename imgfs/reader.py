@@ -278,7 +278,7 @@ class ChunkFetcher:
             key = self.key(loc, index) if index < last else None
             wanted = key is not None and key not in self._inflight and self.cache.get_memory(key) is None
             if wanted and self.cache.contains(key):  # type: ignore[arg-type]
-                self._nursery.start_soon(self.cache.willneed, key)
+                self._nursery.start_soon(self.cache.willneed, key, self.chunk_length(loc, index))
                 wanted = False
             if wanted:
                 run.append((index, key, _Flight()))  # type: ignore[arg-type]

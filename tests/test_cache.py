@@ -344,3 +344,29 @@ async def test_memory_tier_counts_each_buffer_once_at_its_whole_size(tmp_path):
     assert cache._memory_used == 0 and not cache._held
     cache.remember(key(9), memoryview(b"x" * (7 * CS))[:CS])  # a buffer larger than the tier: not kept
     assert cache._memory_used == 0 and cache.get_memory(key(9)) is None
+
+
+async def test_willneed_opens_the_chunk_so_its_reads_start_on_the_event_loop(tmp_path):
+    cache = make(tmp_path)
+    await cache.open()
+    for i in range(2):
+        await cache.put(key(i), data(i))
+    again = make(tmp_path)  # a restart: nothing open yet
+    await again.open()
+    await again.willneed(key(0), CS)
+    assert again.open_files == 1
+    assert bytes(await again.read(key(0), 100, 4196, CS)) == data(0)[100:4196]
+    assert again.stats.loop_hits == 1  # no open, no thread hop
+    assert bytes(await again.read(key(1), 0, 4096, CS)) == data(1)[:4096]
+    assert again.stats.loop_hits == 1  # not prefetched: opened (and verified) in a worker thread
+
+    # a damaged header is not kept open; the read that follows finds it and drops the chunk
+    third = make(tmp_path)
+    await third.open()
+    victim = next(p for p in chunk_files(tmp_path) if p.read_bytes().find(b'"img", "v1", 65536, 0]') > 0)
+    raw = bytearray(victim.read_bytes())
+    raw[0] ^= 0xFF
+    victim.write_bytes(bytes(raw))
+    await third.willneed(key(0), CS)
+    assert third.open_files == 0
+    assert await third.read(key(0), 0, 4096, CS) is None and third.stats.corrupt == 1
