@@ -81,6 +81,8 @@ class S3Backend:
                                     connect_timeout=options.s3_connect_timeout, read_timeout=options.s3_read_timeout,
                                     max_connections=options.backend_max_connections * 2)
         self._urls: dict[str, str] = {}
+        # First calls pay for lazy imports and set-up; paid here, at start, not by the first reader.
+        self._getter.warm_up(self._url_of("imgfs-warm-up"))
 
     def _error(self, e: Exception, what: str) -> BackendError:
         """One line naming the store and what failed; never a credential or a signed URL."""
@@ -179,13 +181,15 @@ class S3Backend:
         asked of the boto3 client once per image, without its query (the signature is per request)."""
         url = self._urls.get(key)
         if url is None:
-            presigned = self.client.generate_presigned_url("get_object", Params={"Bucket": self.bucket, "Key": key},
-                                                           ExpiresIn=60)
-            url = presigned.split("?", 1)[0]
+            url = self._url_of(key)
             if len(self._urls) >= 4096:
                 self._urls.clear()
             self._urls[key] = url
         return url
+
+    def _url_of(self, key: str) -> str:
+        presigned = self.client.generate_presigned_url("get_object", Params={"Bucket": self.bucket, "Key": key}, ExpiresIn=60)
+        return presigned.split("?", 1)[0]
 
     def _read_once(self, location: Location, offset: int, length: int) -> bytes:
         answer = self._getter.get(self._url(location.image_id), offset, length, location.version)
