@@ -118,7 +118,7 @@ class ImgfsOptions:
     cache_max_count: int = 100_000
     chunk_size_mb: int = 8
     refresh_interval: float = 60.0
-    memory_cache_mb: int = 64
+    memory_cache_mb: int = 32  # one 32 MiB prefetch run (RUN_BYTES); 64 measured +45 MiB RSS for no clear CPU gain
     prefetch_max_mb: int = 128
     backend_max_connections: int = 8
     read_ahead_kb: int = 8192
