@@ -278,7 +278,14 @@ cache_max_size_gb = 4
         return self.ctx.key in os.listdir(self.mnt / "images")
 
     def apply_read_ahead(self) -> None:
-        # imgfs sets its own read_ahead_kb; we only record it
+        # imgfs sets its own read_ahead_kb, just after its mount first answers (its "mounted" log
+        # line follows); we only record it, and the peers get the same
+        import time
+        deadline = time.monotonic() + 10
+        def this_start() -> str:  # the log is appended to: what follows the last start's header
+            return self.log_path.read_text(errors="replace").rsplit("\n==== ", 1)[-1]
+        while " mounted " not in this_start() and time.monotonic() < deadline:
+            time.sleep(0.01)
         self.read_ahead_kb = procs.get_read_ahead_kb(self.mnt)
 
 

@@ -253,9 +253,15 @@ async def serve(
             nursery.start_soon(_fuse_main, nursery.cancel_scope)
             if handle_signals:
                 nursery.start_soon(_stop_on_signal, daemon.ops)
-            # Ready means the mount answers: ask it from a thread (this loop is the one serving it).
-            await trio.to_thread.run_sync(os.stat, os.path.join(mountpoint, "images"))
-            await trio.to_thread.run_sync(_tune_kernel, mountpoint, config.options.read_ahead_kb)
+            # Ready means the mount answers: ask it from a thread (this loop is the one serving it). The
+            # kernel readahead can only be raised after the INIT exchange (its reply caps it), and a file
+            # keeps what it was opened with: opens wait until it is done.
+            tuned = daemon.ops.opens_wait_for = trio.Event()
+            try:
+                await trio.to_thread.run_sync(os.stat, os.path.join(mountpoint, "images"))
+                await trio.to_thread.run_sync(_tune_kernel, mountpoint, config.options.read_ahead_kb)
+            finally:
+                tuned.set()
             count = len(daemon.catalog.image_ids())
             stores = ", ".join(f"{b.name} ({b.kind})" for b in daemon.backends.values())
             log.info("mounted %s: %d images from %s", mountpoint, count, stores)

@@ -95,6 +95,9 @@ class Operations(pyfuse3.Operations):
         self._files: dict[int, _File] = {}
         self._links: dict[int, _Link] = {}
         self.by_name = catalog.source is not None
+        # Set by whoever mounts us once the mount is tuned: a file keeps the kernel readahead it was
+        # opened with, so an open that races the tuning waits for it (milliseconds, once).
+        self.opens_wait_for: trio.Event | None = None
         self._next_inode = _FIRST_FILE
         self._handles: dict[int, ImageReader] = {}
         self._dirs: dict[int, list[tuple[bytes, int]]] = {}
@@ -289,6 +292,8 @@ class Operations(pyfuse3.Operations):
     async def open(self, inode: int, flags: int, ctx=None) -> pyfuse3.FileInfo:
         if flags & os.O_ACCMODE != os.O_RDONLY or flags & (os.O_TRUNC | os.O_APPEND):
             raise pyfuse3.FUSEError(errno.EROFS)
+        if self.opens_wait_for is not None and not self.opens_wait_for.is_set():
+            await self.opens_wait_for.wait()
         node = self._files.get(inode)
         if node is None:
             raise pyfuse3.FUSEError(errno.EISDIR if inode in (ROOT, IMAGES, STORES, BY_NAME) or inode in self._inode_stores else errno.ENOENT)

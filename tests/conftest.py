@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -184,8 +185,10 @@ class Mount:
 
 
 def is_mounted(path: Path) -> bool:
+    # mountinfo escapes space, tab, newline and backslash in octal (a space is \040)
+    unescape = lambda text: re.sub(r"\\([0-7]{3})", lambda m: chr(int(m[1], 8)), text)  # noqa: E731
     with open("/proc/self/mountinfo") as f:
-        return any(line.split()[4] == str(path) for line in f)
+        return any(unescape(line.split()[4]) == str(path) for line in f)
 
 
 def start_mount(mnt: Path, config: Path, log_path: Path, cache_dir: Path, *extra: str) -> Mount:

@@ -11,6 +11,7 @@ import subprocess
 import sys
 import threading
 import time
+from pathlib import Path
 
 import pytest
 
@@ -288,3 +289,17 @@ def test_imgfs_verify_uses_the_etag_md5_without_glance(tmp_path, proxy, s3, stor
     result = subprocess.run([sys.executable, "-m", "imgfs", "verify", str(m.images / IMAGE_B)],
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 0 and "md5 OK" in result.stderr, result.stderr
+
+
+def test_readahead_is_tuned_even_under_an_escaped_mount_point(tmp_path, mounter):
+    """imgfs raises its mount's readahead (opens wait until it has: a file keeps the readahead it was
+    opened with), under a mount point whose name /proc/self/mountinfo escapes too."""
+    files = tmp_path / "files"
+    files.mkdir()
+    (files / "img").write_bytes(b"x" * 4096)
+    conf = write_config(tmp_path / "imgfs.conf", s3_url=None, bucket=None, cache_dir=tmp_path / "cache",
+                        file_dir=files, read_ahead_kb=4096)
+    m = mounter(conf, name="mount point")
+    dev = os.stat(m.path).st_dev
+    assert int(Path(f"/sys/class/bdi/{os.major(dev)}:{os.minor(dev)}/read_ahead_kb").read_text()) == 4096
+    assert "cannot set" not in m.log()
