@@ -4,6 +4,8 @@ urllib3 session, not through boto3's get_object (s3_ranged.py says why). Against
 
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 
 from imgfs.backends.s3 import S3Backend
@@ -20,6 +22,19 @@ def backend_for(proxy, s3, **options) -> S3Backend:
     cfg = S3StoreConfig(name="s3", endpoint_url=proxy.url, bucket=s3.bucket, access_key=s3.server.access_key,
                         secret_key=s3.server.secret_key, addressing_style="path")
     return S3Backend(cfg, ImgfsOptions(**options))
+
+
+@contextlib.contextmanager
+def stored(s3, proxy, data: bytes, **options):
+    """The object "img" holding ``data``, and a backend (through the proxy) with its location."""
+    s3.put_object(Bucket=s3.bucket, Key="img", Body=data)
+    backend = backend_for(proxy, s3, **options)
+    try:
+        loc = backend.stat("img")
+        assert loc is not None and loc.size == len(data)
+        yield backend, loc
+    finally:
+        backend.close()
 
 
 def test_ranged_reads_are_exact_and_bypass_boto3s_operation_pipeline(s3, proxy):
@@ -43,32 +58,20 @@ def test_ranged_reads_are_exact_and_bypass_boto3s_operation_pipeline(s3, proxy):
 
 
 def test_a_replaced_or_deleted_object_is_stale_not_other_bytes(s3, proxy):
-    s3.put_object(Bucket=s3.bucket, Key="img", Body=random_bytes(MiB, 6))
-    backend = backend_for(proxy, s3, s3_max_attempts=1)
-    try:
-        loc = backend.stat("img")
-        assert loc is not None
+    with stored(s3, proxy, random_bytes(MiB, 6), s3_max_attempts=1) as (backend, loc):
         s3.put_object(Bucket=s3.bucket, Key="img", Body=random_bytes(MiB, 7))
         with pytest.raises(StaleImage, match="changed"):
             backend.read(loc, 0, 4096)
         s3.delete_object(Bucket=s3.bucket, Key="img")
         with pytest.raises(StaleImage, match="deleted"):
             backend.read(loc, 0, 4096)
-    finally:
-        backend.close()
 
 
 def test_an_error_answer_names_the_store_never_a_key(s3, proxy):
-    s3.put_object(Bucket=s3.bucket, Key="img", Body=random_bytes(MiB, 8))
-    backend = backend_for(proxy, s3, s3_max_attempts=2)
-    try:
-        loc = backend.stat("img")
-        assert loc is not None
+    with stored(s3, proxy, random_bytes(MiB, 8), s3_max_attempts=2) as (backend, loc):
         proxy.inject("status", "img", status=503)
         with pytest.raises(BackendError) as failed:
             backend.read(loc, 0, 4096)
-    finally:
-        backend.close()
     text = str(failed.value)
     assert "HTTP 503 SlowDown" in text and proxy.url in text and s3.bucket in text
     assert s3.server.access_key not in text and s3.server.secret_key not in text
