@@ -1,13 +1,14 @@
 """One signed, ranged S3 GET: the data path of the S3 store.
 
-boto3's ``get_object`` spends 1.4-2.0 ms of CPU per request on this 2-core machine (parameter
+boto3's ``get_object`` spends 1.4-1.7 ms of CPU per request on this 2-core machine (parameter
 validation, serialisation, event hooks, response parsing) before and after the bytes; a random reader
 pays that for every 64 KiB block, and a cold sequential read for every chunk. The same request signed
-with botocore's own SigV4 signer and sent through botocore's own urllib3 session costs 0.5-0.7 ms, and
-receiving a body costs 0.48 against 0.75 ms per MiB (bench/README.md, "S3 GETs without boto3's
-pipeline"). So the data path keeps botocore's signer, TLS, proxy and connection handling, and drops
-only the generic operation pipeline; listing and HEAD stay on the boto3 client, which also resolves the
-object URL once per image so the addressing (path or virtual host) is exactly boto3's.
+with botocore's own SigV4 signer and sent through botocore's own urllib3 session costs 0.6-1.0 ms, and
+receiving a body 0.36 against 0.47-0.52 ms per MiB (``bench/s3_get_cost.py``; bench/README.md, "What
+one S3 GET costs the client"). So the data path keeps botocore's signer, TLS, proxy and connection
+handling, and drops only the generic operation pipeline; listing and HEAD stay on the boto3 client,
+which also resolves the object URL once per image so the addressing (path or virtual host) is
+exactly boto3's.
 
 Errors come out as botocore's own exceptions (``ClientError`` for an S3 error answer, the
 ``EndpointConnectionError``/``ReadTimeoutError``/... family for the connection) so the store maps them
