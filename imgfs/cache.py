@@ -99,6 +99,7 @@ class ChunkCache:
         self.disk_ok = False
         self._entries: OrderedDict[str, _Entry] = OrderedDict()  # relative path -> entry, LRU first
         self._by_image: dict[str, set[str]] = {}
+        self._kinds: dict[str, int] = {}  # "<image>/<version>.<chunk size>" -> how many entries
         self._bytes = 0
         self._heads: OrderedDict[str, bytes] = OrderedDict()  # rel -> verified header + digest table
         self._pinned: dict[str, tuple[str, str]] = {}  # image tag -> (store, image id): never evicted
@@ -215,6 +216,9 @@ class ChunkCache:
         return f"{_image_tag(key.store, key.image_id)}/{_version_tag(key.version)}.{key.chunk_size}.{key.index}"
 
     def _add(self, rel: str, size: int, *, ready: bool) -> None:
+        if rel not in self._entries:
+            kind = rel.rpartition(".")[0]
+            self._kinds[kind] = self._kinds.get(kind, 0) + 1
         self._entries[rel] = _Entry(size, ready)
         self._by_image.setdefault(rel.partition("/")[0], set()).add(rel)
         self._bytes += size
@@ -225,6 +229,11 @@ class ChunkCache:
         entry = self._entries.pop(rel, None)
         if entry is None:
             return
+        kind = rel.rpartition(".")[0]
+        if self._kinds.get(kind, 0) > 1:
+            self._kinds[kind] -= 1
+        else:
+            self._kinds.pop(kind, None)
         self._bytes -= entry.size
         tag = rel.partition("/")[0]
         names = self._by_image.get(tag)
@@ -327,6 +336,11 @@ class ChunkCache:
             self._memory_used -= memoryview(base).nbytes
 
     # ---- the public interface -----------------------------------------------------------------------
+
+    def holds_any(self, store: str, image_id: str, version: str, chunk_size: int) -> bool:
+        """Whether any entry of this version of the image, of this chunk size, is cached or being filled
+        (a dict lookup: asked before every chunk fetch)."""
+        return f"{_image_tag(store, image_id)}/{_version_tag(version)}.{chunk_size}" in self._kinds
 
     def contains(self, key: ChunkKey) -> bool:
         if key in self._memory:

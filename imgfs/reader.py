@@ -23,6 +23,7 @@ import bisect
 import hashlib
 import logging
 import math
+from collections import deque
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import AsyncIterator, Callable, Protocol, Sequence
@@ -40,6 +41,10 @@ RUN_BYTES = 32 * 1024 * 1024  # the largest single request a sequential prefetch
 # Random readers: blocks of the cache's own verification size, fetched for reads of at most SMALL_READ.
 SMALL_BLOCK = BLOCK
 SMALL_READ = 256 * 1024
+# A random reader whose reads land next to its recent ones (file system metadata, a qcow2 table) gets
+# larger fetches, doubling up to this; one whose reads are scattered keeps fetching 64 KiB.
+SMALL_GROW_MAX = 512 * 1024
+NEIGHBOURS = 8  # how many recent small reads count as neighbourhood
 # After a copy did not answer in time (a hung cinder-api, a stopped OSD), further fetches of it fail at
 # once for this long: the kernel retries a failed read several times, and each retry must not cost the
 # reader another full timeout (nor the sick service another request).
@@ -207,11 +212,13 @@ class ChunkFetcher:
         key = self.key(loc, index)
         return key in self._inflight or self.cache.contains(key)
 
-    async def read_small(self, loc: Location, offset: int, length: int) -> memoryview:
+    async def read_small(self, loc: Location, offset: int, length: int, fetch_end: int = 0) -> memoryview:
         """Bytes [offset, offset+length) of the image from 64 KiB blocks: cached ones from the cache, the
-        missing ones in runs, one ranged request per run, each block single-flight."""
+        missing ones in runs, one ranged request per run, each block single-flight. A run that starts
+        in the range may extend to ``fetch_end`` (blocks fetched for the reads expected next)."""
         bs = SMALL_BLOCK
         first, last = offset // bs, (offset + length - 1) // bs
+        fetch_last = max(last, (min(fetch_end, loc.size) - 1) // bs)
         parts: list[memoryview] = []
         for block in range(first, last + 1):
             key = self.small_key(loc, block)
@@ -225,7 +232,7 @@ class ChunkFetcher:
                 flight = self._inflight.get(key)  # another reader may have started it meanwhile
                 if flight is None:
                     run = [block]
-                    while run[-1] < last:
+                    while run[-1] < fetch_last:
                         nxt = self.small_key(loc, run[-1] + 1)
                         if nxt in self._inflight or self.cache.contains(nxt):
                             break
@@ -298,7 +305,8 @@ class ChunkFetcher:
             self._check_available(loc)
             async with self._using(loc), limiter:
                 end = min((run[-1][0] + 1) * unit, loc.size)
-                data = memoryview(await self._fetch_range(loc, first * unit, end - first * unit))
+                fetch = self._fetch_range if unit == SMALL_BLOCK else self._fetch_chunks
+                data = memoryview(await fetch(loc, first * unit, end - first * unit))
                 for i, _, flight in run:
                     lo = (i - first) * unit
                     flight.data = data[lo : min(lo + unit, data.nbytes)]
@@ -394,8 +402,40 @@ class ChunkFetcher:
             del self._inflight[key]
             flight.done.set()
 
-    async def _fetch(self, loc: Location, index: int) -> bytes:
-        return await self._fetch_range(loc, index * self.chunk_size, self.chunk_length(loc, index))
+    async def _fetch(self, loc: Location, index: int) -> bytes | bytearray:
+        return await self._fetch_chunks(loc, index * self.chunk_size, self.chunk_length(loc, index))
+
+    async def _fetch_chunks(self, loc: Location, offset: int, length: int) -> bytes | bytearray:
+        """Chunk-aligned bytes [offset, offset+length) from the store, except the 64 KiB blocks a random
+        reader of the same image already cached: those are read from the cache, so a byte range is
+        fetched once whatever mix of random and sequential readers asked for it. Blocks still in flight
+        are fetched again rather than waited for: this holds a fetch slot that their fetch may need."""
+        bs = SMALL_BLOCK
+        if not self.cache.holds_any(loc.store, loc.image_id, loc.version, bs):
+            return await self._fetch_range(loc, offset, length)
+        out = bytearray(length)
+        view = memoryview(out)
+        end = offset + length
+        missing_from: int | None = None  # the first block of the run of missing blocks so far
+        for block in range(offset // bs, -(-end // bs) + 1):
+            lo = block * bs
+            have = False
+            if lo < end:
+                key = self.small_key(loc, block)
+                if self.cache.contains(key):
+                    blen = min(bs, loc.size - lo)
+                    data = await self.cache.read(key, 0, blen, blen)
+                    if data is not None:
+                        view[lo - offset : lo - offset + blen] = data
+                        have = True
+                if not have:
+                    missing_from = block if missing_from is None else missing_from
+                    continue
+            if missing_from is not None:  # a run of missing blocks ends here: one ranged request
+                start = missing_from * bs
+                view[start - offset : min(lo, end) - offset] = await self._fetch_range(loc, start, min(lo, end) - start)
+                missing_from = None
+        return out
 
     async def _fetch_range(self, loc: Location, offset: int, length: int) -> bytes:
         backend = self.backends[loc.store]
@@ -505,6 +545,8 @@ class ImageReader:
         # Bytes read in a row before the reader counts as sequential (whole chunks, prefetch): a random
         # reader's read lands near its previous one now and then, and must not cost a chunk each time.
         self._sequential = min(2 * SMALL_READ, fetcher.chunk_size)
+        self._recent: deque[int] = deque(maxlen=NEIGHBOURS)  # first blocks of the latest small reads
+        self._grow = SMALL_BLOCK  # how much a small read fetches from its first block
 
     def close(self) -> None:
         """Nothing to give back: stores are held per fetch, not per open file."""
@@ -559,7 +601,20 @@ class ImageReader:
                 return True
         return False
 
+    def _small_fetch_end(self, offset: int, chunk_end: int) -> int:
+        """Where a small read at ``offset`` fetches up to: its own blocks, or more when it lands next to
+        (within two blocks of) a recent small read, doubling per neighbour up to SMALL_GROW_MAX;
+        never past its chunk (whole chunks are the sequential reader's)."""
+        block = offset // SMALL_BLOCK
+        if any(abs(block - b) <= 2 for b in self._recent):
+            self._grow = min(2 * self._grow, SMALL_GROW_MAX)
+        else:
+            self._grow = SMALL_BLOCK
+        self._recent.append(block)
+        return min(block * SMALL_BLOCK + self._grow, chunk_end)
+
     async def _chunk(self, index: int, start: int, end: int) -> memoryview:
+        small_end: int | None = None  # decided once per read: a retry on another copy is not a neighbour
         while True:
             try:
                 if self.loc in self.fetcher.quarantined:
@@ -569,7 +624,10 @@ class ImageReader:
                     self._copies_read.add(copy)
                 if self._run < self._sequential and end - start <= SMALL_READ and not self.fetcher.has_chunk(copy, index):
                     cs = self.fetcher.chunk_size  # a random reader: the blocks it needs, not the chunk
-                    data = await self.fetcher.read_small(copy, index * cs + start, end - start)
+                    offset = index * cs + start
+                    if small_end is None:
+                        small_end = self._small_fetch_end(offset, (index + 1) * cs)
+                    data = await self.fetcher.read_small(copy, offset, end - start, small_end)
                 else:
                     data = await self.fetcher.read(copy, index, start, end)
                 if data.nbytes != end - start:

@@ -370,3 +370,18 @@ async def test_willneed_opens_the_chunk_so_its_reads_start_on_the_event_loop(tmp
     await third.willneed(key(0), CS)
     assert third.open_files == 0
     assert await third.read(key(0), 0, 4096, CS) is None and third.stats.corrupt == 1
+
+
+async def test_holds_any_tracks_entries_by_image_version_and_size(tmp_path):
+    cache = make(tmp_path)
+    await cache.open()
+    assert not cache.holds_any("s", "img", "v1", CS)
+    await cache.put(key(0), data(0))
+    await cache.put(key(1), data(1))
+    assert cache.holds_any("s", "img", "v1", CS)
+    assert not cache.holds_any("s", "img", "v2", CS) and not cache.holds_any("s", "img", "v1", 2 * CS)
+    again = make(tmp_path)  # rebuilt from disk at start
+    await again.open()
+    assert again.holds_any("s", "img", "v1", CS)
+    await cache.drop("s", "img")
+    assert not cache.holds_any("s", "img", "v1", CS)

@@ -367,7 +367,8 @@ async def test_random_readers_fetch_64k_blocks_and_keep_them(tmp_path, nursery):
     assert await reader.read(0, 4096) == data[:4096]  # the first read of an image: one block
     assert fetcher.stats.fetched_bytes == CS
     rng = random.Random(5)
-    offsets = [rng.randrange(len(data) - 4096) for _ in range(40)]
+    # scattered: no two reads within two blocks of each other (neighbours grow the fetch, tested below)
+    offsets = [3 * CS * b + rng.randrange(CS - 4096) for b in rng.sample(range(1, len(data) // (3 * CS)), 40)]
     for off in offsets:
         assert await reader.read(off, 4096) == data[off : off + 4096], off
     await settle(fetcher)
@@ -390,11 +391,64 @@ async def test_random_readers_fetch_64k_blocks_and_keep_them(tmp_path, nursery):
         out += await seq.read(off, 128 * 1024)
     assert bytes(out) == data
     await settle(again)
-    # the reads before the reader counted as sequential (512 KiB) came in blocks, then the chunks: once more
-    assert again.stats.fetched_bytes <= len(data) + 512 * 1024
-    assert again.stats.fetches <= 9 + 8  # the chunks (9), and at most 8 blocks before that
+    # the reads before the reader counted as sequential (512 KiB) came in blocks, then the chunks, which
+    # reuse every block already cached: no byte range is fetched twice
+    assert again.stats.fetched_bytes == len(data) - fetched
+    # the chunks (9), at most 8 blocks before that, and one more request per cached block splitting a run
+    assert again.stats.fetches <= 9 + 8 + len(blocks)
     assert fetched  # (the first pass fetched something)
     again.cache.close()
+
+
+async def test_a_random_reader_whose_reads_are_neighbours_gets_growing_fetches(tmp_path, nursery):
+    """Reads landing next to recent ones (metadata, a qcow2 table) double the fetch, up to 512 KiB and
+    never past the chunk; a read far from them starts again at one block."""
+    big = 16 * CS  # 1 MiB chunks
+    backend = MemoryBackend(name="mem")
+    data = image(8 * big)
+    loc = backend.put("img", data)
+    cache = ChunkCache(str(tmp_path / "cache"), max_bytes=1 << 30, max_count=10_000, memory_bytes=0)
+    await cache.open()
+    fetcher = ChunkFetcher(cache, {"mem": backend}, chunk_size=big, max_connections=4)
+    fetcher.attach(nursery)
+    reader = ImageReader(fetcher, [loc], prefetch_max=4 * big)
+    expected = [(20, 1), (21, 2), (22, 0), (24, 8), (28, 0), (100, 1)]  # block read -> blocks fetched
+    for block, fetched in expected:
+        before = fetcher.stats.fetched_bytes
+        off = block * CS + 100
+        assert await reader.read(off, 4096) == data[off:off + 4096]
+        await settle(fetcher)
+        assert fetcher.stats.fetched_bytes - before == fetched * CS, block
+    # 24 grew to 512 KiB but stopped at its chunk's end (block 31); one GET per fetch
+    assert fetcher.stats.fetches == 4 and fetcher.stats.prefetches == 0
+    cache.close()
+
+
+async def test_a_chunk_fetch_reuses_the_cached_blocks_and_refetches_a_bad_one(tmp_path, nursery):
+    """A random reader cached blocks 1, 2 and 5 of chunk 0; then the whole chunk is wanted: the store is
+    asked only for what is missing (two requests around blocks 1-2), block 5 failing verification is
+    fetched with its run, and the chunk is byte for byte the image."""
+    big = 16 * CS
+    backend = MemoryBackend(name="mem")
+    data = image(2 * big + 5)
+    loc = backend.put("img", data)
+    cache = ChunkCache(str(tmp_path / "cache"), max_bytes=1 << 30, max_count=10_000, memory_bytes=0)
+    await cache.open()
+    fetcher = ChunkFetcher(cache, {"mem": backend}, chunk_size=big, max_connections=4)
+    fetcher.attach(nursery)
+    for block in (1, 2, 5):
+        assert await fetcher.read_small(loc, block * CS + 7, 4096) == data[block * CS + 7 : block * CS + 7 + 4096]
+    await settle(fetcher)
+    victim = next(p for p in (tmp_path / "cache" / "chunks").rglob("*") if p.is_file() and b", 65536, 5]" in p.read_bytes())
+    raw = bytearray(victim.read_bytes())
+    raw[-100] ^= 0xFF
+    victim.write_bytes(bytes(raw))
+    before_bytes, before_gets = fetcher.stats.fetched_bytes, fetcher.stats.fetches
+    assert bytes(await fetcher.get(loc, 0)) == data[:big]
+    assert fetcher.stats.fetched_bytes - before_bytes == big - 2 * CS  # blocks 1 and 2 reused, 5 refetched
+    assert fetcher.stats.fetches - before_gets == 2 and cache.stats.corrupt == 1
+    assert bytes(await fetcher.get(loc, 2)) == data[2 * big:]  # a chunk no block of which is cached
+    cache.close()
 
 
 async def test_a_failing_small_fetch_fails_over_and_never_pads(tmp_path, nursery):

@@ -5,22 +5,27 @@ urllib3 session, not through boto3's get_object (s3_ranged.py says why). Against
 from __future__ import annotations
 
 import contextlib
+import datetime
+import ipaddress
+import ssl
+from pathlib import Path
 
 import pytest
 
 from imgfs.backends.s3 import S3Backend
 from imgfs.backends.s3_ranged import _client_error
 from imgfs.config import ImgfsOptions, S3StoreConfig
-from imgfs.errors import BackendError, StaleImage
+from imgfs.errors import BackendError, BackendUnavailable, StaleImage
 
 from .conftest import random_bytes
+from .s3proxy import CountingProxy
 
 MiB = 1 << 20
 
 
-def backend_for(proxy, s3, **options) -> S3Backend:
+def backend_for(proxy, s3, cacert: str | None = None, **options) -> S3Backend:
     cfg = S3StoreConfig(name="s3", endpoint_url=proxy.url, bucket=s3.bucket, access_key=s3.server.access_key,
-                        secret_key=s3.server.secret_key, addressing_style="path")
+                        secret_key=s3.server.secret_key, addressing_style="path", cacert=cacert)
     return S3Backend(cfg, ImgfsOptions(**options))
 
 
@@ -88,3 +93,46 @@ def test_an_error_answer_names_the_store_never_a_key(s3, proxy):
 def test_error_answers_read_like_boto3s(status, body, code):
     e = _client_error(status, body)
     assert e.response["Error"]["Code"] == code and e.response["ResponseMetadata"]["HTTPStatusCode"] == status
+
+
+def self_signed(directory: Path, name: str) -> Path:
+    """A certificate for 127.0.0.1 and its key, in one PEM file (it is also its own CA)."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
+    now = datetime.datetime.now(datetime.timezone.utc)
+    cert = (x509.CertificateBuilder().subject_name(subject).issuer_name(subject).public_key(key.public_key())
+            .serial_number(x509.random_serial_number()).not_valid_before(now - datetime.timedelta(minutes=5))
+            .not_valid_after(now + datetime.timedelta(days=1))
+            .add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), critical=False)
+            .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+            .sign(key, hashes.SHA256()))
+    path = directory / f"{name}.pem"
+    path.write_bytes(cert.public_bytes(serialization.Encoding.PEM) + key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()))
+    return path
+
+
+def test_an_https_store_is_verified_against_s3_store_cacert_on_both_paths(s3, tmp_path):
+    """Listing/HEAD (boto3) and the data path (botocore's session) both trust s3_store_cacert, and only it."""
+    served, other = self_signed(tmp_path, "served"), self_signed(tmp_path, "other")
+    tls = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    tls.load_cert_chain(served)
+    data = random_bytes(MiB + 3, 9)
+    with CountingProxy(s3.server.url, tls=tls) as proxy:
+        assert proxy.url.startswith("https://")
+        with stored(s3, proxy, data, cacert=str(served)) as (backend, loc):
+            assert backend.read(loc, 5, MiB) == data[5:MiB + 5]
+        wrong = backend_for(proxy, s3, cacert=str(other), s3_max_attempts=3)
+        try:
+            with pytest.raises(BackendUnavailable, match="TLS failure while listing"):
+                wrong.list_images()
+            with pytest.raises(BackendUnavailable, match="TLS failure while reading image img.*check s3_store_cacert"):
+                wrong.read(loc, 0, 4096)
+        finally:
+            wrong.close()
+    assert len([r for r in proxy.gets("img")]) == 1  # the refused reads never got an answer, nor a retry
