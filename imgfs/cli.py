@@ -23,9 +23,9 @@ log = logging.getLogger("imgfs")
 
 # Their DEBUG output carries request headers (the access key id is in every Authorization header),
 # connection properties (os-brick) or tokens (keystoneauth): kept at WARNING even under --debug.
-# hypercorn's INFO lines are for a console ("Running on ... (CTRL + C to quit)"); httpx logs each request.
+# httpx logs each request.
 _CHATTY_LIBRARIES = ("botocore", "boto3", "urllib3", "s3transfer", "os_brick", "oslo_privsep", "oslo.privsep",
-                     "oslo_concurrency", "keystoneauth", "keystoneauth1", "cinderclient", "stevedore", "hypercorn",
+                     "oslo_concurrency", "keystoneauth", "keystoneauth1", "cinderclient", "stevedore",
                      "httpx", "httpcore")
 
 

@@ -146,6 +146,11 @@ class ImgfsOptions:
     image_api_auth_ttl: float = 30.0  # seconds a caller's "yes, you may read image X" from Glance is reused
     image_api_upstream_timeout: float = 300.0  # seconds to wait for the real Glance's answer
     image_api_cafile: str = ""  # CA bundle for an https upstream (default: the system's)
+    # The endpoint's bounds on clients (imgfs.httpserver.Limits; the README says how they were chosen)
+    image_api_max_connections: int = 256
+    image_api_header_timeout: float = 10.0  # seconds from a request head's first byte to its end
+    image_api_idle_timeout: float = 75.0  # seconds a keep-alive connection may wait for its next request
+    image_api_client_timeout: float = 60.0  # seconds a request body or a response may go without progress
 
     @property
     def chunk_size(self) -> int:
@@ -163,6 +168,10 @@ class ImageApiConfig:
     auth_ttl: float
     timeout: float
     cafile: str | None
+    max_connections: int = 256
+    header_timeout: float = 10.0
+    idle_timeout: float = 75.0
+    client_timeout: float = 60.0
 
 
 @dataclass(frozen=True)
@@ -355,6 +364,13 @@ def _imgfs_options(merged: _Merged) -> ImgfsOptions:
         image_api_upstream_timeout=sec.number("image_api_upstream_timeout", d.image_api_upstream_timeout,
                                               minimum=1, maximum=86400),
         image_api_cafile=sec.get("image_api_cafile", d.image_api_cafile, _parse_abs_path, "an absolute path"),
+        image_api_max_connections=sec.integer("image_api_max_connections", d.image_api_max_connections, minimum=1,
+                                              maximum=65536),
+        image_api_header_timeout=sec.number("image_api_header_timeout", d.image_api_header_timeout, minimum=0.1,
+                                            maximum=3600),
+        image_api_idle_timeout=sec.number("image_api_idle_timeout", d.image_api_idle_timeout, minimum=0.1, maximum=86400),
+        image_api_client_timeout=sec.number("image_api_client_timeout", d.image_api_client_timeout, minimum=0.1,
+                                            maximum=86400),
     )
     if opts.image_api_cafile and not os.path.isfile(opts.image_api_cafile):
         raise sec._bad("image_api_cafile", opts.image_api_cafile, "no such CA bundle file")
@@ -630,7 +646,11 @@ def load(paths: list[str]) -> Config:
         host, port = split_listen(options.image_api_listen)
         image_api = ImageApiConfig(host=host, port=port, upstream=options.image_api_upstream or None, auth=auth,
                                    auth_ttl=options.image_api_auth_ttl, timeout=options.image_api_upstream_timeout,
-                                   cafile=options.image_api_cafile or (auth.cafile if auth else None))
+                                   cafile=options.image_api_cafile or (auth.cafile if auth else None),
+                                   max_connections=options.image_api_max_connections,
+                                   header_timeout=options.image_api_header_timeout,
+                                   idle_timeout=options.image_api_idle_timeout,
+                                   client_timeout=options.image_api_client_timeout)
     return Config(stores=tuple(stores), options=options, files=tuple(paths), glance=glance, image_api=image_api)
 
 

@@ -100,6 +100,7 @@ def status(d: Daemon) -> dict[str, Any]:
         "image_api": None if d.image_api is None else {
             "listen": d.config.options.image_api_listen, "upstream": d.image_api.upstream.where,
             **d.image_api.stats.as_dict(),
+            "http": d.image_api.http.as_dict(),
         },
         "process": process(),
     }
@@ -178,6 +179,20 @@ def metrics(d: Daemon) -> bytes:
                     failed.add_metric([str(status_code)], value)
                 yield failed
                 yield GaugeMetricFamily("imgfs_image_api_active", "requests in flight", value=api["active"])
+                http = api["http"]
+                yield GaugeMetricFamily("imgfs_image_api_connections", "client connections open now",
+                                        value=http["connections"])
+                closed = CounterMetricFamily("imgfs_image_api_connections_closed", "client connections imgfs closed "
+                                             "because a limit was hit (busy: image_api_max_connections)", labels=["reason"])
+                closed.add_metric(["busy"], http["refused_busy"])
+                for kind, value in http["timeouts"].items():
+                    closed.add_metric([f"{kind}_timeout"], value)
+                yield closed
+                bad = CounterMetricFamily("imgfs_image_api_requests_refused", "requests imgfs refused before any work "
+                                          "(400 framing, 408, 414, 431, 501) or failed (500)", labels=["status"])
+                for status_code, value in http["refused"].items():
+                    bad.add_metric([str(status_code)], value)
+                yield bad
             stats = d.fetcher.stats
             yield HistogramMetricFamily("imgfs_fetch_seconds", "store request latency",
                                         buckets=stats.latency_buckets(), sum_value=stats.latency_sum)

@@ -159,7 +159,7 @@ def build(config: Config, mountpoint: str) -> Daemon:
         catalog.listeners.append(step_aside)
     image_api = None
     if config.image_api is not None:
-        from .endpoint import ImageApi  # imports hypercorn and httpx: only when the endpoint is on
+        from .endpoint import ImageApi  # imports h11 and httpx: only when the endpoint is on
         from .upstream import Upstream
 
         image_api = ImageApi(catalog, fetcher, Upstream(config.image_api), prefetch_max=options.prefetch_max_mb * 2**20)

@@ -16,7 +16,11 @@ and the upstream; errors become HTTP statuses once, here. It knows nothing of S3
   caller; the last piece is withheld until it matches. A store failure mid-body ends the response
   short of its Content-Length, and the connection closes: the client sees a short body, never a
   wrong byte or a truncation that looks complete.
-- Served with hypercorn's trio worker (HTTP/1.1 over h11) inside the daemon's nursery.
+- Served by imgfs.httpserver (HTTP/1.1 over h11, with its limits on heads, bodies, slow clients and
+  connections) inside the daemon's nursery. A download is sent a piece (PIECE) at a time, each taken by
+  the socket before the next is read: a slow client holds one piece, however many download at once.
+- Nothing escapes a request: Glance unreachable, slow or broken is 503/504/502, a request that cannot
+  be passed on as sent is 400, a bug is 500 with one log line; never a traceback per request.
 """
 
 from __future__ import annotations
@@ -34,16 +38,21 @@ import trio
 from .catalog import Catalog
 from .config import ImageApiConfig
 from .errors import ImgfsError
+from .httpserver import ClientGone, HttpServer, Limits, ServerStats
 from .model import Image, Location
 from .ratelimit import RateLimit
 from .reader import ChunkFetcher, ImageReader
-from .upstream import (Headers, ImageFacts, Upstream, UpstreamBroke, UpstreamTimeout, UpstreamUnavailable, body_of,
-                       forwarded_headers, response_headers)
+from .upstream import (Headers, ImageFacts, Unforwardable, Upstream, UpstreamBroke, UpstreamTimeout, UpstreamUnavailable,
+                       body_of, forwarded_headers, response_headers)
 
 log = logging.getLogger(__name__)
 
 _FILE_PATH = re.compile(r"^/v2/images/([^/]+)/file$")
 _RANGE = re.compile(r"^bytes=(\d*)-(\d*)$")
+# A download goes out in pieces of at most this size, each taken by the socket before the next is read:
+# the memory a download holds. 1 MiB is also the FUSE path's largest read, so both share the cache's
+# reused read buffers (measured: 20 concurrent downloads of one image peaked at N MiB with 8 MiB pieces).
+PIECE = 1024 * 1024
 
 Scope = dict[str, Any]
 Receive = Callable[[], Awaitable[dict[str, Any]]]
@@ -105,20 +114,11 @@ def parse_range(header: str | None, size: int) -> tuple[int, int] | None:
 
 
 async def _until_disconnect(receive: Receive, scope: trio.CancelScope) -> None:
-    """Cancel ``scope`` once the client is gone: hypercorn swallows sends to a closed connection, so
-    without this a download would go on reading a whole image for nobody."""
+    """Cancel ``scope`` once the client is gone: a download must not go on reading a whole image for
+    nobody until its next send fails."""
     while (await receive())["type"] != "http.disconnect":
         pass
     scope.cancel()
-
-
-def _whole(data: bytes | memoryview) -> bytes | memoryview:
-    """The bytes object under a view that covers all of it: hypercorn copies every body piece into a new
-    bytes object (``bytes(body)``), which costs nothing for one already (an 8 MiB copy into fresh pages
-    otherwise: half the endpoint's CPU per GiB, measured)."""
-    if isinstance(data, memoryview) and type(data.obj) is bytes and data.nbytes == len(data.obj):
-        return data.obj
-    return data
 
 
 def _header(scope: Scope, name: bytes) -> str | None:
@@ -149,36 +149,38 @@ class ImageApi:
         self.upstream = upstream
         self.prefetch_max = prefetch_max
         self.stats = EndpointStats()
+        self.http = ServerStats()  # the connections' side: limits hit, timeouts, refusals
         self._failures_logged = RateLimit(60.0)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "lifespan":
-            while True:
-                message = await receive()
-                if message["type"] == "lifespan.startup":
-                    await send({"type": "lifespan.startup.complete"})
-                elif message["type"] == "lifespan.shutdown":
-                    await send({"type": "lifespan.shutdown.complete"})
-                    return
         if scope["type"] != "http":
-            return  # websockets: nothing here speaks them; hypercorn closes the connection
+            return  # the server speaks HTTP/1.1 only
         self.stats.active += 1
+        started = False
+
+        async def tracked(message: dict[str, Any]) -> None:
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
         try:
             m = _FILE_PATH.match(scope["path"])
             # A legacy Content-Range request header (Glance still honours it) is left to Glance.
             download = m is not None and scope["method"] in ("GET", "HEAD")
             legacy = _header(scope, b"content-range") is not None
-            if download and not legacy and await self._download(scope, receive, send, m.group(1)):  # type: ignore[union-attr]
+            if download and not legacy and await self._download(scope, receive, tracked, m.group(1)):  # type: ignore[union-attr]
                 return
-            await self._pass(scope, receive, send, download=download)
-        except _ClientGone:
-            log.info("image API endpoint: the client of %s %s hung up mid-request", scope["method"], scope["path"])
-        except UpstreamUnavailable as e:
-            status = 504 if isinstance(e, UpstreamTimeout) else 502 if isinstance(e, UpstreamBroke) else 503
+            await self._pass(scope, receive, tracked, download=download)
+        except (_ClientGone, ClientGone):
+            log.info("image API endpoint: the client of %s %s hung up mid-request", scope["method"], _short(scope["path"]))
+        except (UpstreamUnavailable, Unforwardable) as e:
+            status = 400 if isinstance(e, Unforwardable) else 504 if isinstance(e, UpstreamTimeout) else \
+                502 if isinstance(e, UpstreamBroke) else 503
             self.stats.upstream_errors[status] = self.stats.upstream_errors.get(status, 0) + 1
             if self._failures_logged.allow(("upstream", status)):
                 log.warning("image API endpoint: %s (answering %d)", e, status)
-            await _answer(send, status, f"imgfs: {e}")
+            if not started:  # else the answer is cut short and the connection closes
+                await _answer(send, status, f"imgfs: {e}")
         finally:
             self.stats.active -= 1
 
@@ -261,20 +263,18 @@ class ImageApi:
                     cs = self.fetcher.chunk_size
                     offset = start
                     while offset < end:
-                        # Up to the end of the chunk: a view of one chunk, no join, one send per chunk.
-                        data = await reader.read(offset, min(end, (offset // cs + 1) * cs) - offset)
+                        # A piece never spans chunks: a view of one chunk's bytes, no join.
+                        data = await reader.read(offset, min(end, (offset // cs + 1) * cs, offset + PIECE) - offset)
                         if not len(data):  # the reader promises bytes or an error; never end a body early by accident
                             raise ImgfsError(f"image {image_id}: no bytes at {offset}")
-                        await send({"type": "http.response.body", "body": _whole(data), "more_body": True})
+                        await send({"type": "http.response.body", "body": data, "more_body": True})
                         offset += len(data)
                         sent += len(data)
                         self.stats.local_bytes += len(data)
-                    # Every byte is out. Set before the last send: hypercorn reports the closed stream to
-                    # _until_disconnect within that send, whose cancel may land before it returns.
-                    done = True
+                    done = True  # every byte is out
                     await send({"type": "http.response.body", "body": b""})
                 except ImgfsError as e:
-                    # Headers are out: ending short of Content-Length (hypercorn then closes the connection)
+                    # Headers are out: ending short of Content-Length (the server then closes the connection)
                     # is the only honest way left to say the body is not the image.
                     if self._failures_logged.allow((image_id, type(e))):
                         log.warning("image API endpoint: download of image %s ended after %d of %d bytes: %s",
@@ -336,15 +336,19 @@ class ImageApi:
                 await response.aclose()
 
 
+def _short(path: str) -> str:
+    return path if len(path) <= 200 else path[:200] + "..."
+
+
+def limits_of(cfg: ImageApiConfig) -> Limits:
+    return Limits(max_connections=cfg.max_connections, head_timeout=cfg.header_timeout, idle_timeout=cfg.idle_timeout,
+                  client_timeout=cfg.client_timeout)
+
+
 async def serve(api: ImageApi, cfg: ImageApiConfig, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
     """Serve ``api`` on cfg.host:cfg.port until the surrounding nursery is cancelled (the daemon's stop:
     downloads in flight end there, short of their Content-Length, and the socket closes). Raises
     OSError when the address cannot be bound."""
-    from hypercorn.config import Config as HypercornConfig
-    from hypercorn.trio import serve as hypercorn_serve
-
-    # Bound here, not by hypercorn: a port in use must be a plain OSError the daemon can report in one
-    # line (hypercorn binds inside its own nursery, where it would come wrapped in an ExceptionGroup).
     sock = socket.socket(socket.AF_INET6 if ":" in cfg.host else socket.AF_INET, socket.SOCK_STREAM)
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -352,13 +356,4 @@ async def serve(api: ImageApi, cfg: ImageApiConfig, *, task_status=trio.TASK_STA
     except OSError:
         sock.close()
         raise
-    hc = HypercornConfig()
-    hc.bind = [f"fd://{sock.detach()}"]  # hypercorn owns (and closes) the descriptor from here
-    hc.include_server_header = False
-    hc.include_date_header = False  # Glance's own Date passes through; local answers set theirs
-    hc.accesslog = None
-    hc.errorlog = logging.getLogger("hypercorn.error")  # kept at WARNING by imgfs.cli
-    hc.keep_alive_timeout = 75.0  # Cinder and Nova reuse pooled connections
-    hc.h11_max_incomplete_size = 64 * 1024  # Glance (eventlet/uWSGI) takes headers up to 64 KiB: Keystone tokens are long
-    hc.backlog = 256
-    await hypercorn_serve(api, hc, task_status=task_status)
+    await HttpServer(api, limits_of(cfg), api.http).serve(sock, task_status=task_status)

@@ -30,8 +30,9 @@ from .glance import image_endpoint
 
 log = logging.getLogger(__name__)
 
-# RFC 9110 §7.6.1: meaningful for one connection only, never forwarded; plus Expect (httpx does not
-# do 100-continue; hypercorn already answered it). Host is forwarded as the caller sent it: Glance builds
+# RFC 9110 §7.6.1: meaningful for one connection only, never forwarded (nor the headers a Connection
+# header names); plus Expect (httpx does not do 100-continue; imgfs.httpserver already answered it) and
+# the framing (Content-Length, Transfer-Encoding): imgfs's client frames what it actually sends. Host is forwarded as the caller sent it: Glance builds
 # the links of its version document from it, and Nova's version discovery (keystoneauth, with
 # [glance] endpoint_override) follows those links, so they must lead back to this endpoint.
 HOP_BY_HOP = frozenset({b"connection", b"keep-alive", b"proxy-connection", b"proxy-authenticate",
@@ -56,6 +57,11 @@ class UpstreamTimeout(UpstreamUnavailable):
 
 class UpstreamBroke(UpstreamUnavailable):
     """The real Glance took the request and closed the connection without an answer: 502."""
+
+
+class Unforwardable(Exception):
+    """The caller's request cannot be passed to Glance as it was sent (e.g. a header value httpx
+    refuses): 400 with this text, which never quotes a header."""
 
 
 @dataclass(frozen=True)
@@ -86,9 +92,19 @@ class Verdict:
     cached: bool = False
 
 
+def _end_to_end(headers: Iterable[tuple[bytes, bytes]]) -> Headers:
+    """``headers`` less the hop-by-hop ones: the fixed set and every name a Connection header lists."""
+    headers = [(k.lower(), v) for k, v in headers]
+    named = {t.strip().lower().encode("latin-1") for k, v in headers if k == b"connection"
+             for t in v.decode("latin-1").split(",") if t.strip()}
+    return [(k, v) for k, v in headers if k not in HOP_BY_HOP and k not in named]
+
+
 def forwarded_headers(headers: Iterable[tuple[bytes, bytes]], client: str | None) -> Headers:
-    """The caller's end-to-end headers, plus X-Forwarded-For so Glance's log can name the caller."""
-    out = [(k.lower(), v) for k, v in headers if k.lower() not in HOP_BY_HOP]
+    """The caller's end-to-end headers, plus X-Forwarded-For so Glance's log can name the caller.
+    Content-Length stays (the server checked it is the only framing, and the body it hands on is
+    exactly that long or the request fails); a chunked body is framed anew by httpx."""
+    out = _end_to_end(headers)
     if client:
         out.append((b"x-forwarded-for", client.encode()))
     return out
@@ -143,13 +159,20 @@ class Upstream:
     async def send(self, method: str, target: str, headers: Headers, body: AsyncIterator[bytes] | None) -> httpx.Response:
         """Send one request to Glance; the answer's body is left to stream (close it)."""
         url = (await self.base()) + target
-        request = self.client.build_request(method, url, headers=headers, content=body)
+        try:
+            request = self.client.build_request(method, url, headers=headers, content=body)
+        except (httpx.InvalidURL, httpx.UnsupportedProtocol, ValueError, TypeError) as e:
+            raise Unforwardable(f"{method} {_path(target)[:200]} cannot be passed to Glance as sent "
+                                f"({type(e).__name__})") from None
         given = {k for k, _ in headers}
         for name in ("accept-encoding", "user-agent", "accept"):  # httpx's defaults: pass only what the caller sent
             if name.encode() not in given:
                 request.headers.pop(name, None)
         try:
             return await self.client.send(request, stream=True)
+        except (httpx.LocalProtocolError, httpx.InvalidURL, httpx.UnsupportedProtocol) as e:
+            raise Unforwardable(f"{method} {_path(target)[:200]} cannot be passed to Glance as sent "
+                                f"({type(e).__name__})") from None
         except (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout, OSError) as e:
             raise UpstreamUnavailable(f"cannot reach Glance at {self._base} ({type(e).__name__}); is glance-api up?") from None
         except httpx.TimeoutException:
@@ -212,7 +235,12 @@ async def body_of(response: httpx.Response) -> AsyncIterator[bytes]:
 
 
 def response_headers(response: httpx.Response) -> Headers:
-    return [(k.lower(), v) for k, v in response.headers.raw if k.lower() not in HOP_BY_HOP]
+    """Glance's end-to-end headers. A Content-Length beside a Transfer-Encoding is not the length of
+    the body httpx decoded, so it goes too (the server then frames the answer itself)."""
+    out = _end_to_end(response.headers.raw)
+    if any(k.lower() == b"transfer-encoding" for k, _ in response.headers.raw):
+        out = [(k, v) for k, v in out if k != b"content-length"]
+    return out
 
 
 def _path(target: str) -> str:

@@ -165,13 +165,3 @@ def test_endpoint_address_in_use_stops_the_daemon_with_one_line(tmp_path):
     assert len(errors) == 1 and "cannot listen on 127.0.0.1:" in errors[0] and "image_api_listen" in errors[0]
     assert "Traceback" not in result.stderr
     assert not is_mounted(tmp_path / "mnt")
-
-
-def test_a_view_of_a_whole_bytes_object_is_sent_without_a_copy():
-    from imgfs.endpoint import _whole
-
-    chunk = bytes(range(256)) * 16
-    assert _whole(memoryview(chunk)) is chunk
-    part = memoryview(chunk)[1:]
-    assert _whole(part) is part  # a slice is sent as it is (hypercorn copies it)
-    assert _whole(memoryview(bytearray(chunk))).obj.__class__ is bytearray
