@@ -51,7 +51,9 @@ _FILE_PATH = re.compile(r"^/v2/images/([^/]+)/file$")
 _RANGE = re.compile(r"^bytes=(\d*)-(\d*)$")
 # A download goes out in pieces of at most this size, each taken by the socket before the next is read:
 # the memory a download holds. 1 MiB is also the FUSE path's largest read, so both share the cache's
-# reused read buffers (measured: 20 concurrent downloads of one image peaked at N MiB with 8 MiB pieces).
+# reused read buffers. Measured, 20 concurrent cold downloads of a 96 MiB image: peak RSS 198 MiB against
+# 166 for one (1.19x), 439 MiB/s in all; with 8 MiB pieces, each joined into a new copy by the server
+# that served the endpoint before, 495 against 190 MiB (2.61x), 347 MiB/s.
 PIECE = 1024 * 1024
 
 Scope = dict[str, Any]
@@ -273,6 +275,8 @@ class ImageApi:
                         self.stats.local_bytes += len(data)
                     done = True  # every byte is out
                     await send({"type": "http.response.body", "body": b""})
+                except ClientGone:  # it hung up or stopped reading: nobody to tell
+                    pass
                 except ImgfsError as e:
                     # Headers are out: ending short of Content-Length (the server then closes the connection)
                     # is the only honest way left to say the body is not the image.
@@ -326,6 +330,8 @@ class ImageApi:
                         self.stats.passthrough_bytes_down += len(piece)
                         await send({"type": "http.response.body", "body": piece, "more_body": True})
                     await send({"type": "http.response.body", "body": b""})
+                except ClientGone:
+                    pass
                 except UpstreamBroke as e:
                     # Glance broke off mid-answer: end ours short too (the connection closes), as Glance's did.
                     if self._failures_logged.allow(("passthrough", str(e))):

@@ -122,6 +122,7 @@ class _Connection:
         self.started = False
         self.complete = False
         self.broken = False  # the request body was cut or malformed: no next request on this connection
+        self.head = False  # a HEAD request: its answer has no body, whatever the application sends
 
     # ---- the connection ---------------------------------------------------------------------------
 
@@ -137,7 +138,7 @@ class _Connection:
                     self.conn.start_next_cycle()
                 except h11.LocalProtocolError:
                     return
-                self.body_done = self.started = self.complete = False
+                self.body_done = self.started = self.complete = self.broken = False
         except _Closed:
             pass
         finally:
@@ -220,6 +221,7 @@ class _Connection:
         if refusal is not None:
             await self._refuse(*refusal)
             return False
+        self.head = request.method == b"HEAD"
         raw_path, _, query = request.target.partition(b"?")
         scope: Scope = {
             "type": "http", "asgi": {"version": "3.0", "spec_version": "2.3"},
@@ -246,6 +248,9 @@ class _Connection:
             if self.started:  # an answer cut short: closing is the only honest end
                 self.server.stats.aborted += 1
                 return False
+            if self.broken:  # the application gave up on a malformed request body
+                await self._refuse(400, "malformed request body")
+                return False
             self.server.stats.app_errors += 1
             if self.server.warned.allow(("no answer", scope["method"])):
                 log.error("image API endpoint: no answer was made to %s %s; answering 500", scope["method"],
@@ -262,8 +267,10 @@ class _Connection:
         while True:
             try:
                 event = self.conn.next_event()
-            except h11.RemoteProtocolError:  # a malformed chunked body
+            except h11.RemoteProtocolError:  # a malformed chunked body, or the client closed mid-body
                 self.broken = True
+                if self.conn.their_state is h11.ERROR and self.conn.trailing_data[1]:
+                    self.gone.set()
                 return {"type": "http.disconnect"}
             if event is h11.NEED_DATA:
                 try:
@@ -312,7 +319,7 @@ class _Connection:
             await self._write(data)
         elif kind == "http.response.body":
             body = message.get("body", b"")
-            if body:
+            if body and not self.head:
                 for piece in self.conn.send_with_data_passthrough(h11.Data(data=body)) or ():
                     await self._write(piece)
             if not message.get("more_body", False):

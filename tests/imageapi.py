@@ -128,12 +128,18 @@ def s3_bytes(proxy: CountingProxy, image_id: str) -> int:
 
 
 def read_body(response: requests.Response) -> tuple[bytes, Exception | None]:
-    """Everything the server sent, and the error that ended the body early, if any."""
+    """Everything the server sent, and the error that ended the body early, if any. A server that
+    neither sends nor closes within the request's read timeout fails the test: a hang is not a short
+    body (the connection must close)."""
+    import urllib3
+
     got = bytearray()
     try:
         for piece in response.raw.stream(MiB, decode_content=False):
             got += piece
-    except Exception as e:  # urllib3's IncompleteRead / ProtocolError: a body short of Content-Length
+    except (urllib3.exceptions.ReadTimeoutError, TimeoutError) as e:
+        raise AssertionError(f"the body neither went on nor ended within the read timeout, after {len(got)} bytes") from e
+    except (urllib3.exceptions.ProtocolError, urllib3.exceptions.IncompleteRead) as e:  # short of Content-Length
         return bytes(got), e
     return bytes(got), None
 
