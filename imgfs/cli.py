@@ -202,6 +202,8 @@ def main(argv: list[str] | None = None) -> int:
         files = args.config_files or [DEFAULT_CONFIG]
         config = config_mod.load(files)
         handler.addFilter(RedactSecrets(secrets_of(config)))
+        for warning in config.warnings:
+            log.warning("config: %s", warning)
         if args.command == "check-config":
             return _check_config(config, probe=args.probe)
         if args.allow_other:

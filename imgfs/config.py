@@ -181,6 +181,7 @@ class Config:
     files: tuple[str, ...]
     glance: GlanceCatalogConfig | None = None
     image_api: ImageApiConfig | None = None
+    warnings: tuple[str, ...] = ()  # what is accepted but probably not meant (e.g. an inline comment)
 
 
 @dataclass(frozen=True)
@@ -227,6 +228,19 @@ class _Merged:
 
     def options_of(self, section: str) -> dict[str, _Value]:
         return {opt: v for (sec, opt), v in self.values.items() if sec == section}
+
+
+_INLINE_COMMENT = re.compile(r"\s[#;]")
+
+
+def _inline_comments(merged: _Merged) -> tuple[str, ...]:
+    """One warning per value holding what looks like a trailing comment: neither imgfs nor oslo.config
+    (glance-api's parser) strips ``value  # comment``, so the comment becomes part of the value. The
+    value itself is never shown: it may be a secret."""
+    return tuple(
+        f"{v.path}: [{section}] {option}: the value contains an inline comment ('{m.group().strip()}' after a space), "
+        "which is kept as part of the value; put comments on lines of their own"
+        for (section, option), v in sorted(merged.values.items()) if (m := _INLINE_COMMENT.search(v.text)))
 
 
 def _one_line(e: BaseException) -> str:
@@ -651,7 +665,8 @@ def load(paths: list[str]) -> Config:
                                    header_timeout=options.image_api_header_timeout,
                                    idle_timeout=options.image_api_idle_timeout,
                                    client_timeout=options.image_api_client_timeout)
-    return Config(stores=tuple(stores), options=options, files=tuple(paths), glance=glance, image_api=image_api)
+    return Config(stores=tuple(stores), options=options, files=tuple(paths), glance=glance, image_api=image_api,
+                  warnings=_inline_comments(merged))
 
 
 def refuse_own_mount(config: Config, mountpoint: str) -> Config:
@@ -671,7 +686,7 @@ def refuse_own_mount(config: Config, mountpoint: str) -> Config:
     if not kept:
         raise ConfigError(f"every configured store lies inside the mount {mount}; imgfs needs a store outside it to read from")
     return Config(stores=tuple(kept), options=config.options, files=config.files, glance=config.glance,
-                  image_api=config.image_api)
+                  image_api=config.image_api, warnings=config.warnings)
 
 
 def _glance_catalog(merged: _Merged, why: str) -> GlanceCatalogConfig:

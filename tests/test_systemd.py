@@ -40,6 +40,22 @@ def test_units_pass_systemd_analyze_verify(tmp_path, unit):
     assert result.returncode == 0 and not result.stdout.strip() and not result.stderr.strip(), result
 
 
+# systemd.exec(5): each of these gives the service a mount namespace of its own, a slave of the host's,
+# so the FUSE mount made inside would never reach the host.
+_NAMESPACING = ("ProtectSystem", "ProtectHome", "PrivateTmp", "PrivateDevices", "PrivateMounts", "MountFlags",
+                "ProtectKernelTunables", "ProtectKernelModules", "ProtectKernelLogs", "ProtectControlGroups",
+                "ProtectProc", "ProcSubset", "ReadOnlyPaths", "ReadWritePaths", "InaccessiblePaths", "ExecPaths",
+                "NoExecPaths", "TemporaryFileSystem", "BindPaths", "BindReadOnlyPaths", "RootDirectory", "RootImage",
+                "PrivateNetwork", "NetworkNamespacePath", "ProtectHostname", "ProtectClock", "PrivateUsers")
+
+
+@pytest.mark.parametrize("unit", ["imgfs.service", "imgfs@.service"])
+def test_units_set_nothing_that_hides_the_mount_from_the_host(unit):
+    settings = [line.split("=", 1)[0].strip() for line in (REPO / "systemd" / unit).read_text().splitlines()
+                if "=" in line and not line.lstrip().startswith("#")]
+    assert not set(settings) & set(_NAMESPACING), set(settings) & set(_NAMESPACING)
+
+
 def test_notify_protocol_ready_status_watchdog_stopping(tmp_path):
     conf, _ = file_store(tmp_path)
     sock_path = tmp_path / "notify.sock"
