@@ -80,11 +80,11 @@ class CinderStoreConfig:
     volume_type: str | None = None
     use_multipath: bool = False
     enforce_multipath: bool = False
-    state_transition_timeout: float = 300.0
     http_retries: int = 3
     api_insecure: bool = False
     ca_certificates_file: str | None = None
-    rootwrap_config: str = "/etc/glance/rootwrap.conf"
+    # Glance's cinder_state_transition_timeout and rootwrap_config are not read: imgfs waits on volume
+    # states with [imgfs] attach_timeout, and runs os-brick without rootwrap (it is root already).
     # imgfs's own extension: a keyring for os-brick's RBD connector when Cinder's connection info has
     # none and /etc/ceph holds none (os-brick otherwise reads /etc/ceph/<cluster>.client.<user>.keyring).
     rbd_keyring_file: str | None = None
@@ -581,11 +581,9 @@ def _cinder_store(merged: _Merged, name: str, section: str) -> CinderStoreConfig
         volume_type=sec.raw("cinder_volume_type") or None,
         use_multipath=sec.boolean("cinder_use_multipath", False),
         enforce_multipath=sec.boolean("cinder_enforce_multipath", False),
-        state_transition_timeout=sec.number("cinder_state_transition_timeout", 300.0, minimum=0),
         http_retries=sec.integer("cinder_http_retries", 3, minimum=0, maximum=100),
         api_insecure=sec.boolean("cinder_api_insecure", False),
         ca_certificates_file=cafile,
-        rootwrap_config=sec.raw("rootwrap_config") or "/etc/glance/rootwrap.conf",
         rbd_keyring_file=keyring,
         weight=_weight(sec),
     )
@@ -665,8 +663,41 @@ def load(paths: list[str]) -> Config:
                                    header_timeout=options.image_api_header_timeout,
                                    idle_timeout=options.image_api_idle_timeout,
                                    client_timeout=options.image_api_client_timeout)
-    return Config(stores=tuple(stores), options=options, files=tuple(paths), glance=glance, image_api=image_api,
-                  warnings=_inline_comments(merged))
+    config = Config(stores=tuple(stores), options=options, files=tuple(paths), glance=glance, image_api=image_api,
+                    warnings=_inline_comments(merged))
+    _require_extras(config)
+    return config
+
+
+# What each feature imports, and the extra of imgfs's package that brings it.
+_CINDER_MODULES = ("os_brick", "cinderclient", "keystoneauth1", "oslo_concurrency", "oslo_privsep")
+
+
+def _require_extras(config: Config) -> None:
+    """A configured feature whose libraries are not installed is a one-line error now, naming the
+    extra to install, rather than a traceback at the first listing."""
+    import importlib.util
+
+    needs: list[tuple[str, tuple[str, ...]]] = []
+    for store in config.stores:
+        if isinstance(store, CinderStoreConfig):
+            needs.append((f"store '{store.name}' (type cinder)", _CINDER_MODULES))
+    if config.glance is not None and config.options.catalog == "glance":
+        needs.append(("[imgfs] catalog = glance", ("keystoneauth1",)))
+    if config.image_api is not None and config.image_api.upstream is None:
+        needs.append(("the Image API endpoint without image_api_upstream (Glance found in the Keystone catalog)",
+                      ("keystoneauth1",)))
+    def absent(module: str) -> bool:
+        try:
+            return importlib.util.find_spec(module) is None
+        except (ImportError, ValueError):  # a broken install counts as none
+            return True
+
+    for what, modules in needs:
+        missing = [m for m in modules if absent(m)]
+        if missing:
+            raise ConfigError(f"{what} needs imgfs's 'cinder' extra, which is not installed (no module "
+                              f"{', '.join(missing)}): pip install 'imgfs[cinder]' into imgfs's venv")
 
 
 def refuse_own_mount(config: Config, mountpoint: str) -> Config:

@@ -192,3 +192,23 @@ def test_check_config_prints_no_secret(glance_conf):
     assert result.returncode == 0, result.stderr
     assert "store s3store: type=s3 endpoint=http://127.0.0.1:7480 bucket=glance" in result.stdout
     assert SECRET_KEY not in result.stdout + result.stderr and ACCESS_KEY not in result.stdout + result.stderr
+
+
+def test_a_cinder_store_without_the_cinder_extra_is_one_line_naming_the_extra(tmp_path):
+    """As on a node where imgfs was installed without [cinder]: os_brick cannot be found."""
+    conf = tmp_path / "c.conf"
+    conf.write_text("[DEFAULT]\nenabled_backends = cs:cinder\n[cs]\ncinder_store_auth_address = http://127.0.0.1:1/v3\n"
+                    "cinder_store_user_name = glance\ncinder_store_password = pw\ncinder_store_project_name = service\n"
+                    f"[imgfs]\ncache_dir = {tmp_path}/cache\n")
+    hide = ("import sys, importlib.abc\n"
+            "class Hide(importlib.abc.MetaPathFinder):\n"
+            "    def find_spec(self, name, path=None, target=None):\n"
+            "        if name.split('.')[0] == 'os_brick': raise ModuleNotFoundError(name=name)\n"
+            "sys.meta_path.insert(0, Hide())\n"
+            "from imgfs.cli import main\n"
+            f"sys.exit(main(['check-config', '--config-file', {str(conf)!r}]))\n")
+    result = subprocess.run([sys.executable, "-c", hide], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "store 'cs' (type cinder) needs imgfs's 'cinder' extra" in lines[0], result.stderr
+    assert "pip install 'imgfs[cinder]'" in lines[0] and "Traceback" not in result.stderr
