@@ -9,6 +9,7 @@ cache so shell completion cannot hammer the store.
 from __future__ import annotations
 
 import logging
+import random
 import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Awaitable, Callable, Sequence
@@ -244,8 +245,19 @@ class Catalog:
         await self.refresh()
         listed.set()
         while True:
-            await trio.sleep(self.refresh_interval)
+            await trio.sleep(refresh_delay(self.refresh_interval))
             await self.refresh()
+
+
+REFRESH_JITTER = 0.2
+_jitter = random.Random()
+
+
+def refresh_delay(interval: float) -> float:
+    """The wait before the next listing: ``interval`` give or take 20%, drawn anew each time. Nodes
+    started together (a fleet-wide restart, an upgrade wave) would otherwise list the stores and page
+    through Glance in step for ever; with this they spread over the interval within a few rounds."""
+    return interval * _jitter.uniform(1 - REFRESH_JITTER, 1 + REFRESH_JITTER)
 
 
 def _describe(image: Image) -> str:

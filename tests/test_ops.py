@@ -227,3 +227,37 @@ async def test_a_bug_in_a_handler_is_eio_for_that_request_not_the_end_of_the_dae
     del ops.fetcher.verifier  # the next open works again
     info = await ops.open(attr.st_ino, os.O_RDONLY)
     assert await ops.read(info.fh, 0, 10) == b"x" * 10
+
+
+def test_refresh_waits_are_the_interval_give_or_take_a_fifth_drawn_anew():
+    from imgfs.catalog import refresh_delay
+
+    waits = [refresh_delay(60) for _ in range(2000)]
+    assert all(48 <= w <= 72 for w in waits)
+    assert min(waits) < 50 and max(waits) > 70  # the whole band is used
+    assert len(set(waits)) == len(waits)
+    # two nodes started together: after ten rounds their listings are seconds apart, not in step
+    a, b = sum(refresh_delay(60) for _ in range(10)), sum(refresh_delay(60) for _ in range(10))
+    assert abs(a - b) > 1.0
+
+
+async def test_the_refresh_loop_waits_a_jittered_delay_between_listings(monkeypatch, nursery):
+    import imgfs.catalog as catalog_mod
+
+    asked: list[float] = []
+
+    def delay(interval: float) -> float:
+        asked.append(interval)
+        return 0.01
+
+    monkeypatch.setattr(catalog_mod, "refresh_delay", delay)
+    backend = MemoryBackend(name="alpha")
+    calls = []
+    real = backend.list_images
+    backend.list_images = lambda: calls.append(1) or real()  # type: ignore[method-assign]
+    catalog = Catalog([backend], refresh_interval=60, negative_ttl=5, limiter=trio.CapacityLimiter(2))
+    nursery.start_soon(catalog.run, trio.Event())
+    with trio.fail_after(10):
+        while len(calls) < 5:
+            await trio.sleep(0.01)
+    assert asked[:4] == [60, 60, 60, 60]
