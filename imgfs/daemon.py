@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import errno
+import fcntl
 import logging
 import os
 import signal
@@ -57,6 +58,7 @@ class Daemon:
     ops: Operations
     attachments: dict[str, Attachments]
     image_api: "ImageApi | None" = None  # the node-local Image API endpoint, when [imgfs] image_api_listen is set
+    cache_lock: int = -1  # the flock on cache_dir (claim_cache_dir), closed when the daemon ends
 
 
 def control_socket_path(config_path: str, mountpoint: str) -> str:
@@ -83,12 +85,35 @@ def check_mountpoint(path: str) -> str:
     return path
 
 
+def claim_cache_dir(cache_dir: str, mountpoint: str) -> int:
+    """Hold ``cache_dir`` for this daemon alone (an flock the kernel drops when the process dies, however
+    it dies), or a one-line ConfigError naming the mount that holds it. Two daemons on one cache would
+    evict each other's chunks, and each start sweeps the directory's temporary files (os-brick's
+    keyrings), which the other may be using. The descriptor is kept for the daemon's life."""
+    try:
+        os.makedirs(cache_dir, mode=0o700, exist_ok=True)
+        fd = os.open(os.path.join(cache_dir, "lock"), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    except OSError as e:
+        raise ConfigError(f"[imgfs] cache_dir {cache_dir}: {e.strerror or e}") from None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.pread(fd, 4096, 0).decode(errors="replace").strip() or "another imgfs"
+        os.close(fd)
+        raise ConfigError(f"[imgfs] cache_dir {cache_dir} is in use by the imgfs of {holder}; give each imgfs "
+                          "instance a cache_dir of its own") from None
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{mountpoint} (pid {os.getpid()})\n".encode(), 0)
+    return fd
+
+
 def build(config: Config, mountpoint: str) -> Daemon:
     options = config.options
+    cache_lock = claim_cache_dir(options.cache_dir, mountpoint)
     backends: dict[str, Backend] = {}
     for store in config.stores:
         try:
-            backends[store.name] = backend_factory.build(store, options)
+            backends[store.name] = backend_factory.build(store, options, instance=mountpoint)
         except ValueError as e:  # e.g. boto3 rejecting an endpoint URL
             raise ConfigError(f"store '{store.name}': {e}") from None
     cache = ChunkCache(
@@ -163,7 +188,7 @@ def build(config: Config, mountpoint: str) -> Daemon:
         from .upstream import Upstream
 
         image_api = ImageApi(catalog, fetcher, Upstream(config.image_api), prefetch_max=options.prefetch_max_mb * 2**20)
-    return Daemon(config, mountpoint, backends, cache, catalog, fetcher, ops, attachments, image_api)
+    return Daemon(config, mountpoint, backends, cache, catalog, fetcher, ops, attachments, image_api, cache_lock)
 
 
 def tame_malloc() -> None:
@@ -297,6 +322,7 @@ async def serve(
         for backend in daemon.backends.values():
             backend.close()
         daemon.cache.close()
+        os.close(daemon.cache_lock)
         if daemon.catalog.source is not None:
             daemon.catalog.source.close()
         if daemon.image_api is not None:

@@ -69,7 +69,7 @@ def test_open_files_hold_nothing_and_fetches_share_one_attachment(tmp_path, lab,
         assert os.pread(a, MiB, 0) == vol.data[:MiB]
         assert os.pread(b, MiB, 2 * MiB) == vol.data[2 * MiB : 3 * MiB]
         attached = host_attachments(cinder, vol.volume_id, host)
-        assert len(attached) == 1 and attached[0]["device"] == "imgfs:cinderstore"
+        assert len(attached) == 1 and attached[0]["device"] == f"imgfs:cinderstore:{m.path}"
         wait_for(lambda: not host_attachments(cinder, vol.volume_id, host), 30, "the detach after the grace")
         assert cinder.volumes.get(vol.volume_id).status == "available"  # while both files are open
         os.posix_fadvise(a, 0, 0, os.POSIX_FADV_DONTNEED)
@@ -138,9 +138,10 @@ def test_sigkill_then_restart_removes_the_stale_attachment(tmp_path, lab, cinder
     m.stop(signal.SIGKILL)
     subprocess.run(["fusermount3", "-uz", str(m.path)], check=True)
     assert len(host_attachments(cinder, vol.volume_id, host)) == 1  # left behind by the crash
-    m2 = mounter(cfg, name="mnt2")  # ready = after the stale attachments are gone
+    m2 = mounter(cfg)  # the same instance (mount point) again; ready = after its stale attachments are gone
     assert host_attachments(cinder, vol.volume_id, host) == []
     assert "removed stale attachment" in m2.log()
+    assert m2.stop() == 0
 
 
 def test_sigterm_leaves_zero_attachments(tmp_path, lab, cinder, image_volume, host, mounter):
@@ -179,3 +180,40 @@ def test_read_only_volume_offers_no_way_to_write():
 
     public = {name for name in dir(ReadOnlyVolume) if not name.startswith("_")}
     assert public == {"pread", "close"}
+
+
+def test_the_start_sweep_spares_glances_and_another_instances_attachments_on_this_host(tmp_path, lab, cinder,
+                                                                                       image_volume, host, mounter):
+    """On one host: glance-api's own attachment (glance_store's mountpoint), imgfs instance A holding the
+    volume, then instance B starting on the same store and host name. B's start-up sweep removes only
+    what an instance of its own mount point left; a killed A, restarted on its mount point, removes its
+    own stale attachment and still spares glance-api's."""
+    vol = image_volume(MiB + 3, multiattach=True)
+    glances = {"host": host, "platform": "x86_64", "os_type": "linux", "ip": "127.0.0.1", "multipath": False,
+               "mountpoint": "glance_store"}
+    theirs = cinder.attachments.create(vol.volume_id, glances, mode="ro")
+    cinder.attachments.complete(theirs["id"])
+    try:
+        a_dir, b_dir = tmp_path / "a", tmp_path / "b"
+        a_dir.mkdir()
+        b_dir.mkdir()
+        cfg_a = write_cinder_config(a_dir / "imgfs.conf", lab, cache_dir=a_dir / "cache", host=host, attach_idle_timeout=600)
+        cfg_b = write_cinder_config(b_dir / "imgfs.conf", lab, cache_dir=b_dir / "cache", host=host)
+        a = mounter(cfg_a, name="mnt-a")
+        assert sha256_file(a.images / vol.image_id) == sha256(vol.data)
+        devices = lambda: sorted(x["device"] for x in host_attachments(cinder, vol.volume_id, host))  # noqa: E731
+        assert devices() == sorted(["glance_store", f"imgfs:cinderstore:{a.path}"])
+        b = mounter(cfg_b, name="mnt-b")  # ready = after its start-up sweep
+        assert "removed stale attachment" not in b.log()
+        assert devices() == sorted(["glance_store", f"imgfs:cinderstore:{a.path}"])
+        assert b.stop() == 0
+        assert devices() == sorted(["glance_store", f"imgfs:cinderstore:{a.path}"])
+        a.stop(signal.SIGKILL)
+        subprocess.run(["fusermount3", "-uz", str(a.path)], check=True)
+        a2 = mounter(cfg_a, name="mnt-a")
+        assert "removed stale attachment" in a2.log()
+        assert devices() == ["glance_store"]
+        assert a2.stop() == 0
+        assert devices() == ["glance_store"]
+    finally:
+        cinder.attachments.delete(theirs["id"])

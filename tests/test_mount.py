@@ -303,3 +303,18 @@ def test_readahead_is_tuned_even_under_an_escaped_mount_point(tmp_path, mounter)
     dev = os.stat(m.path).st_dev
     assert int(Path(f"/sys/class/bdi/{os.major(dev)}:{os.minor(dev)}/read_ahead_kb").read_text()) == 4096
     assert "cannot set" not in m.log()
+
+
+def test_a_second_instance_on_the_same_cache_dir_is_refused_with_one_line(tmp_path, proxy, s3, store, mounter):
+    m = mounter(config_for(tmp_path, proxy, s3))
+    (tmp_path / "mnt2").mkdir()
+    result = subprocess.run([sys.executable, "-m", "imgfs", "mount", str(tmp_path / "mnt2"), "--config-file",
+                             str(m.config)], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2, result.stderr
+    errors = [line for line in result.stderr.splitlines() if " ERROR " in line]
+    assert len(errors) == 1 and f"is in use by the imgfs of {m.path} (pid {m.proc.pid})" in errors[0], result.stderr
+    assert "Traceback" not in result.stderr and not is_mounted(tmp_path / "mnt2")
+    assert sha256_file(m.images / IMAGE_A) == sha256(store[0][IMAGE_A])  # the first one never noticed
+    assert m.stop() == 0
+    m2 = mounter(m.config, name="mnt2")  # free again once the holder is gone
+    assert m2.stop() == 0

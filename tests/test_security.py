@@ -293,7 +293,7 @@ def test_cinder_secrets_never_leave_the_daemon(tmp_path, lab, cinder, image_volu
     killed.stop(signal.SIGKILL)
     subprocess.run(["fusermount3", "-uz", str(killed.path)], check=True)
     assert files_holding(daemon_tmp, keyring_keys[0]), "the kill should have left os-brick's file"
-    mounter(config, name="restarted").stop()
+    mounter(config, name="killed").stop()  # restarted on the same mount point: the same instance
     assert files_holding(daemon_tmp, keyring_keys[0]) == [], "a restart must sweep what a killed daemon left"
     captured["daemon log"] = m.log()
     probe = run_imgfs("check-config", "--probe", "--debug", "--config-file", str(config))

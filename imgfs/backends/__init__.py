@@ -7,7 +7,9 @@ from ..config import CinderStoreConfig, FileStoreConfig, ImgfsOptions, S3StoreCo
 from .base import Backend
 
 
-def build(store: StoreConfig, options: ImgfsOptions) -> Backend:
+def build(store: StoreConfig, options: ImgfsOptions, instance: str = "") -> Backend:
+    """``instance`` names this daemon among others on the host (its mount point): stores that leave
+    marks outside the host (Cinder attachments) tell their own from a sibling instance's by it."""
     if isinstance(store, S3StoreConfig):
         from .s3 import S3Backend  # boto3 is imported only when an S3 store is configured
 
@@ -19,5 +21,5 @@ def build(store: StoreConfig, options: ImgfsOptions) -> Backend:
     if isinstance(store, CinderStoreConfig):
         from .cinder import CinderBackend  # cinderclient, keystoneauth and os-brick only when needed
 
-        return CinderBackend(store, options)
+        return CinderBackend(store, options, instance)
     raise TypeError(f"no backend for {store!r}")

@@ -10,10 +10,11 @@ writable librbd handle and a write through it lands in the image. So imgfs never
 anything could write to it: ``ReadOnlyVolume`` holds it privately and exposes only ``pread``; a device
 path is opened O_RDONLY.
 
-Our attachments are recognisable in Cinder: the connector carries ``mountpoint = imgfs:<store>``, which
-Cinder records as the attachment's device, so a restarted daemon can find and delete exactly the
-attachments a crashed one left behind on this host -- never glance-api's (``glance_store``) or
-another host's.
+Our attachments are recognisable in Cinder: the connector carries ``mountpoint =
+imgfs:<store>:<mount point>`` (``attachment_mark``), which Cinder records as the attachment's device, so
+a restarted daemon can find and delete exactly the attachments a crashed one left behind on this host --
+never glance-api's (``glance_store``), another host's, or those of another imgfs instance on this host
+(another mount point).
 """
 
 from __future__ import annotations
@@ -169,6 +170,21 @@ def _init_os_brick(private_tmp: str) -> None:
     priv_context.init(root_helper=["env"] if os.geteuid() == 0 else ["sudo"])
 
 
+# Cinder keeps an attachment's mountpoint (reported as its device) in a column of 255 characters.
+_MARK_MAX = 255
+
+
+def attachment_mark(store: str, instance: str) -> str:
+    """What this daemon's attachments carry as their mountpoint: the store and this instance's mount
+    point, so two imgfs instances on one host never take each other's attachments for their own."""
+    mark = f"imgfs:{store}:{instance}" if instance else f"imgfs:{store}"
+    if len(mark) > _MARK_MAX:
+        import hashlib
+
+        mark = f"imgfs:{store}:#{hashlib.sha256(instance.encode()).hexdigest()[:32]}"[:_MARK_MAX]
+    return mark
+
+
 _BRICK_READY = False
 _BRICK_LOCK = threading.Lock()
 
@@ -176,7 +192,7 @@ _BRICK_LOCK = threading.Lock()
 class CinderBackend:
     kind = "cinder"
 
-    def __init__(self, cfg: CinderStoreConfig, options: ImgfsOptions) -> None:
+    def __init__(self, cfg: CinderStoreConfig, options: ImgfsOptions, instance: str = "") -> None:
         from cinderclient import client as cinder_client
         from keystoneauth1 import session as ks_session
         from keystoneauth1.identity import v3
@@ -184,10 +200,10 @@ class CinderBackend:
         self.cfg = cfg
         self.name = cfg.name
         self.host = options.host or socket.gethostname()
-        self.mountpoint = f"imgfs:{cfg.name}"
+        self.mountpoint = attachment_mark(cfg.name, instance)
         # librbd or a block device waits forever for a stopped OSD or a dead path; readers must not
         self.read_timeout = options.volume_read_timeout
-        self.private_tmp = os.path.join(options.cache_dir, "private-tmp")
+        self.private_tmp = os.path.join(options.cache_dir, "private-tmp")  # the cache dir is this instance's alone
         self.lock_path = options.lock_path
         self._where = f"store '{cfg.name}' (cinder via {cfg.auth_url})"
         if cfg.application_credential_id and cfg.application_credential_secret:
