@@ -123,6 +123,9 @@ class ImgfsOptions:
     backend_max_connections: int = 8
     read_ahead_kb: int = 8192
     allow_other: bool = False
+    # a group whose members may read the mount (besides root), e.g. libvirt-qemu, cinder or nova; its
+    # numeric id after parsing; -1: none (only root, or everyone with allow_other)
+    mount_group: int = -1
     negative_lookup_ttl: float = 5.0
     s3_connect_timeout: float = 5.0
     s3_read_timeout: float = 30.0
@@ -321,6 +324,15 @@ def _range(what: str, minimum: float, maximum: float | None) -> str:
     return f"{what} >= {minimum:g}" + ("" if maximum is None else f" and <= {maximum:g}")
 
 
+def _parse_group(text: str) -> int:
+    import grp
+
+    try:
+        return grp.getgrgid(int(text)).gr_gid if text.isdigit() else grp.getgrnam(text).gr_gid
+    except (KeyError, OverflowError):
+        raise ValueError(text) from None
+
+
 def _parse_bool(text: str) -> bool:
     lowered = text.lower()
     if lowered in ("true", "yes", "on", "1"):
@@ -355,6 +367,7 @@ def _imgfs_options(merged: _Merged) -> ImgfsOptions:
         backend_max_connections=sec.integer("backend_max_connections", d.backend_max_connections, minimum=1, maximum=256),
         read_ahead_kb=sec.integer("read_ahead_kb", d.read_ahead_kb, minimum=0, maximum=1048576),
         allow_other=sec.boolean("allow_other", d.allow_other),
+        mount_group=sec.get("mount_group", d.mount_group, _parse_group, "a group name or numeric id that exists here"),
         negative_lookup_ttl=sec.number("negative_lookup_ttl", d.negative_lookup_ttl, minimum=0),
         # socket timeouts: beyond what a socket takes (~9e9 s) every request would fail; a day is plenty
         s3_connect_timeout=sec.number("s3_connect_timeout", d.s3_connect_timeout, minimum=0.1, maximum=86400),

@@ -151,7 +151,9 @@ def build(config: Config, mountpoint: str) -> Daemon:
         holders=dict(attachments),
         weights={store.name: store.weight for store in config.stores},
     )
-    ops = Operations(catalog, fetcher, prefetch_max=options.prefetch_max_mb * 2**20)
+    group = options.mount_group
+    ops = Operations(catalog, fetcher, prefetch_max=options.prefetch_max_mb * 2**20,
+                     gid=max(group, 0), group_only=group >= 0)
 
     async def forget_old_versions(image_id: str, old: Image | None, new: Image | None) -> None:
         # A new checksum in Glance means new bytes in every store, whatever the stores' versions say.
@@ -209,7 +211,9 @@ def tame_malloc() -> None:
 def _fuse_options(config: Config) -> set[str]:
     opts = set(pyfuse3.default_options)
     opts |= {"fsname=imgfs", "subtype=imgfs", "ro"}
-    if config.options.allow_other:
+    # With mount_group the kernel lets other users in (allow_other) and then checks the modes imgfs
+    # reports (default_permissions, always on): root:<group>, 0440 files and 0550 directories.
+    if config.options.allow_other or config.options.mount_group >= 0:
         opts.add("allow_other")
     return opts
 
@@ -278,6 +282,7 @@ async def serve(
             nursery.start_soon(_fuse_main, nursery.cancel_scope)
             if handle_signals:
                 nursery.start_soon(_stop_on_signal, daemon.ops)
+                nursery.start_soon(_explain_hangup)
             # Ready means the mount answers: ask it from a thread (this loop is the one serving it). The
             # kernel readahead can only be raised after the INIT exchange (its reply caps it), and a file
             # keeps what it was opened with: opens wait until it is done.
@@ -381,6 +386,16 @@ async def _fuse_main(scope: trio.CancelScope) -> None:
 
 
 DRAIN_TIMEOUT = 5.0  # seconds readers get at shutdown to finish their reads and close their files
+
+
+async def _explain_hangup() -> None:
+    """SIGHUP, the usual OpenStack "reload", would otherwise kill the daemon uncleanly (a dead mount,
+    attachments left in Cinder). imgfs reads its configuration once; there is nothing to reopen either
+    (journald, or an fstab mount's log opened for appending, which logrotate's copytruncate rotates)."""
+    with trio.open_signal_receiver(signal.SIGHUP) as signals:
+        async for _ in signals:
+            log.warning("received SIGHUP: ignored; imgfs reads its configuration only at start, so restart it "
+                        "to apply a change (systemctl restart imgfs)")
 
 
 async def _stop_on_signal(ops: Operations) -> None:

@@ -83,12 +83,15 @@ class Operations(pyfuse3.Operations):
     enable_writeback_cache = False
     enable_acl = False
 
-    def __init__(self, catalog: Catalog, fetcher: ChunkFetcher, *, prefetch_max: int, uid: int = 0, gid: int = 0) -> None:
+    def __init__(self, catalog: Catalog, fetcher: ChunkFetcher, *, prefetch_max: int, uid: int = 0, gid: int = 0,
+                 group_only: bool = False) -> None:
         super().__init__()
         self.catalog = catalog
         self.fetcher = fetcher
         self.prefetch_max = prefetch_max
         self.uid, self.gid = uid, gid
+        # group_only: readable by the owner and the group alone (the kernel enforces the modes)
+        self._file_mode, self._dir_mode = (0o440, 0o550) if group_only else (0o444, 0o555)
         self._store_inodes = {name: _FIRST_STORE + i for i, name in enumerate(catalog.store_names)}
         self._inode_stores = {ino: name for name, ino in self._store_inodes.items()}
         self._file_inodes: dict[_File | _Link, int] = {}
@@ -139,7 +142,7 @@ class Operations(pyfuse3.Operations):
 
     def _dir_attr(self, ino: int) -> pyfuse3.EntryAttributes:
         attr = self._attr(ino)
-        attr.st_mode = stat.S_IFDIR | 0o555
+        attr.st_mode = stat.S_IFDIR | self._dir_mode
         attr.st_nlink = 2
         attr.st_size = 0
         return attr
@@ -147,7 +150,7 @@ class Operations(pyfuse3.Operations):
     def _file_attr(self, ino: int, loc: Location) -> pyfuse3.EntryAttributes:
         attr = self._attr(ino)
         attr.entry_timeout = attr.attr_timeout = _FILE_TIMEOUT
-        attr.st_mode = stat.S_IFREG | 0o444
+        attr.st_mode = stat.S_IFREG | self._file_mode
         attr.st_nlink = 1
         attr.st_size = loc.size
         # Full allocation on purpose: a smaller st_blocks makes cp/tar treat the file as sparse and skip

@@ -318,3 +318,11 @@ def test_a_second_instance_on_the_same_cache_dir_is_refused_with_one_line(tmp_pa
     assert m.stop() == 0
     m2 = mounter(m.config, name="mnt2")  # free again once the holder is gone
     assert m2.stop() == 0
+
+
+def test_sighup_is_one_line_and_the_mount_serves_on(tmp_path, proxy, s3, store, mounter):
+    m = mounter(config_for(tmp_path, proxy, s3))
+    m.proc.send_signal(signal.SIGHUP)
+    wait_for(lambda: "received SIGHUP: ignored" in m.log(), 10, "the SIGHUP line")
+    assert m.proc.poll() is None and sha256_file(m.images / IMAGE_A) == sha256(store[0][IMAGE_A])
+    assert m.stop() == 0

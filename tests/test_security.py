@@ -397,9 +397,10 @@ WRITES = ("open for writing", "open read-write", "truncate", "create", "mkdir", 
           "chmod", "chown", "utime", "setxattr", "removexattr")
 
 
-def probe(path: Path, *operations: str, uid: int | None = None) -> dict[str, str]:
-    """Each operation's outcome on ``path``, as root or as ``uid``."""
-    as_user = [] if uid is None else ["setpriv", f"--reuid={uid}", f"--regid={uid}", "--clear-groups"]
+def probe(path: Path, *operations: str, uid: int | None = None, groups: tuple[int, ...] = ()) -> dict[str, str]:
+    """Each operation's outcome on ``path``, as root or as ``uid`` (with only ``groups`` besides its own)."""
+    as_user = [] if uid is None else ["setpriv", f"--reuid={uid}", f"--regid={uid}",
+                                      f"--groups={','.join(map(str, groups))}" if groups else "--clear-groups"]
     result = subprocess.run([*as_user, "/usr/bin/python3", "-c", PROBE, str(path), *operations], capture_output=True,
                             text=True, timeout=60)
     assert result.returncode == 0, result.stderr
@@ -439,6 +440,32 @@ def test_with_allow_other_everyone_reads_and_nobody_writes(public_mount):
         assert got["stat"] == "ok" and got["read"] == sha256(data), (who, got)
         assert {op: got[op] for op in WRITES} == dict.fromkeys(WRITES, "EROFS"), who
     assert sorted(os.listdir(m.images)) == [IMAGE] and sha256_file(path) == sha256(data)
+
+
+def test_with_mount_group_its_members_read_and_other_users_do_not(public_mount):
+    """Least privilege for a hypervisor: the mount readable by one group (here 'users', gid 100, standing
+    in for libvirt-qemu or cinder), not by every local user as with allow_other."""
+    import grp
+
+    gid = grp.getgrnam("users").gr_gid
+    m, data = public_mount(mount_group="users")
+    path = m.images / IMAGE
+    st = path.stat()
+    assert (st.st_uid, st.st_gid, stat.S_IMODE(st.st_mode)) == (0, gid, 0o440)
+    assert stat.S_IMODE(m.images.stat().st_mode) == 0o550
+    member = probe(path, "stat", "read", *WRITES, uid=NOBODY, groups=(gid,))
+    assert member["read"] == sha256(data) and {op: member[op] for op in WRITES} == dict.fromkeys(WRITES, "EROFS")
+    assert probe(path, "stat", "read", uid=NOBODY) == {"stat": "EACCES", "read": "EACCES"}
+    assert probe(path, "read") == {"read": sha256(data)}  # root still reads
+
+
+def test_an_unknown_mount_group_is_one_line(tmp_path):
+    conf = tmp_path / "c.conf"
+    conf.write_text(f"[DEFAULT]\nenabled_backends = f:file\n[f]\nfilesystem_store_datadir = {tmp_path}\n"
+                    f"[imgfs]\ncache_dir = {tmp_path}/cache\nmount_group = no-such-group-here\n")
+    result = subprocess.run([sys.executable, "-m", "imgfs", "check-config", "--config-file", str(conf)],
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2 and "[imgfs] mount_group = 'no-such-group-here'" in result.stderr, result.stderr
 
 
 # ---- the control socket --------------------------------------------------------------------------------
