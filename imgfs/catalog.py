@@ -71,11 +71,22 @@ class Catalog:
         if store is None:
             image = self._images.get(image_id)
             return None if image is None else image.primary
-        return self._listings.get(store, {}).get(image_id)
+        loc = self._listings.get(store, {}).get(image_id)
+        return loc if loc is not None and self._shown(store, image_id) else None
 
     def image_ids(self, store: str | None = None) -> list[str]:
-        source = self._images if store is None else self._listings.get(store, {})
-        return sorted(source)
+        if store is None:
+            return sorted(self._images)
+        return sorted(i for i in self._listings.get(store, {}) if self._shown(store, i))
+
+    def _shown(self, store: str, image_id: str) -> bool:
+        """Whether stores/<store>/<id> is shown: with the stores as the catalog, whatever the store
+        holds; with Glance as the catalog, only a copy Glance counts for an image it calls active (not
+        a deactivated, deleted or unknown one, nor a copy whose size is not Glance's)."""
+        if self.source is None:
+            return True
+        image = self._images.get(image_id)
+        return image is not None and any(loc.store == store for loc in image.locations)
 
     @property
     def store_names(self) -> list[str]:

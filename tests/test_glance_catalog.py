@@ -64,6 +64,12 @@ async def test_glance_decides_what_exists_and_which_copies_count(world):
     assert catalog.image_ids() == ["a"]
     assert [l.store for l in catalog.image("a").locations] == ["s3store", "filestore"]
     assert [n for n, _ in ops._children(ROOT)] == ["images", "stores", "by-name"]
+    # each store's own view follows Glance too: no stray object, no queued image, no copy of the wrong size
+    assert catalog.image_ids("s3store") == ["a"] and catalog.image_ids("filestore") == ["a"]
+    assert catalog.location("s3store", "stray") is None and catalog.location("filestore", "b") is None
+    glance.bodies["a"]["status"] = "deactivated"  # deactivated in Glance: gone from every view
+    await catalog.refresh()
+    assert catalog.image_ids() == [] and catalog.image_ids("s3store") == [] and catalog.location("s3store", "a") is None
 
 
 async def test_names_newest_wins_others_get_their_id(world):
