@@ -190,3 +190,23 @@ def test_nova_downloads_through_the_endpoint(tmp_path, lab, glance_api, rgw_prox
         assert "error" in refused and ("NotFound" in refused["error"] or "ImageNotFound" in refused["error"]), refused
     finally:
         glance_api("DELETE", f"/v2/images/{private['id']}")
+
+
+def test_with_the_real_glance_as_next_server_cinder_creates_volumes_while_imgfs_is_stopped(lab, demo, public_images,
+                                                                                          cinder_route, rbd_pool):
+    """glance_api_servers = the endpoint, then the real Glance; no imgfs is running. Cinder shuffles the
+    list for each client and moves to the next server on a connection error: every create succeeds
+    with the image's bytes, and cinder-volume's log shows the endpoint was tried and passed over."""
+    raw = os.urandom(2 * MiB + 5)
+    img = public_images(raw)
+    cinder_route("imgfs-endpoint-fallback")
+    endpoint = lab["cinder"]["imgfs_api_url"].split("//", 1)[1]
+    log = LAB_DIR / "data" / "log" / "cinder-volume.log"
+    start = log.stat().st_size
+    for _ in range(3):
+        vol = create_volume(demo, img["id"])
+        assert volume_bytes(rbd_pool, vol, len(raw)) == raw
+    with open(log, "rb") as f:
+        f.seek(start)
+        written = f.read().decode(errors="replace")
+    assert f"Error contacting glance server '{endpoint}'" in written, written[-2000:]

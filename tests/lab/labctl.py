@@ -69,7 +69,9 @@ GLANCE_STORES = {'s3store': 's3', 'cinderstore': 'cinder', 'filestore': 'file', 
 GLANCE_MOUNT_STORE = 'imgfsmount'
 # Where Cinder gets image bytes (tests/lab/cinder-image-route): from Glance as in a stock cloud, or from
 # an imgfs Image API endpoint on PORTS['imgfs_api'], or through an imgfs mount (file:// locations).
-CINDER_IMAGE_ROUTES = ('glance', 'imgfs-endpoint', 'imgfs-mount')
+# 'imgfs-endpoint-fallback' lists the real Glance after the endpoint: what a node that must survive a
+# stopped imgfs configures.
+CINDER_IMAGE_ROUTES = ('glance', 'imgfs-endpoint', 'imgfs-endpoint-fallback', 'imgfs-mount')
 GLANCE_DEFAULT_STORE = 's3store'
 GLANCE_S3_BUCKET = 'glance'
 # Multiattach: an image-volume imgfs holds attached (on one or more hosts) can still be attached by
@@ -714,6 +716,8 @@ expiration_time = 600
         image_source = {
             'glance': '# images from Glance itself (glance_catalog_info), as in a stock cloud',
             'imgfs-endpoint': f'glance_api_servers = http://{HOST}:{PORTS["imgfs_api"]}',
+            'imgfs-endpoint-fallback': f'glance_api_servers = http://{HOST}:{PORTS["imgfs_api"]},'
+                                       f'http://{HOST}:{PORTS["glance"]}\nglance_num_retries = 3',
             'imgfs-mount': 'allowed_direct_url_schemes = file',
         }[route]
         conf.write_text(f"""\
