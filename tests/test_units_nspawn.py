@@ -158,3 +158,31 @@ def test_an_fstab_mount_through_mount_imgfs_starts_reads_and_stops(container):
         time.sleep(0.2)
     assert not c.run("sh", "-c", daemons).stdout.strip()
     assert "unmounted /var/lib/imgfs/fstab" in c.run("cat", "/var/log/imgfs/var-lib-imgfs-fstab.log").stdout
+
+
+def test_the_production_install_from_a_wheelhouse_runs_under_the_unit(container, tmp_path):
+    """README "Installing on nodes": wheels built once (here, from this checkout), then on the node a
+    venv from Debian's python3, installed offline from the wheelhouse with the cinder extra, linked where
+    the unit looks. The unit, as shipped, runs that venv's imgfs and its mount reaches another unit."""
+    c = container
+    wheels = tmp_path / "wheels"
+    built = subprocess.run([str(REPO / ".venv/bin/pip"), "wheel", "-q", "--wheel-dir", str(wheels), f"{REPO}[cinder]"],
+                           capture_output=True, text=True, timeout=600)
+    assert built.returncode == 0, built.stderr[-2000:]
+    shutil.rmtree(ROOT / "var/tmp/wheelhouse", ignore_errors=True)
+    shutil.copytree(wheels, ROOT / "var/tmp/wheelhouse")
+    shutil.rmtree(ROOT / "opt/imgfs", ignore_errors=True)
+    c.run("python3", "-m", "venv", "/opt/imgfs", timeout=120)
+    c.run("/opt/imgfs/bin/pip", "install", "-q", "--no-index", "--find-links", "/var/tmp/wheelhouse", "imgfs[cinder]",
+          timeout=600)
+    c.run("ln", "-sfn", "/opt/imgfs/bin/imgfs", "/usr/local/bin/imgfs")
+    try:
+        c.run("systemctl", "start", "imgfs.service")
+        pid = c.run("systemctl", "show", "-p", "MainPID", "--value", "imgfs.service").stdout.strip()
+        assert c.run("cat", f"/proc/{pid}/cmdline").stdout.split("\0")[0].startswith("/opt/imgfs/bin/python")
+        assert c.from_another_unit("sha256sum", "/var/lib/imgfs/mnt/images/img").split()[0] == sha(c.data)
+        assert "cinder" in c.run("/opt/imgfs/bin/python", "-c", "import os_brick, cinderclient; print('cinder')").stdout
+        c.run("systemctl", "stop", "imgfs.service")
+        assert not c.mounted("/var/lib/imgfs/mnt")
+    finally:
+        c.run("ln", "-sfn", str(REPO / ".venv/bin/imgfs"), "/usr/local/bin/imgfs")
