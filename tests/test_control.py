@@ -15,7 +15,7 @@ import urllib.request
 
 import pytest
 
-from .conftest import free_port, sha256, sha256_file, wait_for
+from .conftest import REPO, free_port, sha256, sha256_file, wait_for
 
 pytestmark = pytest.mark.mount
 MiB = 1 << 20
@@ -79,6 +79,14 @@ def test_metrics_scrape_and_socket(served):
     served_line = next(line for line in text.splitlines() if line.startswith("imgfs_bytes_served_total"))
     assert float(served_line.split()[1]) >= len(data)
     assert "imgfs_cache_bytes" in imgfs("metrics", "--socket", str(sock)).stdout
+    # every metric the README names outside the endpoint's is exported under that very name
+    import re
+
+    named = set(re.findall(r"`(imgfs_\w+?)(?:\{[^`]*)?`", (REPO / "README.md").read_text()))
+    named = {n for n in named if not n.startswith("imgfs_image_api")}
+    exported = set(re.findall(r"^# TYPE (\w+) ", text, re.M))
+    exported |= {n + "_total" for n in exported}
+    assert len(named) >= 15 and named <= exported, named - exported
 
 
 def test_errors_are_counted_by_kind_and_errno(served):
