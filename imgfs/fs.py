@@ -376,10 +376,12 @@ class Operations(pyfuse3.Operations):
             return {}
         image: Image | None = self.catalog.image(node.image_id)
         stores = [l.store for l in image.locations] if image is not None else [loc.store]
+        # images/<id> reads the copies in the fetcher's order: name the one a read would start with now
+        first = self.fetcher.order(image.locations)[0].store if node.store is None and image is not None else loc.store
         attrs = {
             "image_id": node.image_id,
             "size": str(loc.size),
-            "store": loc.store,
+            "store": first,
             "stores": ",".join(stores),
             "version": loc.version,
             "chunk_size": str(self.fetcher.chunk_size),

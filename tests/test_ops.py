@@ -93,6 +93,25 @@ async def test_xattrs(world):
     while ops.fetcher.inflight:
         await trio.sleep(0.01)
     assert await ops.getxattr(ino, b"user.imgfs.cached_fraction") == b"0.5000"
+
+
+async def test_the_store_xattr_names_the_copy_a_read_starts_with(world):
+    """Equal weights and kinds: the catalog's order (alpha); once beta's copy is partly cached here, a
+    read of images/img starts on beta, and the xattr says so."""
+    a, b, catalog, ops = world
+    a.put("img", b"y" * (2 * CS))
+    b.put("img", b"y" * (2 * CS))
+    await catalog.refresh()
+    ino = (await ops.lookup(IMAGES, b"img")).st_ino
+    assert await ops.getxattr(ino, b"user.imgfs.store") == b"alpha"
+    beta = (await ops.lookup((await ops.lookup(STORES, b"beta")).st_ino, b"img")).st_ino
+    fh = (await ops.open(beta, os.O_RDONLY)).fh
+    await ops.read(fh, 0, 10)
+    await ops.release(fh)
+    while ops.fetcher.inflight:
+        await trio.sleep(0.01)
+    assert await ops.getxattr(beta, b"user.imgfs.store") == b"beta"
+    assert await ops.getxattr(ino, b"user.imgfs.store") == b"beta"
     with pytest.raises(pyfuse3.FUSEError) as e:
         await ops.getxattr(ino, b"user.other")
     assert e.value.errno == pyfuse3.ENOATTR
