@@ -237,13 +237,15 @@ async def unpin(d: Daemon, image_id: str | None) -> dict[str, Any]:
 
 async def evict(d: Daemon, image_id: str | None) -> dict[str, Any]:
     ids = d.catalog.image_ids() if image_id is None else [image_id]
-    dropped = 0
+    dropped = lifted = 0
     for i in ids:
         image = d.catalog.image(i)
         for loc in image.locations if image else ():
             dropped += await d.cache.drop(loc.store, i)
-    log.info("evicted %d cached chunks of %s on request", dropped, image_id or f"all {len(ids)} images")
-    return {"evicted_chunks": dropped, "images": len(ids)}
+        lifted += d.fetcher.lift_quarantine(i)
+    log.info("evicted %d cached chunks of %s on request%s", dropped, image_id or f"all {len(ids)} images",
+             f"; {lifted} copies that failed verification may be read again" if lifted else "")
+    return {"evicted_chunks": dropped, "images": len(ids), "quarantine_lifted": lifted}
 
 
 def _one_client(what: str, handler: Callable[[trio.SocketStream], Awaitable[None]]) -> Callable[[trio.SocketStream], Awaitable[None]]:

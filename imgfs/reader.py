@@ -180,6 +180,13 @@ class ChunkFetcher:
             log.info("image %s: the copy in store '%s' (version %s) matched its %s digest end to end; later reads "
                      "of it rely on the cached chunks' own checksums", loc.image_id, loc.store, loc.version, algo)
 
+    def lift_quarantine(self, image_id: str) -> int:
+        """Let copies of ``image_id`` that failed end-to-end verification be read again (``imgfs evict``:
+        the operator replaced or repaired them); how many were quarantined."""
+        lifted = {loc for loc in self.quarantined if loc.image_id == image_id}
+        self.quarantined -= lifted
+        return len(lifted)
+
     def drop_copies(self, locations: Sequence[Location]) -> None:
         """Forget every cached chunk of copies that failed end-to-end verification (in the background)."""
         for loc in locations:

@@ -237,7 +237,9 @@ async def test_end_to_end_verification(parts):
         await bad.read(0, 100)
     with pytest.raises(IntegrityError):  # the copy is quarantined for new opens too
         await ImageReader(fetcher, [loc], prefetch_max=0).read(0, 100)
-    fetcher.quarantined.clear()
+    assert fetcher.lift_quarantine("other") == 0 and loc in fetcher.quarantined
+    assert fetcher.lift_quarantine("img") == 1  # imgfs evict img: new opens read the copy again
+    assert bytes(await ImageReader(fetcher, [loc], prefetch_max=0).read(0, 100)) == data[:100]
 
     jumpy = ImageReader(fetcher, [loc], prefetch_max=0, verify=StreamVerifier("sha512", "00" * 64, len(data), window=CS))
     await jumpy.read(4 * CS, 100)  # a random reader: verification gives up quietly
