@@ -23,21 +23,31 @@ READERS = 16
 FAULTS = [("status", {"status": 503}), ("status", {"status": 500}), ("reset", {}), ("short", {}), ("stall", {"seconds": 2.0})]
 
 
-def reader(paths: list, sources: dict, deadline: float, seed: int, tally: Counter, lock: threading.Lock) -> None:
-    """Whole-image dd-like reads and random preads, each checked byte for byte."""
+def reader(paths: list, sources: dict, deadline: float, seed: int, tally: Counter, lock: threading.Lock,
+           failures: list[str]) -> None:
+    """Whole-image dd-like reads and random preads, each checked byte for byte. A wrong byte (or any
+    other failure) is recorded for the test to fail on: an exception would only end this thread."""
     rng = random.Random(seed)
-    while time.monotonic() < deadline:
-        path = rng.choice(paths)
-        source = sources[path.name]
-        if rng.random() < 0.5:
-            result = read_checked(path, source, bs=rng.choice([128 * 1024, MiB, 4 * MiB]))
-        else:
-            start = rng.randrange(len(source))
-            result = read_checked(path, source, start=start, stop=min(len(source), start + rng.randrange(1, 3 * MiB)))
+    try:
+        while time.monotonic() < deadline:
+            path = rng.choice(paths)
+            source = sources[path.name]
+            if rng.random() < 0.5:
+                result = read_checked(path, source, bs=rng.choice([128 * 1024, MiB, 4 * MiB]))
+            else:
+                start = rng.randrange(len(source))
+                result = read_checked(path, source, start=start, stop=min(len(source), start + rng.randrange(1, 3 * MiB)))
+            with lock:
+                tally["reads"] += 1
+                tally["bytes"] += result.good
+                tally[result.error] += 1
+    except AssertionError as e:  # read_checked's byte check
         with lock:
-            tally["reads"] += 1
-            tally["bytes"] += result.good
-            tally[result.error] += 1
+            tally["mismatches"] += 1
+            failures.append(f"reader {seed}: {e}")
+    except BaseException as e:  # noqa: BLE001 - whatever it is, the test must see it
+        with lock:
+            failures.append(f"reader {seed}: {type(e).__name__}: {e}")
 
 
 @pytest.mark.cell("soak", f"{READERS} readers, random S3 faults, small cache")
@@ -60,7 +70,9 @@ def test_soak(tmp_path, proxy, s3, mounter, observed, request):
     tally: Counter = Counter()
     lock = threading.Lock()
     deadline = time.monotonic() + seconds
-    threads = [threading.Thread(target=reader, args=(paths, sources, deadline, i, tally, lock)) for i in range(READERS)]
+    failures: list[str] = []
+    threads = [threading.Thread(target=reader, args=(paths, sources, deadline, i, tally, lock, failures))
+               for i in range(READERS)]
     for t in threads:
         t.start()
     rng, peak = random.Random(7), {"bytes": 0, "chunks": 0, "rss": 0}
@@ -79,12 +91,16 @@ def test_soak(tmp_path, proxy, s3, mounter, observed, request):
     for t in threads:
         t.join(120)
     proxy.clear()
+    alive = [i for i, t in enumerate(threads) if t.is_alive()]
+    assert not alive, f"readers {alive} still reading 120 s after the deadline (a hang)"
+    assert not failures, failures[:5]
 
     settled = assert_no_leaks(m, base)
     end = settled["process"]
     kept_open = settled["cache"]["open_files"]  # chunk files kept open for hits: bounded by the cache's count
-    errors = {k: v for k, v in tally.items() if k not in ("reads", "bytes", "complete")}
-    observed(f"{seconds:g}s, {tally['reads']} reads, {tally['bytes'] / 2**30:.2f} GiB checked, 0 mismatches, "
+    errors = {k: v for k, v in tally.items() if k not in ("reads", "bytes", "complete", "mismatches")}
+    observed(f"{seconds:g}s, {tally['reads']} reads, {tally['bytes'] / 2**30:.2f} GiB checked, "
+             f"{tally['mismatches']} mismatches, {READERS - len(alive)}/{READERS} readers ended cleanly, "
              f"{injected} faults, errors {errors or 'none'}, RSS {start['rss_bytes'] >> 20}->{end['rss_bytes'] >> 20} MiB "
              f"(peak {peak['rss'] >> 20}), fds {start['fds']}->{end['fds']}, cache peak {peak['bytes'] >> 20} MiB/{peak['chunks']} chunks")
     assert tally["reads"] > READERS and tally["complete"] > 0
