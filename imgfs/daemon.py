@@ -90,9 +90,12 @@ def claim_cache_dir(cache_dir: str, mountpoint: str) -> int:
     it dies), or a one-line ConfigError naming the mount that holds it. Two daemons on one cache would
     evict each other's chunks, and each start sweeps the directory's temporary files (os-brick's
     keyrings), which the other may be using. The descriptor is kept for the daemon's life."""
+    path = os.path.join(cache_dir, "lock")
     try:
         os.makedirs(cache_dir, mode=0o700, exist_ok=True)
-        fd = os.open(os.path.join(cache_dir, "lock"), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        # Held read-only: a file open for writing would keep the cache's filesystem from being remounted
+        # read-only, which imgfs must survive (it then serves from the stores).
+        fd = os.open(path, os.O_RDONLY | os.O_CREAT | os.O_CLOEXEC, 0o600)
     except OSError as e:
         raise ConfigError(f"[imgfs] cache_dir {cache_dir}: {e.strerror or e}") from None
     try:
@@ -102,8 +105,11 @@ def claim_cache_dir(cache_dir: str, mountpoint: str) -> int:
         os.close(fd)
         raise ConfigError(f"[imgfs] cache_dir {cache_dir} is in use by the imgfs of {holder}; give each imgfs "
                           "instance a cache_dir of its own") from None
-    os.ftruncate(fd, 0)
-    os.pwrite(fd, f"{mountpoint} (pid {os.getpid()})\n".encode(), 0)
+    try:  # who holds it, for the next one's message; written and closed at once
+        with open(path, "w") as f:
+            f.write(f"{mountpoint} (pid {os.getpid()})\n")
+    except OSError:
+        pass
     return fd
 
 

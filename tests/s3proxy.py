@@ -89,13 +89,16 @@ class CountingProxy:
                         self.send_header(k, v)
                 length = resp.getheader("Content-Length", "0") if self.command == "HEAD" else str(len(data))
                 self.send_header("Content-Length", length)
+                broken = fault is not None and not whole
+                sent = 0 if self.command == "HEAD" else len(data) // 2 if broken else len(data)
+                # Recorded before the body goes out: a client that has its bytes must find its request here.
+                with proxy._lock:
+                    proxy.requests.append(Request(self.command, self.path, self.headers.get("Range"), resp.status, sent))
                 self.end_headers()
-                if fault is not None and not whole:
+                if broken:
                     self._break(fault, data)
                 elif self.command != "HEAD":
                     self.wfile.write(data)
-                with proxy._lock:
-                    proxy.requests.append(Request(self.command, self.path, self.headers.get("Range"), resp.status, 0 if self.command == "HEAD" else len(data)))
 
             def _error(self, status: int) -> None:
                 code = _S3_CODES.get(status, "InternalError")
@@ -103,10 +106,10 @@ class CountingProxy:
                 self.send_response(status)
                 self.send_header("Content-Type", "application/xml")
                 self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body)
                 with proxy._lock:
                     proxy.requests.append(Request(self.command, self.path, self.headers.get("Range"), status, 0))
+                self.end_headers()
+                self.wfile.write(body)
 
             def _break(self, fault: Fault, data: bytes) -> None:
                 self.wfile.write(data[: len(data) // 2])

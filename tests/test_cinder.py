@@ -62,7 +62,8 @@ def test_open_files_hold_nothing_and_fetches_share_one_attachment(tmp_path, lab,
     files are open. Two readers' fetches share one attachment; with both files still open and their
     chunks cached, the attachment goes after the grace, and the files still read."""
     vol = image_volume(3 * MiB, multiattach=True)  # a volume only one host may attach gets at most 1 s
-    m = mounter(config(tmp_path, lab, host, attach_idle_timeout=3, memory_cache_mb=0))
+    # a grace long enough that two reads and a Cinder query fit in it on a loaded 2-core lab
+    m = mounter(config(tmp_path, lab, host, attach_idle_timeout=10, memory_cache_mb=0))
     path = m.images / vol.image_id
     a, b = os.open(path, os.O_RDONLY), os.open(path, os.O_RDONLY)
     try:

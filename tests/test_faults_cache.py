@@ -115,7 +115,8 @@ def test_read_only_cache_dir_serves_from_the_store(tmp_path, files, mounter, sma
     before = fetched(m)
     assert_reads_exactly(m.images / "victim-image", files["victim-image"])
     assert_reads_exactly(other, files["other-image"])
-    assert fetched(m) - before == SIZE, "the chunks cached before must still be served from the cache"
-    observed("served from the store; cached chunks still served")
+    from_store = fetched(m) - before
+    assert from_store == SIZE, "the chunks cached before must still be served from the cache"
+    observed(f"{from_store / MiB:.1f} MiB from the store (the uncached image only); cached chunks still served")
     assert_one_line(m, r"cannot store chunks in .* \(Read-only file system\)")
     assert_no_leaks(m, base)

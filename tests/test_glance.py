@@ -145,7 +145,8 @@ def test_copy_image_three_stores_and_rgw_down_mid_read(tmp_path, lab, glance, gl
             got += os.pread(fd, MiB, off)
     finally:
         os.close(fd)
-        subprocess.run([str(REPO / "tests/lab/up")], capture_output=True, timeout=300)  # RGW back for the rest
+        back = subprocess.run([str(REPO / "tests/lab/up")], capture_output=True, text=True, timeout=300)  # RGW back
+        assert back.returncode == 0, f"tests/lab/up could not bring RGW back; later tests need it:\n{back.stdout[-2000:]}"
     assert hashlib.sha512(got).hexdigest() == img["os_hash_value"]
     assert "reading from store 'cinderstore' instead" in m.log()
 
