@@ -15,7 +15,7 @@ import os
 import sys
 import threading
 import time
-from typing import TYPE_CHECKING, Any, Awaitable, Callable
+from typing import TYPE_CHECKING, Any, Awaitable, Callable, Protocol
 
 import trio
 
@@ -23,7 +23,27 @@ from . import errors as error_classes
 from .errors import ImgfsError
 
 if TYPE_CHECKING:
-    from .daemon import Daemon
+    from .attach import Attachments
+    from .backends.base import Backend
+    from .cache import ChunkCache
+    from .catalog import Catalog
+    from .config import Config
+    from .endpoint import ImageApi
+    from .reader import ChunkFetcher
+
+
+class Daemon(Protocol):
+    """What the control socket reads and steers: the parts of a running mount, not the daemon module
+    (which starts this one), so the two do not import each other."""
+
+    config: "Config"
+    mountpoint: str
+    backends: "dict[str, Backend]"
+    cache: "ChunkCache"
+    catalog: "Catalog"
+    fetcher: "ChunkFetcher"
+    attachments: "dict[str, Attachments]"
+    image_api: "ImageApi | None"
 
 log = logging.getLogger(__name__)
 MAX_REQUEST = 64 * 1024
