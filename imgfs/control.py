@@ -133,6 +133,12 @@ def metrics(d: Daemon) -> bytes:
 
     s = status(d)
 
+    def by_status(name: str, doc: str, counts: dict) -> CounterMetricFamily:
+        family = CounterMetricFamily(name, doc, labels=["status"])
+        for status_code, value in counts.items():
+            family.add_metric([str(status_code)], value)
+        return family
+
     class Collector:
         def collect(self):
             c = s["cache"]
@@ -188,16 +194,10 @@ def metrics(d: Daemon) -> bytes:
                                           value=api["passthrough_requests"])
                 yield CounterMetricFamily("imgfs_image_api_aborted", "local downloads ended before their last byte",
                                           value=api["aborted"])
-                refused = CounterMetricFamily("imgfs_image_api_refusals", "downloads Glance refused the caller, "
-                                              "by Glance's status", labels=["status"])
-                for status_code, value in api["refusals"].items():
-                    refused.add_metric([str(status_code)], value)
-                yield refused
-                failed = CounterMetricFamily("imgfs_image_api_upstream_errors", "requests answered 502/503/504 "
-                                             "because Glance could not be reached or did not answer", labels=["status"])
-                for status_code, value in api["upstream_errors"].items():
-                    failed.add_metric([str(status_code)], value)
-                yield failed
+                yield by_status("imgfs_image_api_refusals", "downloads Glance refused the caller, by Glance's status",
+                                api["refusals"])
+                yield by_status("imgfs_image_api_upstream_errors", "requests answered 502/503/504 because Glance could "
+                                "not be reached or did not answer", api["upstream_errors"])
                 yield GaugeMetricFamily("imgfs_image_api_active", "requests in flight", value=api["active"])
                 http = api["http"]
                 yield GaugeMetricFamily("imgfs_image_api_connections", "client connections open now",
@@ -208,11 +208,8 @@ def metrics(d: Daemon) -> bytes:
                 for kind, value in http["timeouts"].items():
                     closed.add_metric([f"{kind}_timeout"], value)
                 yield closed
-                bad = CounterMetricFamily("imgfs_image_api_requests_refused", "requests imgfs refused before any work "
-                                          "(400 framing, 408, 414, 431, 501) or failed (500)", labels=["status"])
-                for status_code, value in http["refused"].items():
-                    bad.add_metric([str(status_code)], value)
-                yield bad
+                yield by_status("imgfs_image_api_requests_refused", "requests imgfs refused before any work (400 "
+                                "framing, 408, 414, 431, 501) or failed (500)", http["refused"])
             stats = d.fetcher.stats
             yield HistogramMetricFamily("imgfs_fetch_seconds", "store request latency",
                                         buckets=stats.latency_buckets(), sum_value=stats.latency_sum)

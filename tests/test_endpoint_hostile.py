@@ -41,14 +41,14 @@ def exchange(url: str, raw: bytes, timeout: float = 30, half_close: bool = False
                 s.shutdown(socket.SHUT_WR)
         except OSError:  # the server answered and closed before taking everything
             pass
-        got = b""
-        while b"\r\n\r\n" not in got:
+        def more() -> bytes:  # b"" at the close (or a reset)
             try:
-                data = s.recv(65536)
+                return s.recv(65536)
             except ConnectionResetError:
-                data = b""
-            if not data:
-                break
+                return b""
+
+        got = b""
+        while b"\r\n\r\n" not in got and (data := more()):
             got += data
         if b"\r\n\r\n" not in got:
             return 0, {}, got
@@ -57,43 +57,53 @@ def exchange(url: str, raw: bytes, timeout: float = 30, half_close: bool = False
         status = int(lines[0].split(b" ")[1])
         headers = {k.strip().lower(): v.strip() for k, _, v in (line.partition(b":") for line in lines[1:])}
         want = -1 if whole else int(headers.get(b"content-length", b"-1"))
-        while want < 0 or len(body) < want:
-            try:
-                data = s.recv(65536)
-            except ConnectionResetError:
-                data = b""
-            if not data:
-                break
+        while (want < 0 or len(body) < want) and (data := more()):
             body += data
         return status, headers, body
 
 
-class Relay:
-    """A TCP relay in front of the real Glance that records every byte imgfs sends it, per connection."""
+class Listener:
+    """A loopback TCP server in Glance's place: each connection goes to ``take`` in the accept thread."""
 
-    def __init__(self, target: str) -> None:
-        host, port = target.split("//")[1].rstrip("/").split(":")
-        self.target = (host, int(port))
+    def __init__(self) -> None:
         self.sock = socket.socket()
         self.sock.bind(("127.0.0.1", 0))
         self.sock.listen(64)
         self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
-        self.streams: list[bytearray] = []
-        self._lock = threading.Lock()
         threading.Thread(target=self._accept, daemon=True).start()
 
     def _accept(self) -> None:
         while True:
             try:
-                client, _ = self.sock.accept()
+                conn, _ = self.sock.accept()
             except OSError:
                 return
-            upstream = socket.create_connection(self.target)
-            record = bytearray()
-            with self._lock:
-                self.streams.append(record)
-            threading.Thread(target=self._pump, args=(client, upstream, record), daemon=True).start()
-            threading.Thread(target=self._pump, args=(upstream, client, None), daemon=True).start()
+            self.take(conn)
+
+    def take(self, conn: socket.socket) -> None:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+class Relay(Listener):
+    """A TCP relay in front of the real Glance that records every byte imgfs sends it, per connection."""
+
+    def __init__(self, target: str) -> None:
+        host, port = target.split("//")[1].rstrip("/").split(":")
+        self.target = (host, int(port))
+        self.streams: list[bytearray] = []
+        self._lock = threading.Lock()
+        super().__init__()
+
+    def take(self, client: socket.socket) -> None:
+        upstream = socket.create_connection(self.target)
+        record = bytearray()
+        with self._lock:
+            self.streams.append(record)
+        threading.Thread(target=self._pump, args=(client, upstream, record), daemon=True).start()
+        threading.Thread(target=self._pump, args=(upstream, client, None), daemon=True).start()
 
     @staticmethod
     def _pump(src: socket.socket, dst: socket.socket, record: bytearray | None) -> None:
@@ -134,9 +144,6 @@ class Relay:
                 else:  # NEED_DATA, PAUSED, ConnectionClosed: nothing more on this connection
                     break
         return out
-
-    def close(self) -> None:
-        self.sock.close()
 
 
 @pytest.fixture
@@ -409,33 +416,24 @@ def test_twenty_concurrent_downloads_peak_within_one_and_a_half_times_one(tmp_pa
 
 # ---- Glance silent or hanging up -----------------------------------------------------------------------
 
-class FakeUpstream:
-    """A TCP server in Glance's place that takes each request and then says nothing (``silent``) or
-    closes the connection without a word."""
+class FakeUpstream(Listener):
+    """In Glance's place: takes each request and then says nothing (``silent``) or closes the connection
+    without a word."""
 
     def __init__(self, silent: bool) -> None:
         self.silent = silent
-        self.sock = socket.socket()
-        self.sock.bind(("127.0.0.1", 0))
-        self.sock.listen(16)
-        self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
         self.held: list[socket.socket] = []
-        threading.Thread(target=self._serve, daemon=True).start()
+        super().__init__()
 
-    def _serve(self) -> None:
-        while True:
-            try:
-                conn, _ = self.sock.accept()
-            except OSError:
-                return
-            conn.recv(65536)
-            if self.silent:
-                self.held.append(conn)
-            else:
-                conn.close()
+    def take(self, conn: socket.socket) -> None:
+        conn.recv(65536)
+        if self.silent:
+            self.held.append(conn)
+        else:
+            conn.close()
 
     def close(self) -> None:
-        self.sock.close()
+        super().close()
         for c in self.held:
             c.close()
 
