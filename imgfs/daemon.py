@@ -97,6 +97,9 @@ def claim_cache_dir(cache_dir: str, mountpoint: str) -> int:
         # read-only, which imgfs must survive (it then serves from the stores).
         fd = os.open(path, os.O_RDONLY | os.O_CREAT | os.O_CLOEXEC, 0o600)
     except OSError as e:
+        if e.errno == errno.EROFS:  # nothing can be cached or swept there: imgfs serves from the stores
+            log.warning("[imgfs] cache_dir %s is on a read-only filesystem; not claiming it", cache_dir)
+            return -1
         raise ConfigError(f"[imgfs] cache_dir {cache_dir}: {e.strerror or e}") from None
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -333,7 +336,8 @@ async def serve(
         for backend in daemon.backends.values():
             backend.close()
         daemon.cache.close()
-        os.close(daemon.cache_lock)
+        if daemon.cache_lock >= 0:
+            os.close(daemon.cache_lock)
         if daemon.catalog.source is not None:
             daemon.catalog.source.close()
         if daemon.image_api is not None:

@@ -178,7 +178,8 @@ class ImageApi:
         except (UpstreamUnavailable, Unforwardable) as e:
             status = 400 if isinstance(e, Unforwardable) else 504 if isinstance(e, UpstreamTimeout) else \
                 502 if isinstance(e, UpstreamBroke) else 503
-            self.stats.upstream_errors[status] = self.stats.upstream_errors.get(status, 0) + 1
+            counts = self.http.refused if status == 400 else self.stats.upstream_errors  # the caller's fault, or Glance's
+            counts[status] = counts.get(status, 0) + 1
             if self._failures_logged.allow(("upstream", status)):
                 log.warning("image API endpoint: %s (answering %d)", e, status)
             if not started:  # else the answer is cut short and the connection closes
