@@ -72,6 +72,24 @@ async def test_glance_decides_what_exists_and_which_copies_count(world):
     assert catalog.image_ids() == [] and catalog.image_ids("s3store") == [] and catalog.location("s3store", "a") is None
 
 
+async def test_stores_come_from_locations_when_glance_gives_no_stores_field(world):
+    """Older Glance (or a policy hiding `stores`) names each copy's store only in locations[].metadata."""
+    s3, files, glance, catalog, ops = world
+    s3.put("a", b"x" * 100)
+    files.put("a", b"x" * 100)
+    glance.add("a", "ubuntu", 100, ["filestore", "s3store"])
+    del glance.bodies["a"]["stores"]
+    await catalog.refresh()
+    assert catalog.image_ids() == ["a"]
+    assert sorted(l.store for l in catalog.image("a").locations) == ["filestore", "s3store"]
+    glance.bodies["a"]["locations"] = [{"url": "s3://elsewhere", "metadata": {"store": "s3store"}}]
+    await catalog.refresh()
+    assert [l.store for l in catalog.image("a").locations] == ["s3store"]  # only the store Glance names
+    glance.bodies["a"]["locations"] = []  # a user who may not see locations: every store holding it counts
+    await catalog.refresh()
+    assert sorted(l.store for l in catalog.image("a").locations) == ["filestore", "s3store"]
+
+
 async def test_names_newest_wins_others_get_their_id(world):
     s3, files, glance, catalog, ops = world
     for image_id, created in (("old", "2025-01-01T00:00:00Z"), ("new", "2026-06-01T00:00:00Z")):
