@@ -45,6 +45,7 @@ async def test_warms_saturating_the_prefetch_slots_never_delay_a_demand_read(tmp
         while len(done) < len(warmed):
             await trio.sleep(0.01)
     warm_all = max(done) - began
-    # the demand read cost one store request, not a place in the warms' queue
-    assert demand < 2 * LATENCY, (demand, warm_all)
+    # the demand read cost one store request, not a place in the warms' queue (behind them it would
+    # wait ~6 x LATENCY: measured with prefetch on the demand slots, the test fails)
+    assert demand < 3 * LATENCY, (demand, warm_all)
     assert warm_all > 5 * LATENCY, warm_all  # the warms really were queued behind each other
