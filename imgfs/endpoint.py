@@ -38,7 +38,7 @@ import trio
 from .catalog import Catalog
 from .config import ImageApiConfig
 from .errors import ImgfsError
-from .httpserver import ClientGone, HttpServer, Limits, ServerStats
+from .httpserver import ClientGone, HttpServer, Limits, ServerStats, short_path
 from .model import Image, Location
 from .ratelimit import RateLimit
 from .reader import ChunkFetcher, ImageReader
@@ -174,7 +174,7 @@ class ImageApi:
                 return
             await self._pass(scope, receive, tracked, download=download)
         except (_ClientGone, ClientGone):
-            log.info("image API endpoint: the client of %s %s hung up mid-request", scope["method"], _short(scope["path"]))
+            log.info("image API endpoint: the client of %s %s hung up mid-request", scope["method"], short_path(scope["path"]))
         except (UpstreamUnavailable, Unforwardable) as e:
             status = 400 if isinstance(e, Unforwardable) else 504 if isinstance(e, UpstreamTimeout) else \
                 502 if isinstance(e, UpstreamBroke) else 503
@@ -341,10 +341,6 @@ class ImageApi:
         finally:
             with trio.CancelScope(shield=True):
                 await response.aclose()
-
-
-def _short(path: str) -> str:
-    return path if len(path) <= 200 else path[:200] + "..."
 
 
 def limits_of(cfg: ImageApiConfig) -> Limits:

@@ -56,9 +56,6 @@ _LINGER = 1.0  # seconds to drain what a refused client still sends, so the answ
 _REFUSING_MAX = 64  # refusals (503 at the cap) answered at once; beyond, a new connection is just closed
 _ACCEPT_RETRY = {errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS}
 
-_REASONS = {400: b"Bad Request", 408: b"Request Timeout", 414: b"URI Too Long",
-            431: b"Request Header Fields Too Large", 500: b"Internal Server Error", 501: b"Not Implemented",
-            503: b"Service Unavailable", 505: b"HTTP Version Not Supported"}
 _TEXTS = {400: "malformed request", 408: "the request head did not arrive in time",
           414: "request target too long", 431: "request headers too large",
           500: "internal error; see imgfs's log", 501: "transfer coding not supported (only chunked)",
@@ -102,7 +99,7 @@ def canned(status: int, text: str | None = None, extra: bytes = b"") -> bytes:
     """A whole answer that closes the connection, built without h11: for a client h11 gave up on."""
     body = ((text or _TEXTS[status]) + "\n").encode()
     return (b"HTTP/1.1 %d %s\r\ncontent-type: text/plain; charset=UTF-8\r\ncontent-length: %d\r\n"
-            b"connection: close\r\n%s\r\n" % (status, _REASONS[status], len(body), extra)) + body
+            b"connection: close\r\n%s\r\n" % (status, _reason(status), len(body), extra)) + body
 
 
 class _Closed(Exception):
@@ -163,7 +160,7 @@ class _Connection:
             try:
                 event = self.conn.next_event()
             except h11.RemoteProtocolError as e:
-                await self._refuse(e.error_status_hint if e.error_status_hint in _REASONS else 400)
+                await self._refuse(e.error_status_hint if e.error_status_hint in _TEXTS else 400)
                 raise _Closed from None
             if event is h11.NEED_DATA:
                 if not started and self.conn.trailing_data[0]:
@@ -238,7 +235,7 @@ class _Connection:
             self.server.stats.app_errors += 1
             if self.server.warned.allow(("app", scope["method"])):
                 log.exception("image API endpoint: internal error answering %s %s (answering %s)", scope["method"],
-                              _short(scope["path"]), "500" if not self.started else "by closing the connection")
+                              short_path(scope["path"]), "500" if not self.started else "by closing the connection")
             if not self.started and not self.gone.is_set():
                 await self._refuse(500)
                 return False
@@ -254,7 +251,7 @@ class _Connection:
             self.server.stats.app_errors += 1
             if self.server.warned.allow(("no answer", scope["method"])):
                 log.error("image API endpoint: no answer was made to %s %s; answering 500", scope["method"],
-                          _short(scope["path"]))
+                          short_path(scope["path"]))
             await self._refuse(500)
             return False
         return not self.broken and self.conn.our_state is h11.DONE and self.conn.their_state is h11.DONE
@@ -441,5 +438,6 @@ def _peer(client: tuple[str, int] | None) -> str:
     return f"{client[0]}:{client[1]}" if client else "a client"
 
 
-def _short(path: str) -> str:
+def short_path(path: str) -> str:
+    """A request path fit for one log line."""
     return path if len(path) <= 200 else path[:200] + "..."
