@@ -25,11 +25,14 @@ class Request:
     range: str | None
     status: int
     body_bytes: int
+    at: float = 0.0  # time.monotonic() when the request arrived
 
 
 @dataclass
 class Fault:
-    """What to do to matching ranged GETs: ``status`` (answer with an S3 error of that HTTP status),
+    """What to do to matching ranged GETs (or, with ``method``, to any request of that method whose path
+    contains ``key``): ``status`` (answer with an S3 error of that HTTP status), ``delay`` (wait
+    ``seconds``, then forward),
     ``stall`` (send half the body, then go silent for ``seconds``), ``reset`` (half the body, then a
     TCP RST), ``short`` (half the body, then a clean close: fewer bytes than Content-Length), ``whole``
     (answer 200 without Content-Range, as a server that ignores Range does)."""
@@ -39,6 +42,7 @@ class Fault:
     count: int | None = None  # how many requests to fail; None: until cleared
     status: int = 503
     seconds: float = 0.0
+    method: str | None = None
     hits: int = 0
 
     def take(self) -> bool:
@@ -68,12 +72,16 @@ class CountingProxy:
                 pass
 
             def _forward(self) -> None:
+                arrived = time.monotonic()
                 length = int(self.headers.get("Content-Length") or 0)
                 body = self.rfile.read(length) if length else None
                 fault = proxy._fault(self.command, self.path, self.headers.get("Range"))
                 if fault is not None and fault.kind == "status":
-                    self._error(fault.status)
+                    self._error(fault.status, arrived)
                     return
+                if fault is not None and fault.kind == "delay":
+                    time.sleep(fault.seconds)
+                    fault = None
                 conn = http.client.HTTPConnection(proxy.upstream_host, proxy.upstream_port, timeout=60)
                 headers = {k: v for k, v in self.headers.items() if k.lower() not in ("connection",)}
                 conn.request(self.command, self.path, body=body, headers=headers)
@@ -93,21 +101,21 @@ class CountingProxy:
                 sent = 0 if self.command == "HEAD" else len(data) // 2 if broken else len(data)
                 # Recorded before the body goes out: a client that has its bytes must find its request here.
                 with proxy._lock:
-                    proxy.requests.append(Request(self.command, self.path, self.headers.get("Range"), resp.status, sent))
+                    proxy.requests.append(Request(self.command, self.path, self.headers.get("Range"), resp.status, sent, arrived))
                 self.end_headers()
                 if broken:
                     self._break(fault, data)
                 elif self.command != "HEAD":
                     self.wfile.write(data)
 
-            def _error(self, status: int) -> None:
+            def _error(self, status: int, arrived: float) -> None:
                 code = _S3_CODES.get(status, "InternalError")
                 body = f'<?xml version="1.0" encoding="UTF-8"?><Error><Code>{code}</Code><Message>injected</Message></Error>'.encode()
                 self.send_response(status)
                 self.send_header("Content-Type", "application/xml")
                 self.send_header("Content-Length", str(len(body)))
                 with proxy._lock:
-                    proxy.requests.append(Request(self.command, self.path, self.headers.get("Range"), status, 0))
+                    proxy.requests.append(Request(self.command, self.path, self.headers.get("Range"), status, 0, arrived))
                 self.end_headers()
                 self.wfile.write(body)
 
@@ -155,14 +163,22 @@ class CountingProxy:
             self.faults.clear()
 
     def _fault(self, method: str, path: str, range_: str | None) -> Fault | None:
-        if method != "GET" or not range_:
-            return None
         key = path.split("?")[0].rsplit("/", 1)[-1]
+        ranged = method == "GET" and bool(range_)
         with self._lock:
             for fault in self.faults:
-                if fault.key == key and fault.take():
+                if fault.method is None:
+                    matches = ranged and fault.key == key
+                else:
+                    matches = fault.method == method and fault.key in path
+                if matches and fault.take():
                     return fault
         return None
+
+    def calls(self, method: str, contains: str = "") -> list[Request]:
+        """Every request of ``method`` whose path contains ``contains``, in arrival order."""
+        with self._lock:
+            return [r for r in self.requests if r.method == method and contains in r.path]
 
     def gets(self, key: str | None = None) -> list[Request]:
         with self._lock:

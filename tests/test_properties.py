@@ -591,7 +591,9 @@ class Served:
 @pytest.fixture(scope="module")
 def served(moto_url, tmp_path_factory):
     """One mount for the whole module: hypothesis runs many examples against it, and a module-scoped
-    fixture is set up once, not per example."""
+    fixture is set up once, not per example. On moto only: these properties are of the FUSE layer
+    (names, offsets, sizes of preads), which sees the same chunks whatever server sent them; the
+    S3 data path itself runs on moto and RGW (test_s3_data_path, test_mount, the fault rows)."""
     work = tmp_path_factory.mktemp("props-mount")
     images = {SMALL_ID: random.Random(1).randbytes(384 * 1024 + 5), MULTI_ID: random.Random(2).randbytes(2 * MiB + 777)}
     s3 = boto3.client("s3", endpoint_url=moto_url, aws_access_key_id=ACCESS_KEY, aws_secret_access_key=SECRET_KEY,
