@@ -174,6 +174,21 @@ def _parser() -> argparse.ArgumentParser:
                          description="Print the Prometheus text format (also served on 127.0.0.1:[imgfs] metrics_port when set).")
     control_args(met)
 
+    fleet = sub.add_parser("fleet", help="fleet mode: the nginx mesh of this node",
+                           description="Fleet mode ([fleet] in imgfs.conf): chunks of large images are fetched "
+                           "once for the whole fleet through a consistent-hash nginx mesh.")
+    fleet_sub = fleet.add_subparsers(dest="fleet_command", required=True, metavar="FLEET_COMMAND")
+    render = fleet_sub.add_parser("render", help="write this node's nginx configuration and check it with nginx -t",
+                                  description="Write [fleet] nginx_dir/nginx.conf (mode 0600: it holds the gateway "
+                                  "secret) from [fleet], create the secret_file if there is none, the cache "
+                                  "directories, and check the result with 'nginx -t' before it replaces the old one. "
+                                  "Then 'systemctl reload imgfs-mesh' (members changes need no imgfs restart).")
+    config_args(render)
+    render.add_argument("--no-check", action="store_true", help="do not run nginx -t (no nginx on this machine)")
+    render.add_argument("--worker-user", default="www-data",
+                        help="the user nginx's workers run as, owner of the cache (default www-data, Debian's)")
+    render.add_argument("--workers", default="auto", help="nginx worker_processes (default auto)")
+
     demo = sub.add_parser("demo", help="run a self-contained demonstration on loopback",
                           description="Build a small ext4 disk image, serve it from a local S3 server (moto) on "
                           "127.0.0.1 as a Glance-style object, mount it with imgfs, read it back and check its "
@@ -206,6 +221,13 @@ def main(argv: list[str] | None = None) -> int:
             log.warning("config: %s", warning)
         if args.command == "check-config":
             return _check_config(config, probe=args.probe)
+        if args.command == "fleet":
+            from .fleet.render import render
+
+            done = render(config, check=not args.no_check, worker_user=args.worker_user or None, workers=args.workers)
+            log.info("wrote %s%s%s", done.conf_path, " (nginx -t: ok)" if done.checked else " (not checked: no nginx)",
+                     f"; made the gateway secret {config.fleet.secret_file}" if done.secret_created and config.fleet else "")
+            return EXIT_OK
         if args.allow_other:
             from dataclasses import replace
 

@@ -15,6 +15,7 @@ secret's value.
 from __future__ import annotations
 
 import configparser
+import dataclasses
 import ipaddress
 import logging
 import math
@@ -178,12 +179,37 @@ class ImageApiConfig:
 
 
 @dataclass(frozen=True)
+class FleetConfig:
+    """Fleet mode ([fleet]): chunk reads of large images go through this node's nginx, which hashes each
+    chunk to an owner node; the owner's nginx caches it, fetched once through the owner's imgfs (the
+    origin gateway, the only holder of store credentials)."""
+
+    members: tuple[str, ...]  # every node's mesh address (host:port), this node's included
+    mesh_listen: str  # where this node's nginx accepts peers (mutual TLS)
+    certfile: str
+    keyfile: str
+    cafile: str
+    local_port: int = 8085  # this node's nginx for its own imgfs, on 127.0.0.1
+    gateway_port: int = 8089  # imgfs's origin gateway, on 127.0.0.1, for its own nginx
+    secret_file: str = "/etc/imgfs/mesh/gateway.secret"
+    peer_name: str = "imgfs-mesh"  # the name every member's certificate carries, checked by its peers
+    min_image_mb: int = 64  # smaller images are read from the origin directly
+    timeout: float = 30.0  # seconds one chunk from the mesh may take before the origin is asked instead
+    members_file: str | None = None
+    nginx_dir: str = "/etc/imgfs/mesh"
+    cache_path: str = "/var/cache/imgfs-mesh"
+    cache_max_size_gb: float = 50.0
+    run_dir: str = "/run/imgfs-mesh"
+
+
+@dataclass(frozen=True)
 class Config:
     stores: tuple[StoreConfig, ...]  # preference order: highest weight, then the default backend, then declared
     options: ImgfsOptions
     files: tuple[str, ...]
     glance: GlanceCatalogConfig | None = None
     image_api: ImageApiConfig | None = None
+    fleet: FleetConfig | None = None
     warnings: tuple[str, ...] = ()  # what is accepted but probably not meant (e.g. an inline comment)
 
 
@@ -677,9 +703,72 @@ def load(paths: list[str]) -> Config:
                                    idle_timeout=options.image_api_idle_timeout,
                                    client_timeout=options.image_api_client_timeout)
     config = Config(stores=tuple(stores), options=options, files=tuple(paths), glance=glance, image_api=image_api,
-                    warnings=_inline_comments(merged))
+                    fleet=_fleet(merged), warnings=_inline_comments(merged))
     _require_extras(config)
     return config
+
+
+def _parse_members(text: str) -> tuple[str, ...]:
+    members = tuple(_parse_listen(m.strip()) for m in re.split(r"[,\s]+", text) if m.strip())
+    if not members:
+        raise ValueError(text)
+    return members
+
+
+def read_members_file(path: str) -> tuple[str, ...]:
+    """One mesh address (host:port) per line; '#' starts a comment. Raises ConfigError."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            lines = [line.split("#", 1)[0].strip() for line in f]
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"[fleet] members_file {path}: {getattr(e, 'strerror', None) or e}") from None
+    try:
+        return _parse_members(" ".join(line for line in lines if line))
+    except ValueError:
+        raise ConfigError(f"[fleet] members_file {path}: expected one address:port per line (e.g. 198.18.0.1:8443)") from None
+
+
+def _fleet(merged: _Merged) -> FleetConfig | None:
+    if not merged.has_section("fleet"):
+        return None
+    sec = _Section(merged, "fleet")
+    if not sec.boolean("enabled", False):
+        return None
+    listen = sec.get("mesh_listen", "", _parse_listen, "address:port this node's nginx accepts peers on")
+    if not listen:
+        raise ConfigError(f"{sec._where('mesh_listen')}: [fleet] enabled needs mesh_listen (this node's address:port for its peers)")
+    members_file = sec.get("members_file", "", _parse_abs_path, "an absolute path") or None
+    if members_file:
+        members = read_members_file(members_file)
+    else:
+        members = sec.get("members", (), _parse_members, "a comma-separated list of address:port")
+    if not members:
+        raise ConfigError(f"{sec._where('members')}: [fleet] enabled needs members (or members_file): every node's mesh_listen")
+    paths = {}
+    for option in ("certfile", "keyfile", "cafile"):
+        path = sec.get(option, "", _parse_abs_path, "an absolute path")
+        if not path:
+            raise ConfigError(f"{sec._where(option)}: [fleet] enabled needs {option} (the mesh speaks mutual TLS)")
+        if not _readable_text(path):
+            raise sec._bad(option, path, "not a readable file")
+        paths[option] = path
+    local_port = sec.integer("local_port", 8085, minimum=1, maximum=65535)
+    gateway_port = sec.integer("gateway_port", 8089, minimum=1, maximum=65535)
+    if local_port == gateway_port:
+        raise sec._bad("gateway_port", str(gateway_port), "the same as local_port")
+    return FleetConfig(
+        members=members, mesh_listen=listen, local_port=local_port, gateway_port=gateway_port,
+        secret_file=sec.get("secret_file", "/etc/imgfs/mesh/gateway.secret", _parse_abs_path, "an absolute path"),
+        peer_name=sec.get("peer_name", "imgfs-mesh", _parse_host, "a host name (letters, digits, '-', '.')"),
+        min_image_mb=sec.integer("min_image_mb", 64, minimum=0),
+        timeout=sec.number("timeout", 30.0, minimum=0.5, maximum=3600),
+        members_file=members_file,
+        nginx_dir=sec.get("nginx_dir", "/etc/imgfs/mesh", _parse_abs_path, "an absolute path"),
+        cache_path=sec.get("cache_path", "/var/cache/imgfs-mesh", _parse_abs_path, "an absolute path"),
+        cache_max_size_gb=sec.number("cache_max_size_gb", 50.0, minimum=0.1),
+        run_dir=sec.get("run_dir", "/run/imgfs-mesh", _parse_abs_path, "an absolute path"),
+        **paths,
+    )
 
 
 # What each feature imports, and the extra of imgfs's package that brings it.
@@ -729,8 +818,7 @@ def refuse_own_mount(config: Config, mountpoint: str) -> Config:
         kept.append(store)
     if not kept:
         raise ConfigError(f"every configured store lies inside the mount {mount}; imgfs needs a store outside it to read from")
-    return Config(stores=tuple(kept), options=config.options, files=config.files, glance=config.glance,
-                  image_api=config.image_api, warnings=config.warnings)
+    return dataclasses.replace(config, stores=tuple(kept))
 
 
 def _glance_catalog(merged: _Merged, why: str) -> GlanceCatalogConfig:

@@ -29,6 +29,7 @@ if TYPE_CHECKING:
     from .catalog import Catalog
     from .config import Config
     from .endpoint import ImageApi
+    from .fleet.node import FleetNode
     from .reader import ChunkFetcher
 
 
@@ -44,6 +45,7 @@ class Daemon(Protocol):
     fetcher: "ChunkFetcher"
     attachments: "dict[str, Attachments]"
     image_api: "ImageApi | None"
+    fleet: "FleetNode | None"
 
 log = logging.getLogger(__name__)
 MAX_REQUEST = 64 * 1024
@@ -122,6 +124,7 @@ def status(d: Daemon) -> dict[str, Any]:
             **d.image_api.stats.as_dict(),
             "http": d.image_api.http.as_dict(),
         },
+        "fleet": None if d.fleet is None else d.fleet.status(),
         "process": process(),
     }
 
@@ -210,6 +213,22 @@ def metrics(d: Daemon) -> bytes:
                 yield closed
                 yield by_status("imgfs_image_api_requests_refused", "requests imgfs refused before any work (400 "
                                 "framing, 408, 414, 431, 501) or failed (500)", http["refused"])
+            fleet = s["fleet"]
+            if fleet is not None:
+                moved = CounterMetricFamily("imgfs_fleet_bytes", "chunk bytes of large images by where they came from "
+                                            "(mesh, origin after a fallback), and of small ones (bypass)", labels=["source"])
+                for source, key in (("mesh", "mesh_bytes"), ("origin", "origin_bytes"), ("bypass", "bypass_bytes")):
+                    moved.add_metric([source], fleet[key])
+                yield moved
+                falls = CounterMetricFamily("imgfs_fleet_fallbacks", "chunk reads the mesh did not answer right, "
+                                            "read from the origin instead", labels=["cause"])
+                for cause, value in fleet["fallbacks"].items():
+                    falls.add_metric([cause], value)
+                yield falls
+                yield CounterMetricFamily("imgfs_fleet_served_bytes", "bytes the origin gateway sent this node's nginx",
+                                          value=fleet["served_bytes"])
+                yield by_status("imgfs_fleet_gateway_refusals", "gateway requests refused (403 not our nginx, 404 not in "
+                                "the catalog, 412 another version, 502 the origin failed)", fleet["refusals"])
             stats = d.fetcher.stats
             yield HistogramMetricFamily("imgfs_fetch_seconds", "store request latency",
                                         buckets=stats.latency_buckets(), sum_value=stats.latency_sum)

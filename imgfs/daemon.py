@@ -31,6 +31,7 @@ from .reader import ChunkFetcher
 
 if TYPE_CHECKING:
     from .endpoint import ImageApi
+    from .fleet.node import FleetNode
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +60,7 @@ class Daemon:
     attachments: dict[str, Attachments]
     image_api: "ImageApi | None" = None  # the node-local Image API endpoint, when [imgfs] image_api_listen is set
     cache_lock: int = -1  # the flock on cache_dir (claim_cache_dir), closed when the daemon ends
+    fleet: "FleetNode | None" = None  # fleet mode ([fleet] enabled): the mesh and the origin gateway
 
 
 def control_socket_path(config_path: str, mountpoint: str) -> str:
@@ -155,8 +157,16 @@ def build(config: Config, mountpoint: str) -> Daemon:
         for name, backend in backends.items()
         if backend.kind == "cinder"
     }
+    fleet = None
+    fetch_backends = backends
+    if config.fleet is not None:
+        from .fleet.node import FleetNode
+
+        fleet = FleetNode.build(config.fleet, backends, catalog, chunk_size=options.chunk_size,
+                                connections=options.backend_max_connections)
+        fetch_backends = fleet.fetch_backends
     fetcher = ChunkFetcher(
-        cache, backends, chunk_size=options.chunk_size, max_connections=options.backend_max_connections,
+        cache, fetch_backends, chunk_size=options.chunk_size, max_connections=options.backend_max_connections,
         holders=dict(attachments),
         weights={store.name: store.weight for store in config.stores},
     )
@@ -199,7 +209,7 @@ def build(config: Config, mountpoint: str) -> Daemon:
         from .upstream import Upstream
 
         image_api = ImageApi(catalog, fetcher, Upstream(config.image_api), prefetch_max=options.prefetch_max_mb * 2**20)
-    return Daemon(config, mountpoint, backends, cache, catalog, fetcher, ops, attachments, image_api, cache_lock)
+    return Daemon(config, mountpoint, backends, cache, catalog, fetcher, ops, attachments, image_api, cache_lock, fleet)
 
 
 def tame_malloc() -> None:
@@ -324,6 +334,15 @@ async def serve(
                               config.options.metrics_port, os.strerror(e.errno or errno.EIO))
             if daemon.image_api is not None:
                 await _start_image_api(daemon, nursery)
+            if daemon.fleet is not None:
+                try:
+                    await nursery.start(daemon.fleet.serve)
+                    log.info("fleet: reading chunks through the mesh at 127.0.0.1:%d (%d members); origin gateway on "
+                             "127.0.0.1:%d", daemon.fleet.config.local_port, len(daemon.fleet.config.members),
+                             daemon.fleet.config.gateway_port)
+                except OSError as e:
+                    log.error("fleet: cannot serve the origin gateway on 127.0.0.1:%d (%s); peers will get this node's "
+                              "chunks from other owners", daemon.fleet.config.gateway_port, os.strerror(e.errno or errno.EIO))
             task_status.started(daemon)
     finally:
         if mounted:

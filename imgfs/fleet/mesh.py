@@ -1,0 +1,174 @@
+"""The reading side of fleet mode: a store wrapper that reads each chunk of a large image from the node's
+nginx (which finds the chunk's owner), checks what came back, and reads from the origin itself when
+anything is wrong. A reader never sees the mesh fail; every fallback is counted by its cause.
+
+What the mesh's answer must be, or it is not used: 206, ``Content-Range: bytes a-b/size`` exactly as
+asked, exactly b-a+1 bytes, and ``X-Imgfs-Version`` equal to the version the reader holds (the owner's
+gateway pins it, and nginx keeps it with the cached chunk). The bytes then go through the same checks
+as the origin's: the cache's block sums once stored, Glance's digest on a full read.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import urllib.parse
+from dataclasses import dataclass, field
+
+import urllib3
+
+from ..backends.base import Backend
+from ..model import Location
+from ..ratelimit import RateLimit
+
+log = logging.getLogger(__name__)
+
+VERSION_HEADER = "X-Imgfs-Version"
+CHUNK_HEADER = "X-Imgfs-Chunk"  # what the local nginx hashes on, with the path: one owner per chunk
+PATH_PREFIX = "/fleet/v1"
+CONNECT_TIMEOUT = 1.0  # loopback: a local nginx that does not accept at once is not there
+
+
+def chunk_path(loc: Location) -> str:
+    """The mesh's name for one version of one copy: no credential, nothing a tenant chose but the id."""
+    parts = (loc.store, loc.image_id, loc.version)
+    return PATH_PREFIX + "/" + "/".join(urllib.parse.quote(p, safe="") for p in parts)
+
+
+class MeshRefused(Exception):
+    """The mesh's answer is not the asked bytes; ``cause`` labels the fallback it leads to."""
+
+    def __init__(self, cause: str, detail: str) -> None:
+        super().__init__(detail)
+        self.cause = cause
+
+
+@dataclass
+class FleetStats:
+    """What `imgfs status` and the metrics say of the mesh on this node (guarded by a lock: readers run
+    in worker threads)."""
+
+    mesh_bytes: int = 0  # bytes read from the mesh and used
+    origin_bytes: int = 0  # bytes of large images read from the origin directly (after a fallback)
+    mesh_reads: int = 0
+    fallbacks: dict[str, int] = field(default_factory=dict)  # cause -> reads that went to the origin
+    bypass_bytes: int = 0  # bytes of images below min_image_mb, read from the origin as before
+    served_bytes: int = 0  # bytes the gateway sent this node's nginx (for peers, or for this node)
+    served_requests: int = 0
+    refusals: dict[int, int] = field(default_factory=dict)  # gateway status -> requests refused
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    def add(self, name: str, n: int) -> None:
+        with self._lock:
+            setattr(self, name, getattr(self, name) + n)
+
+    def count(self, name: str, key: str | int) -> None:
+        with self._lock:
+            table = getattr(self, name)
+            table[key] = table.get(key, 0) + 1
+
+    def as_dict(self) -> dict:
+        with self._lock:
+            return {k: (dict(v) if isinstance(v, dict) else v) for k, v in self.__dict__.items() if not k.startswith("_")}
+
+
+class MeshClient:
+    """Ranged GETs to the local nginx (urllib3: a connection pool, timeouts, no retries of its own)."""
+
+    def __init__(self, port: int, timeout: float, connections: int) -> None:
+        self.base = f"http://127.0.0.1:{port}"
+        self._pool = urllib3.HTTPConnectionPool(
+            "127.0.0.1", port, maxsize=connections, block=False, retries=False,
+            timeout=urllib3.Timeout(connect=CONNECT_TIMEOUT, read=timeout),
+        )
+
+    def get(self, loc: Location, offset: int, length: int, chunk: int) -> bytes:
+        end = offset + length - 1
+        try:
+            r = self._pool.request(
+                "GET", chunk_path(loc), headers={"Range": f"bytes={offset}-{end}", CHUNK_HEADER: str(chunk)},
+                preload_content=False, redirect=False,
+            )
+        except urllib3.exceptions.HTTPError as e:
+            raise MeshRefused("unreachable", f"local nginx at {self.base}: {type(e).__name__}") from None
+        ok = False
+        try:
+            if r.status != 206:
+                raise MeshRefused(f"http_{r.status}", f"answered {r.status}")
+            want_range = f"bytes {offset}-{end}/{loc.size}"
+            if r.headers.get("Content-Range") != want_range:
+                raise MeshRefused("bad_range", f"Content-Range {r.headers.get('Content-Range')!r}, asked {want_range!r}")
+            if r.headers.get(VERSION_HEADER) != loc.version:
+                raise MeshRefused("version", f"version {r.headers.get(VERSION_HEADER)!r}, want {loc.version!r}")
+            try:
+                data = r.read(length + 1)  # one byte more than asked: a longer body is a lie too
+            except urllib3.exceptions.HTTPError as e:
+                raise MeshRefused("broken_body", f"body: {type(e).__name__}") from None
+            if len(data) != length:
+                raise MeshRefused("short_body", f"{len(data)} bytes of {length}")
+            ok = True
+            return data
+        finally:
+            if not ok:  # whatever is left of that answer must not be read as the next one's
+                r.close()
+            r.release_conn()
+
+    def close(self) -> None:
+        self._pool.close()
+
+
+class FleetBackend:
+    """A store whose large images are read through the mesh first. Listing, lookups and everything an
+    operator sees are the inner store's: the catalog, versions and ETag pins stay as they are."""
+
+    def __init__(self, inner: Backend, client: MeshClient, *, chunk_size: int, min_size: int, stats: FleetStats) -> None:
+        self.inner = inner
+        self.name, self.kind = inner.name, inner.kind
+        self.read_timeout = inner.read_timeout
+        self.client = client
+        self.chunk_size = chunk_size
+        self.min_size = min_size
+        self.stats = stats
+        self._logged = RateLimit(60.0)
+
+    def list_images(self) -> list[Location]:
+        return self.inner.list_images()
+
+    def stat(self, image_id: str) -> Location | None:
+        return self.inner.stat(image_id)
+
+    def describe(self) -> dict[str, str]:
+        return {**self.inner.describe(), "fleet": self.client.base}
+
+    def close(self) -> None:
+        self.client.close()
+        self.inner.close()
+
+    def read(self, location: Location, offset: int, length: int) -> bytes:
+        if location.size < self.min_size:
+            data = self.inner.read(location, offset, length)
+            self.stats.add("bypass_bytes", len(data))
+            return data
+        pieces = []
+        pos, end = offset, offset + length
+        while pos < end:  # one GET per chunk: each chunk has its own owner
+            chunk = pos // self.chunk_size
+            upto = min(end, (chunk + 1) * self.chunk_size)
+            pieces.append(self._piece(location, pos, upto - pos, chunk))
+            pos = upto
+        return pieces[0] if len(pieces) == 1 else b"".join(pieces)
+
+    def _piece(self, loc: Location, offset: int, length: int, chunk: int) -> bytes:
+        try:
+            data = self.client.get(loc, offset, length, chunk)
+        except MeshRefused as e:
+            self.stats.count("fallbacks", e.cause)
+            if self._logged.allow(e.cause):
+                log.warning("fleet: chunk %d of image %s (store '%s') not from the mesh (%s: %s); reading it from the "
+                            "origin", chunk, loc.image_id, loc.store, e.cause, e)
+            data = self.inner.read(loc, offset, length)
+            self.stats.add("origin_bytes", len(data))
+            return data
+        self.stats.add("mesh_bytes", len(data))
+        self.stats.add("mesh_reads", 1)
+        return data

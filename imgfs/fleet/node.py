@@ -1,0 +1,72 @@
+"""One node's part in the fleet, wired into the daemon: the stores its reader sees (wrapped to ask the
+mesh first), and the origin gateway its nginx fetches through."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import trio
+
+from ..backends.base import Backend
+from ..catalog import Catalog
+from ..config import FleetConfig
+from ..errors import ConfigError
+from ..model import Location
+from . import gateway as gw
+from .mesh import FleetBackend, FleetStats, MeshClient
+
+log = logging.getLogger(__name__)
+
+# Stores whose chunks go through the mesh. A Cinder image-volume is read by attaching it, and an
+# attachment per owner per volume is what Cinder's multi-attach rules make expensive: not in the mesh.
+MESH_KINDS = ("s3", "file")
+
+
+class _CatalogOrigin:
+    """The gateway's view of this daemon: what the catalog shows now, read from the store itself."""
+
+    def __init__(self, catalog: Catalog, backends: dict[str, Backend], limiter: trio.CapacityLimiter) -> None:
+        self.catalog, self.backends, self.limiter = catalog, backends, limiter
+
+    def location(self, store: str, image_id: str) -> Location | None:
+        if store not in self.backends:
+            return None
+        return self.catalog.location(store, image_id)
+
+    async def read(self, loc: Location, offset: int, length: int) -> bytes:
+        backend = self.backends[loc.store]
+        return await trio.to_thread.run_sync(backend.read, loc, offset, length, limiter=self.limiter)
+
+
+@dataclass
+class FleetNode:
+    config: FleetConfig
+    stats: FleetStats
+    gateway: gw.Gateway
+    fetch_backends: dict[str, Backend]  # what the reader reads through
+
+    @classmethod
+    def build(cls, config: FleetConfig, backends: dict[str, Backend], catalog: Catalog, *, chunk_size: int,
+              connections: int) -> "FleetNode":
+        try:
+            secret = gw.load_secret(config.secret_file)
+        except (OSError, ValueError) as e:
+            raise ConfigError(f"[fleet] secret_file {config.secret_file}: {getattr(e, 'strerror', None) or e}; "
+                              "'imgfs fleet render' writes it with the nginx configuration") from None
+        stats = FleetStats()
+        direct = {name: b for name, b in backends.items() if b.kind in MESH_KINDS}
+        origin = _CatalogOrigin(catalog, direct, trio.CapacityLimiter(connections))
+        client = MeshClient(config.local_port, config.timeout, connections)
+        wrapped: dict[str, Backend] = dict(backends)
+        for name, backend in direct.items():
+            wrapped[name] = FleetBackend(backend, client, chunk_size=chunk_size, min_size=config.min_image_mb << 20,
+                                         stats=stats)
+        return cls(config, stats, gw.Gateway(origin, secret, stats), wrapped)
+
+    async def serve(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+        await gw.serve(self.gateway, self.config.gateway_port, task_status=task_status)
+
+    def status(self) -> dict:
+        return {"members": len(self.config.members), "mesh": f"127.0.0.1:{self.config.local_port}",
+                "gateway": f"127.0.0.1:{self.config.gateway_port}", **self.stats.as_dict()}

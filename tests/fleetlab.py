@@ -1,0 +1,299 @@
+"""A small fleet on one machine, for the fleet tests and bench/run-fleet: N nodes, each an imgfs daemon
+and its own nginx (Debian's, configured by 'imgfs fleet render') in a network namespace of its own,
+joined by a bridge in a "switch" namespace, with the origin (moto's S3 server) in another namespace.
+
+- Addresses are 198.18.0.0/24 (RFC 2544's benchmarking range), inside namespaces this module creates,
+  with no default route anywhere: nothing here can reach, or be reached from, any other network.
+- Processes enter only the network namespace (nsenter --net), so each node's FUSE mount is visible
+  to the test, and each node's loopback (its nginx's local port, its gateway) is its own.
+- The origin's bytes are counted by its interface's counters (tx_bytes), not by any engine.
+- Certificates come from a CA made here (openssl), as a deployment's PKI would issue them; an
+  "outsider" certificate comes from another CA.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import textwrap
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+PYTHON = str(REPO / ".venv/bin/python")
+SUBNET = "198.18.0"
+ORIGIN_IP = f"{SUBNET}.254"
+ORIGIN_PORT = 5000
+MESH_PORT = 8443
+PEER_NAME = "imgfs-mesh"
+ACCESS_KEY, SECRET_KEY = "AKIAFLEETTEST0000001", "fleet-test-secret-9d8f7a6s5d4f"
+
+
+def run(*cmd: str, check: bool = True, **kw) -> subprocess.CompletedProcess:
+    return subprocess.run(list(cmd), check=check, capture_output=True, text=True, timeout=120, **kw)
+
+
+def wait_until(predicate, timeout: float, what: str, interval: float = 0.05):
+    deadline = time.monotonic() + timeout
+    while True:
+        result = predicate()
+        if result:
+            return result
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(interval)
+
+
+def make_ca(directory: Path, name: str) -> tuple[Path, Path]:
+    directory.mkdir(parents=True, exist_ok=True)
+    key, crt = directory / f"{name}.key", directory / f"{name}.crt"
+    run("openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes", "-keyout", str(key),
+        "-out", str(crt), "-days", "30", "-subj", f"/CN={name}")
+    return key, crt
+
+
+def issue(directory: Path, ca: tuple[Path, Path], name: str, ip: str) -> tuple[Path, Path]:
+    key, csr, crt = directory / f"{name}.key", directory / f"{name}.csr", directory / f"{name}.crt"
+    run("openssl", "req", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes", "-keyout", str(key),
+        "-out", str(csr), "-subj", f"/CN={name}")
+    ext = directory / f"{name}.ext"
+    ext.write_text(f"subjectAltName=DNS:{PEER_NAME},IP:{ip}\nextendedKeyUsage=serverAuth,clientAuth\n")
+    run("openssl", "x509", "-req", "-in", str(csr), "-CA", str(ca[1]), "-CAkey", str(ca[0]), "-CAcreateserial",
+        "-out", str(crt), "-days", "30", "-extfile", str(ext))
+    return key, crt
+
+
+@dataclass
+class Node:
+    index: int
+    ns: str
+    ip: str
+    dir: Path
+    conf: Path
+    mnt: Path
+    imgfs: subprocess.Popen | None = None
+    nginx: subprocess.Popen | None = None
+
+    @property
+    def images(self) -> Path:
+        return self.mnt / "images"
+
+    def log(self) -> str:
+        return (self.dir / "imgfs.log").read_text(errors="replace")
+
+    def nginx_log(self) -> str:
+        return (self.dir / "nginx.log").read_text(errors="replace")
+
+    def status(self) -> dict:
+        out = run(PYTHON, "-m", "imgfs", "status", "--json", "--socket", str(self.dir / "control.sock")).stdout
+        return json.loads(out)
+
+
+@dataclass
+class Fleet:
+    root: Path
+    prefix: str
+    nodes: list[Node] = field(default_factory=list)
+    origin: subprocess.Popen | None = None
+    bucket: str = "glance"
+    namespaces: list[str] = field(default_factory=list)
+
+    # ---- network ------------------------------------------------------------------------------------
+
+    def netns(self, name: str) -> str:
+        ns = f"{self.prefix}-{name}"
+        run("ip", "netns", "add", ns)
+        self.namespaces.append(ns)
+        run("ip", "-n", ns, "link", "set", "lo", "up")
+        return ns
+
+    def wire(self, ns: str, ip: str, dev: str, rate: str | None = None) -> None:
+        """A veth from ``ns`` to the switch's bridge, with ``ip``; ``rate`` shapes what ``ns`` sends."""
+        run("ip", "-n", self.switch, "link", "add", f"{dev}-br", "type", "veth", "peer", "name", dev, "netns", ns)
+        run("ip", "-n", self.switch, "link", "set", f"{dev}-br", "master", "br0", "up")
+        run("ip", "-n", ns, "addr", "add", f"{ip}/24", "dev", dev)
+        run("ip", "-n", ns, "link", "set", dev, "up")
+        if rate:
+            run("ip", "netns", "exec", ns, "tc", "qdisc", "add", "dev", dev, "root", "tbf", "rate", rate, "burst", "256kb",
+                "latency", "50ms")
+        routes = run("ip", "-n", ns, "route", "show", "default").stdout.strip()
+        assert not routes, f"{ns} has a default route: {routes}"
+
+    def origin_tx(self) -> int:
+        """Bytes the origin has sent, from its interface's own counter."""
+        info = json.loads(run("ip", "-n", f"{self.prefix}-origin", "-j", "-s", "link", "show", "dev", "vo").stdout)
+        return int(info[0]["stats64"]["tx"]["bytes"])
+
+    def in_ns(self, ns: str, *cmd: str) -> list[str]:
+        return ["nsenter", f"--net=/run/netns/{ns}", *cmd]
+
+    # ---- the origin ---------------------------------------------------------------------------------
+
+    def start_origin(self, rate: str | None = None) -> None:
+        ns = self.netns("origin")
+        self.wire(ns, ORIGIN_IP, "vo", rate)
+        log = open(self.root / "origin.log", "wb")
+        self.origin = subprocess.Popen(self.in_ns(ns, PYTHON, "-m", "moto.server", "-H", ORIGIN_IP, "-p", str(ORIGIN_PORT)),
+                                       stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        self.s3("import sys", "for _ in range(200):\n    try:\n        s3.list_buckets(); break\n    except Exception:\n"
+                "        import time; time.sleep(0.05)\ns3.create_bucket(Bucket=BUCKET)")
+
+    def s3(self, *lines: str) -> str:
+        """Run boto3 code against the origin from inside its namespace (the test's own has no route there)."""
+        code = textwrap.dedent(f"""
+            import boto3
+            s3 = boto3.client("s3", endpoint_url="http://{ORIGIN_IP}:{ORIGIN_PORT}", aws_access_key_id="{ACCESS_KEY}",
+                              aws_secret_access_key="{SECRET_KEY}", region_name="us-east-1")
+            BUCKET = "{self.bucket}"
+        """) + "\n".join(lines)
+        return run(*self.in_ns(f"{self.prefix}-origin", PYTHON, "-c", code)).stdout
+
+    def put(self, key: str, path: Path) -> str:
+        return self.s3(f"s3.upload_file({str(path)!r}, BUCKET, {key!r})",
+                       f"print(s3.head_object(Bucket=BUCKET, Key={key!r})['ETag'].strip('\"'))").strip()
+
+    # ---- nodes --------------------------------------------------------------------------------------
+
+    def add_node(self, index: int, ca: tuple[Path, Path], *, chunk_mb: int, members: list[str], rate: str | None = None,
+                 min_image_mb: int = 1, extra: str = "") -> Node:
+        ns = self.netns(f"n{index}")
+        ip = f"{SUBNET}.{index}"
+        self.wire(ns, ip, f"v{index}", rate)
+        d = self.root / f"node{index}"
+        d.mkdir()
+        key, crt = issue(d, ca, f"node{index}", ip)
+        mnt = d / "mnt"
+        mnt.mkdir()
+        conf = d / "imgfs.conf"
+        conf.write_text(textwrap.dedent(f"""\
+            [DEFAULT]
+            enabled_backends = s3store:s3
+            [glance_store]
+            default_backend = s3store
+            [s3store]
+            s3_store_host = http://{ORIGIN_IP}:{ORIGIN_PORT}
+            s3_store_access_key = {ACCESS_KEY}
+            s3_store_secret_key = {SECRET_KEY}
+            s3_store_bucket = {self.bucket}
+            s3_store_bucket_url_format = path
+            [imgfs]
+            cache_dir = {d / 'cache'}
+            chunk_size_mb = {chunk_mb}
+            refresh_interval = 60
+            control_socket = {d / 'control.sock'}
+            [fleet]
+            enabled = true
+            mesh_listen = {ip}:{MESH_PORT}
+            members = {", ".join(members)}
+            certfile = {crt}
+            keyfile = {key}
+            cafile = {ca[1]}
+            secret_file = {d / 'mesh' / 'gateway.secret'}
+            nginx_dir = {d / 'mesh'}
+            cache_path = {d / 'mesh-cache'}
+            run_dir = {d / 'run'}
+            min_image_mb = {min_image_mb}
+            timeout = 10
+        """) + extra)
+        node = Node(index, ns, ip, d, conf, mnt)
+        self.nodes.append(node)
+        return node
+
+    def render(self, node: Node) -> None:
+        # in the node's namespace: nginx -t binds the addresses it checks
+        run(*self.in_ns(node.ns, PYTHON, "-m", "imgfs", "fleet", "render", "--config-file", str(node.conf), "--workers", "1",
+                       "--worker-user", "root"))  # the test tree is root's alone (0700)
+
+    def start_nginx(self, node: Node) -> None:
+        self.render(node)
+        log = open(node.dir / "nginx.log", "ab")
+        node.nginx = subprocess.Popen(self.in_ns(node.ns, "nginx", "-c", str(node.dir / "mesh" / "nginx.conf"), "-g", "daemon off;"),
+                                      stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        wait_until(lambda: node.nginx.poll() is not None or self._listening(node, MESH_PORT), 20, f"node{node.index}'s nginx")
+        assert node.nginx.poll() is None, node.nginx_log()
+
+    def _listening(self, node: Node, port: int) -> bool:
+        out = run(*self.in_ns(node.ns, "ss", "-Htln", f"sport = :{port}"), check=False).stdout
+        return bool(out.strip())
+
+    def start_imgfs(self, node: Node) -> None:
+        log = open(node.dir / "imgfs.log", "ab")
+        node.imgfs = subprocess.Popen(self.in_ns(node.ns, PYTHON, "-m", "imgfs", "mount", str(node.mnt), "--config-file", str(node.conf)),
+                                      stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        wait_until(lambda: node.imgfs.poll() is not None or "mounted " in node.log(), 60, f"node{node.index}'s mount")
+        assert node.imgfs.poll() is None, node.log()
+        wait_until(lambda: "fleet: reading chunks through the mesh" in node.log() or "fleet: cannot" in node.log(), 20,
+                   f"node{node.index}'s gateway")
+
+    def stop(self, proc: subprocess.Popen | None, sig: int = signal.SIGTERM, timeout: float = 30) -> None:
+        if proc is None or proc.poll() is not None:
+            return
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            return
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(10)
+
+    def close(self) -> None:
+        for node in self.nodes:
+            self.stop(node.imgfs)
+            self.stop(node.nginx, signal.SIGQUIT)
+            subprocess.run(["fusermount3", "-uz", str(node.mnt)], capture_output=True)
+        self.stop(self.origin)
+        for ns in reversed(self.namespaces):
+            subprocess.run(["ip", "netns", "del", ns], capture_output=True)
+
+    @property
+    def switch(self) -> str:
+        return f"{self.prefix}-sw"
+
+
+def new_fleet(root: Path, n: int, *, chunk_mb: int = 4, origin_rate: str | None = None, node_rate: str | None = None,
+              min_image_mb: int = 1) -> tuple[Fleet, tuple[Path, Path]]:
+    """N nodes up (nginx and imgfs each), the origin up with an empty bucket. The caller closes it."""
+    prefix = f"imgfs{uuid.uuid4().hex[:4]}"
+    fleet = Fleet(root, prefix)
+    try:
+        fleet.netns("sw")
+        run("ip", "-n", fleet.switch, "link", "add", "br0", "type", "bridge")
+        run("ip", "-n", fleet.switch, "link", "set", "br0", "up")
+        fleet.start_origin(origin_rate)
+        ca = make_ca(root / "pki", "fleet-ca")
+        members = [f"{SUBNET}.{i}:{MESH_PORT}" for i in range(1, n + 1)]
+        for i in range(1, n + 1):
+            fleet.add_node(i, ca, chunk_mb=chunk_mb, members=members, rate=node_rate, min_image_mb=min_image_mb)
+        for node in fleet.nodes:
+            fleet.start_nginx(node)
+        for node in fleet.nodes:
+            fleet.start_imgfs(node)
+        return fleet, ca
+    except BaseException:
+        fleet.close()
+        raise
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+if __name__ == "__main__":  # a quick look by hand: python tests/fleetlab.py 3
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as d:
+        f, _ = new_fleet(Path(d), int(sys.argv[1]) if len(sys.argv) > 1 else 3)
+        try:
+            print("up:", [n.ip for n in f.nodes])
+        finally:
+            f.close()
