@@ -170,6 +170,8 @@ def build(config: Config, mountpoint: str) -> Daemon:
         holders=dict(attachments),
         weights={store.name: store.weight for store in config.stores},
     )
+    if fleet is not None:
+        fetcher.second_chance = fleet.distrust
     group = options.mount_group
     ops = Operations(catalog, fetcher, prefetch_max=options.prefetch_max_mb * 2**20,
                      gid=max(group, 0), group_only=group >= 0)

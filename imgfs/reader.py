@@ -135,6 +135,9 @@ class ChunkFetcher:
         self._unavailable: dict[Location, tuple[float, BackendUnavailable]] = {}  # copy -> (when, error)
         # copies whose bytes failed end-to-end verification: never read again while this version lasts
         self.quarantined: set[Location] = set()
+        # Called with a copy that failed verification: True when its bytes came through a relay that is
+        # now bypassed for it, so the store itself deserves a read before the copy is quarantined.
+        self.second_chance: Callable[[Location], bool] | None = None
         # (copy, algorithm, digest) of copies read whole, from that copy alone, that matched the catalog's
         # digest: later reads of them trust their cached chunks' xxh3 blocks instead of hashing again
         # (sha512 is ~350 MB/s per core here: 3 CPU-s per GiB, every time). In memory: a restart verifies
@@ -188,10 +191,18 @@ class ChunkFetcher:
         return len(lifted)
 
     def drop_copies(self, locations: Sequence[Location]) -> None:
-        """Forget every cached chunk of copies that failed end-to-end verification (in the background)."""
+        """Forget every cached chunk of copies that failed end-to-end verification (in the background).
+
+        A copy whose bytes came through a relay (the fleet's mesh) that ``second_chance`` now bypasses for
+        it is not quarantined: its next read comes from the store itself, and only a mismatch then
+        quarantines it."""
         for loc in locations:
             self._verified = {v for v in self._verified if v[0] != loc}
             self.spawn(self.cache.drop, loc.store, loc.image_id)
+            if self.second_chance is not None and self.second_chance(loc):
+                self.quarantined.discard(loc)
+                log.warning("image %s (store '%s'): the mismatch came with bytes from the mesh; reading this version "
+                            "from the store itself from now on", loc.image_id, loc.store)
 
     @asynccontextmanager
     async def _using(self, loc: Location) -> AsyncIterator[None]:

@@ -56,6 +56,7 @@ class FleetStats:
     served_bytes: int = 0  # bytes the gateway sent this node's nginx (for peers, or for this node)
     served_requests: int = 0
     refusals: dict[int, int] = field(default_factory=dict)  # gateway status -> requests refused
+    integrity_failures: int = 0  # full reads with mesh bytes that failed their digest (a lying peer)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     def add(self, name: str, n: int) -> None:
@@ -130,6 +131,22 @@ class FleetBackend:
         self.min_size = min_size
         self.stats = stats
         self._logged = RateLimit(60.0)
+        # versions whose full read failed its digest with mesh bytes in it: read from the origin only
+        self._distrusted: set[tuple[str, str]] = set()
+        self._lock = threading.Lock()
+
+    def distrust(self, loc: Location) -> bool:
+        """A full read of ``loc`` did not match its digest: bypass the mesh for this version. False if it
+        was bypassed already (the origin's own bytes failed: the reader quarantines the copy)."""
+        key = (loc.image_id, loc.version)
+        with self._lock:
+            if key in self._distrusted:
+                return False
+            self._distrusted.add(key)
+        self.stats.add("integrity_failures", 1)
+        log.error("fleet: image %s (store '%s', version %s) read through the mesh failed its digest: a peer served "
+                  "wrong bytes; reading it from the origin from now on", loc.image_id, loc.store, loc.version)
+        return True
 
     def list_images(self) -> list[Location]:
         return self.inner.list_images()
@@ -148,6 +165,11 @@ class FleetBackend:
         if location.size < self.min_size:
             data = self.inner.read(location, offset, length)
             self.stats.add("bypass_bytes", len(data))
+            return data
+        if (location.image_id, location.version) in self._distrusted:
+            self.stats.count("fallbacks", "distrusted")
+            data = self.inner.read(location, offset, length)
+            self.stats.add("origin_bytes", len(data))
             return data
         pieces = []
         pos, end = offset, offset + length

@@ -64,6 +64,10 @@ class FleetNode:
                                          stats=stats)
         return cls(config, stats, gw.Gateway(origin, secret, stats), wrapped)
 
+    def distrust(self, loc: Location) -> bool:
+        backend = self.fetch_backends.get(loc.store)
+        return isinstance(backend, FleetBackend) and backend.distrust(loc)
+
     async def serve(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
         await gw.serve(self.gateway, self.config.gateway_port, task_status=task_status)
 

@@ -1,0 +1,143 @@
+"""The reading side of fleet mode against a real HTTP server standing in for the local nginx (a lying
+or broken mesh is what this tests; tests/test_fleet.py runs the real nginx mesh): every wrong answer
+falls back to the origin, never reaches a reader, and is counted by its cause; a peer that flips a bit
+is caught by the full read's digest, and the image is then read from the origin, right."""
+
+from __future__ import annotations
+
+import hashlib
+import random
+import re
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import pytest
+
+from imgfs.backends.memory import MemoryBackend
+from imgfs.cache import ChunkCache
+from imgfs.errors import IntegrityError
+from imgfs.fleet.mesh import VERSION_HEADER, FleetBackend, FleetStats, MeshClient
+from imgfs.reader import ChunkFetcher, ImageReader, StreamVerifier
+
+CS = 256 * 1024
+
+
+class FakeMesh:
+    """Serves ranges of ``data`` the way the mesh does, or wrongly, as ``mode`` says."""
+
+    def __init__(self, data: bytes, version: str) -> None:
+        self.data, self.version, self.mode = data, version, "good"
+        self.requests = 0
+        mesh = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *args):
+                pass
+
+            def do_GET(self):  # noqa: N802 - http.server's name
+                mesh.requests += 1
+                a, b = map(int, re.fullmatch(r"bytes=(\d+)-(\d+)", self.headers["Range"]).groups())
+                body = bytearray(mesh.data[a : b + 1])
+                status, content_range, version = 206, f"bytes {a}-{b}/{len(mesh.data)}", mesh.version
+                if mesh.mode == "flip":
+                    body[len(body) // 2] ^= 0x01
+                elif mesh.mode == "short":
+                    body = body[:-1]
+                elif mesh.mode == "range":
+                    content_range = f"bytes {a + 1}-{b + 1}/{len(mesh.data)}"
+                elif mesh.mode == "version":
+                    version = "older"
+                elif mesh.mode == "503":
+                    status, body = 503, bytearray(b"busy")
+                self.send_response(status)
+                self.send_header("Content-Length", str(len(body) if mesh.mode != "short" else len(body) + 1))
+                if status == 206:
+                    self.send_header("Content-Range", content_range)
+                    self.send_header(VERSION_HEADER, version)
+                self.end_headers()
+                self.wfile.write(bytes(body))
+                if mesh.mode == "short":
+                    self.close_connection = True
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        self.port = self.server.server_address[1]
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.fixture
+async def rig(tmp_path, nursery):
+    data = random.Random(7).randbytes(6 * CS + 1000)
+    origin = MemoryBackend(name="s3", kind="s3")
+    loc = origin.put("img", data)
+    mesh = FakeMesh(data, loc.version)
+    stats = FleetStats()
+    fleet = FleetBackend(origin, MeshClient(mesh.port, timeout=5, connections=4), chunk_size=CS, min_size=0, stats=stats)
+    cache = ChunkCache(str(tmp_path / "cache"), max_bytes=1 << 30, max_count=10_000, memory_bytes=0)
+    await cache.open()
+    fetcher = ChunkFetcher(cache, {"s3": fleet}, chunk_size=CS, max_connections=4)
+    fetcher.second_chance = fleet.distrust
+    fetcher.attach(nursery)
+    yield data, loc, mesh, stats, fetcher, origin
+    mesh.close()
+
+
+async def read_whole(fetcher, loc, data, digest=None) -> bytes:
+    verify = StreamVerifier("sha512", digest or hashlib.sha512(data).hexdigest(), len(data))
+    reader = ImageReader(fetcher, [loc], prefetch_max=0, verify=verify, on_integrity_error=fetcher.drop_copies)
+    out = bytearray()
+    for off in range(0, len(data), 64 * 1024):
+        out += await reader.read(off, 64 * 1024)
+    return bytes(out)
+
+
+@pytest.mark.parametrize("mode, cause", [("short", "broken_body"), ("range", "bad_range"), ("version", "version"),
+                                         ("503", "http_503")])
+async def test_a_wrong_answer_is_read_from_the_origin_and_counted(rig, mode, cause):
+    data, loc, mesh, stats, fetcher, origin = rig
+    mesh.mode = mode
+    assert await read_whole(fetcher, loc, data) == data
+    assert set(stats.fallbacks) == {cause} and stats.mesh_bytes == 0
+    assert stats.origin_bytes == origin.read_bytes >= len(data)  # every byte the reader got came from the origin
+
+
+async def test_an_unreachable_mesh_is_read_from_the_origin(rig):
+    data, loc, mesh, stats, fetcher, origin = rig
+    mesh.close()
+    assert await read_whole(fetcher, loc, data) == data
+    assert set(stats.fallbacks) == {"unreachable"} and stats.mesh_bytes == 0
+
+
+async def test_a_good_mesh_answers_every_chunk_and_the_origin_sends_nothing(rig):
+    data, loc, mesh, stats, fetcher, origin = rig
+    assert await read_whole(fetcher, loc, data) == data
+    assert stats.mesh_bytes == len(data) and stats.fallbacks == {} and origin.read_bytes == 0
+
+
+async def test_a_peer_that_flips_a_bit_never_yields_a_wrong_full_image(rig):
+    """The flipped chunks pass the mesh's own checks (status, range, length, version): the full read's
+    digest catches them. That read fails (EIO); the mesh is bypassed for the version, and the next full
+    read comes from the origin, right. Partial reads of flipped chunks are not caught: chunk digests a
+    peer cannot forge are the next step (README, "Fleet mode")."""
+    data, loc, mesh, stats, fetcher, origin = rig
+    mesh.mode = "flip"
+    with pytest.raises(IntegrityError):
+        await read_whole(fetcher, loc, data)
+    assert stats.integrity_failures == 1 and loc not in fetcher.quarantined
+    asked = mesh.requests
+    while fetcher.inflight:
+        import trio
+
+        await trio.sleep(0.01)
+    assert await read_whole(fetcher, loc, data) == data
+    assert mesh.requests == asked and stats.fallbacks.get("distrusted", 0) >= 1
+    # the origin's own bytes failing their digest quarantine the copy, as without the fleet
+    with pytest.raises(IntegrityError):
+        await read_whole(fetcher, loc, data, digest="00" * 64)
+    assert loc in fetcher.quarantined
