@@ -212,3 +212,60 @@ def test_a_cinder_store_without_the_cinder_extra_is_one_line_naming_the_extra(tm
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and "store 'cs' (type cinder) needs imgfs's 'cinder' extra" in lines[0], result.stderr
     assert "pip install 'imgfs[cinder]'" in lines[0] and "Traceback" not in result.stderr
+
+
+# ---- [fleet] -------------------------------------------------------------------------------------------
+
+def fleet_conf(tmp_path, fleet: str) -> list[str]:
+    for name in ("node.crt", "node.key", "ca.crt"):
+        (tmp_path / name).write_text("-----BEGIN-----\n")
+    path = tmp_path / "imgfs.conf"
+    path.write_text(textwrap.dedent(f"""\
+        [DEFAULT]
+        enabled_backends = f:file
+        [f]
+        filesystem_store_datadir = {tmp_path}
+        [imgfs]
+        cache_dir = {tmp_path}/cache
+        [fleet]
+        """) + fleet.replace("DIR", str(tmp_path)))
+    return [str(path)]
+
+
+FLEET_OK = """\
+enabled = true
+mesh_listen = 198.18.0.1:8443
+members = 198.18.0.1:8443, 198.18.0.2:8443
+certfile = DIR/node.crt
+keyfile = DIR/node.key
+cafile = DIR/ca.crt
+"""
+
+
+def test_fleet_options_are_read_and_a_mount_keeps_them(tmp_path):
+    cfg = config.load(fleet_conf(tmp_path, FLEET_OK))
+    assert cfg.fleet is not None and cfg.fleet.members == ("198.18.0.1:8443", "198.18.0.2:8443")
+    assert (cfg.fleet.local_port, cfg.fleet.gateway_port, cfg.fleet.min_image_mb) == (8085, 8089, 64)
+    assert config.refuse_own_mount(cfg, str(tmp_path / "mnt")).fleet == cfg.fleet
+    assert config.load(fleet_conf(tmp_path, FLEET_OK.replace("enabled = true", "enabled = false"))).fleet is None
+
+
+def test_fleet_members_file_one_per_line(tmp_path):
+    (tmp_path / "members").write_text("# the mesh\n198.18.0.1:8443\n198.18.0.3:8443  # added\n\n")
+    text = FLEET_OK.replace("members = 198.18.0.1:8443, 198.18.0.2:8443", "members_file = DIR/members")
+    assert config.load(fleet_conf(tmp_path, text)).fleet.members == ("198.18.0.1:8443", "198.18.0.3:8443")
+
+
+@pytest.mark.parametrize("change, expect", [
+    (("mesh_listen = 198.18.0.1:8443\n", ""), "needs mesh_listen"),
+    (("members = 198.18.0.1:8443, 198.18.0.2:8443\n", ""), "needs members"),
+    (("members = 198.18.0.1:8443, 198.18.0.2:8443", "members = node-a:8443"), "[fleet] members = 'node-a:8443'"),
+    (("cafile = DIR/ca.crt\n", ""), "needs cafile"),
+    (("cafile = DIR/ca.crt", "cafile = DIR/nothing.crt"), "not a readable file"),
+    (("members = 198.18.0.1:8443, 198.18.0.2:8443", "members_file = DIR/absent"), "members_file"),
+    (("enabled = true", "enabled = true\nlocal_port = 8089"), "the same as local_port"),
+])
+def test_a_bad_fleet_section_is_one_line(tmp_path, change, expect):
+    with pytest.raises(ConfigError) as info:
+        config.load(fleet_conf(tmp_path, FLEET_OK.replace(*change)))
+    assert expect in str(info.value) and "\n" not in str(info.value), info.value

@@ -34,7 +34,7 @@ def file_store(tmp_path: Path) -> tuple[Path, bytes]:
     return conf, data
 
 
-@pytest.mark.parametrize("unit", ["imgfs.service", "imgfs@.service"])
+@pytest.mark.parametrize("unit", ["imgfs.service", "imgfs@.service", "imgfs-mesh.service"])
 def test_units_pass_systemd_analyze_verify(tmp_path, unit):
     # The units name /usr/local/bin/imgfs (where an install puts it); verify checks that the binary
     # exists, so point a copy at this checkout's venv.
