@@ -127,7 +127,10 @@ class Fleet:
 
     def origin_tx(self) -> int:
         """Bytes the origin has sent, from its interface's own counter."""
-        info = json.loads(run("ip", "-n", f"{self.prefix}-origin", "-j", "-s", "link", "show", "dev", "vo").stdout)
+        return self.tx(f"{self.prefix}-origin", "vo")
+
+    def tx(self, ns: str, dev: str) -> int:
+        info = json.loads(run("ip", "-n", ns, "-j", "-s", "link", "show", "dev", dev).stdout)
         return int(info[0]["stats64"]["tx"]["bytes"])
 
     def in_ns(self, ns: str, *cmd: str) -> list[str]:
@@ -161,7 +164,7 @@ class Fleet:
     # ---- nodes --------------------------------------------------------------------------------------
 
     def add_node(self, index: int, ca: tuple[Path, Path], *, chunk_mb: int, members: list[str], rate: str | None = None,
-                 min_image_mb: int = 1, extra: str = "") -> Node:
+                 min_image_mb: int = 1, extra: str = "", fleet: bool = True) -> Node:
         ns = self.netns(f"n{index}")
         ip = f"{SUBNET}.{index}"
         self.wire(ns, ip, f"v{index}", rate)
@@ -188,7 +191,7 @@ class Fleet:
             refresh_interval = 60
             control_socket = {d / 'control.sock'}
             [fleet]
-            enabled = true
+            enabled = {'true' if fleet else 'false'}
             mesh_listen = {ip}:{MESH_PORT}
             members = {", ".join(members)}
             certfile = {crt}
@@ -210,26 +213,29 @@ class Fleet:
         run(*self.in_ns(node.ns, PYTHON, "-m", "imgfs", "fleet", "render", "--config-file", str(node.conf), "--workers", "1",
                        "--worker-user", "root"))  # the test tree is root's alone (0700)
 
-    def start_nginx(self, node: Node) -> None:
-        self.render(node)
+    def start_nginx(self, node: Node, conf: Path | None = None) -> None:
+        if conf is None:
+            self.render(node)
+            conf = node.dir / "mesh" / "nginx.conf"
         log = open(node.dir / "nginx.log", "ab")
-        node.nginx = subprocess.Popen(self.in_ns(node.ns, "nginx", "-c", str(node.dir / "mesh" / "nginx.conf"), "-g", "daemon off;"),
+        node.nginx = subprocess.Popen(self.in_ns(node.ns, "nginx", "-c", str(conf), "-g", "daemon off;"),
                                       stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-        wait_until(lambda: node.nginx.poll() is not None or self._listening(node, MESH_PORT), 20, f"node{node.index}'s nginx")
+        wait_until(lambda: node.nginx.poll() is not None or self._listening(node, 8085), 20, f"node{node.index}'s nginx")
         assert node.nginx.poll() is None, node.nginx_log()
 
     def _listening(self, node: Node, port: int) -> bool:
         out = run(*self.in_ns(node.ns, "ss", "-Htln", f"sport = :{port}"), check=False).stdout
         return bool(out.strip())
 
-    def start_imgfs(self, node: Node) -> None:
+    def start_imgfs(self, node: Node, fleet_on: bool = True) -> None:
         log = open(node.dir / "imgfs.log", "ab")
         node.imgfs = subprocess.Popen(self.in_ns(node.ns, PYTHON, "-m", "imgfs", "mount", str(node.mnt), "--config-file", str(node.conf)),
                                       stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         wait_until(lambda: node.imgfs.poll() is not None or "mounted " in node.log(), 60, f"node{node.index}'s mount")
         assert node.imgfs.poll() is None, node.log()
-        wait_until(lambda: "fleet: reading chunks through the mesh" in node.log() or "fleet: cannot" in node.log(), 20,
-                   f"node{node.index}'s gateway")
+        if fleet_on:
+            wait_until(lambda: "fleet: reading chunks through the mesh" in node.log() or "fleet: cannot" in node.log(), 20,
+                       f"node{node.index}'s gateway")
 
     def stop(self, proc: subprocess.Popen | None, sig: int = signal.SIGTERM, timeout: float = 30) -> None:
         if proc is None or proc.poll() is not None:
@@ -259,8 +265,11 @@ class Fleet:
 
 
 def new_fleet(root: Path, n: int, *, chunk_mb: int = 4, origin_rate: str | None = None, node_rate: str | None = None,
-              min_image_mb: int = 1) -> tuple[Fleet, tuple[Path, Path]]:
-    """N nodes up (nginx and imgfs each), the origin up with an empty bucket. The caller closes it."""
+              min_image_mb: int = 1, mode: str = "mesh", nginx_conf=None) -> tuple[Fleet, tuple[Path, Path]]:
+    """N nodes up, the origin up with an empty bucket; the caller closes it. ``mode``: ``mesh`` (imgfs and
+    nginx on every node), ``direct`` (imgfs alone, no fleet), ``single`` (every node's nginx sends every
+    chunk to node 1: one shared site cache), ``engine`` (nginx alone, its config from
+    ``nginx_conf(fleet, node, members)``: no imgfs)."""
     prefix = f"imgfs{uuid.uuid4().hex[:4]}"
     fleet = Fleet(root, prefix)
     try:
@@ -270,12 +279,22 @@ def new_fleet(root: Path, n: int, *, chunk_mb: int = 4, origin_rate: str | None 
         fleet.start_origin(origin_rate)
         ca = make_ca(root / "pki", "fleet-ca")
         members = [f"{SUBNET}.{i}:{MESH_PORT}" for i in range(1, n + 1)]
+        if mode == "single":
+            members = members[:1]
         for i in range(1, n + 1):
-            fleet.add_node(i, ca, chunk_mb=chunk_mb, members=members, rate=node_rate, min_image_mb=min_image_mb)
+            fleet.add_node(i, ca, chunk_mb=chunk_mb, members=members, rate=node_rate, min_image_mb=min_image_mb,
+                           fleet=mode != "direct")
+        if mode == "engine":
+            for node in fleet.nodes:
+                conf = node.dir / "engine.conf"
+                conf.write_text(nginx_conf(fleet, node, members))
+                fleet.start_nginx(node, conf)
+            return fleet, ca
+        if mode != "direct":
+            for node in fleet.nodes:
+                fleet.start_nginx(node)
         for node in fleet.nodes:
-            fleet.start_nginx(node)
-        for node in fleet.nodes:
-            fleet.start_imgfs(node)
+            fleet.start_imgfs(node, fleet_on=mode != "direct")
         return fleet, ca
     except BaseException:
         fleet.close()
