@@ -23,6 +23,7 @@ import argparse
 import hashlib
 import json
 import os
+import shutil
 import signal
 import statistics
 import subprocess
@@ -222,10 +223,14 @@ def cell(root: Path, n: int, mode: str, size: int, chunk_mb: int, rate: str, wor
             print(json.dumps(row), flush=True)
     finally:
         fleet.close()
+        # each node holds the image twice (its cache, its nginx's share): 32 nodes are ~17 GB a cell
+        shutil.rmtree(work, ignore_errors=True)
     return rows
 
 
 def main() -> int:
+    # a SIGTERM (timeout, Ctrl-C from a wrapper) must still run every cell's cleanup: N daemons, N nginx
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--nodes", default="8,16,32")
     ap.add_argument("--size-mib", type=int, default=256)
@@ -234,9 +239,11 @@ def main() -> int:
     ap.add_argument("--modes", default="engine,direct,mesh,single")
     ap.add_argument("--no-faults", action="store_true")
     ap.add_argument("--json", help="write every row here")
+    ap.add_argument("--workdir", default=None, help="where the cells' files go (default: the temp dir); a 32-node cell "
+                    "needs ~N x 2 x the image size")
     args = ap.parse_args()
     size = args.size_mib * MiB
-    root = Path(tempfile.mkdtemp(prefix="imgfs-fleet-bench-"))
+    root = Path(tempfile.mkdtemp(prefix="imgfs-fleet-bench-", dir=args.workdir))
     rows = []
     for n in map(int, args.nodes.split(",")):
         for mode in args.modes.split(","):
@@ -256,6 +263,7 @@ def main() -> int:
             print(f"      error: {e}")
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=1))
+    shutil.rmtree(root, ignore_errors=True)
     return 0 if all(r["ok"] == r["readers"] for r in rows) else 1
 
 

@@ -475,14 +475,23 @@ class ChunkCache:
 
     async def drop(self, store: str, image_id: str, keep_version: str | None = None) -> int:
         """Forget every cached chunk of one image except those of ``keep_version``; returns the count."""
+        rels = self.forget(store, image_id, keep_version)
+        await self._unlink(rels)
+        return len(rels)
+
+    def forget(self, store: str, image_id: str, keep_version: str | None = None) -> list[str]:
+        """The part of drop() that takes effect at once: no read finds those chunks after this returns.
+        Returns their files, for remove_files()."""
         keep = None if keep_version is None else _version_tag(keep_version) + "."
         rels = [r for r in self._by_image.get(_image_tag(store, image_id), ()) if keep is None or not r.partition("/")[2].startswith(keep)]
         for rel in rels:
             self._remove(rel)
         for key in [k for k in self._memory if k.store == store and k.image_id == image_id and k.version != keep_version]:
             self._forget(key)
+        return rels
+
+    async def remove_files(self, rels: list[str]) -> None:
         await self._unlink(rels)
-        return len(rels)
 
     def cached_chunks(self, store: str, image_id: str, version: str, chunk_size: int) -> int:
         prefix = f"{_version_tag(version)}.{chunk_size}."

@@ -198,7 +198,8 @@ class ChunkFetcher:
         quarantines it."""
         for loc in locations:
             self._verified = {v for v in self._verified if v[0] != loc}
-            self.spawn(self.cache.drop, loc.store, loc.image_id)
+            # forgotten now, so the very next read cannot find them; the files go in the background
+            self.spawn(self.cache.remove_files, self.cache.forget(loc.store, loc.image_id))
             if self.second_chance is not None and self.second_chance(loc):
                 self.quarantined.discard(loc)
                 log.warning("image %s (store '%s'): the mismatch came with bytes from the mesh; reading this version "

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 import urllib.parse
 from dataclasses import dataclass, field
 
@@ -27,6 +28,7 @@ VERSION_HEADER = "X-Imgfs-Version"
 CHUNK_HEADER = "X-Imgfs-Chunk"  # what the local nginx hashes on, with the path: one owner per chunk
 PATH_PREFIX = "/fleet/v1"
 CONNECT_TIMEOUT = 1.0  # loopback: a local nginx that does not accept at once is not there
+_PIECE = 1 << 20  # bytes per read of a body: the deadline is checked between them
 
 
 def chunk_path(loc: Location) -> str:
@@ -78,12 +80,13 @@ class MeshClient:
 
     def __init__(self, port: int, timeout: float, connections: int) -> None:
         self.base = f"http://127.0.0.1:{port}"
+        self.timeout = timeout
         self._pool = urllib3.HTTPConnectionPool(
             "127.0.0.1", port, maxsize=connections, block=False, retries=False,
             timeout=urllib3.Timeout(connect=CONNECT_TIMEOUT, read=timeout),
         )
 
-    def get(self, loc: Location, offset: int, length: int, chunk: int) -> bytes:
+    def get(self, loc: Location, offset: int, length: int, chunk: int) -> bytearray:
         end = offset + length - 1
         try:
             r = self._pool.request(
@@ -101,18 +104,34 @@ class MeshClient:
                 raise MeshRefused("bad_range", f"Content-Range {r.headers.get('Content-Range')!r}, asked {want_range!r}")
             if r.headers.get(VERSION_HEADER) != loc.version:
                 raise MeshRefused("version", f"version {r.headers.get(VERSION_HEADER)!r}, want {loc.version!r}")
-            try:
-                data = r.read(length + 1)  # one byte more than asked: a longer body is a lie too
-            except urllib3.exceptions.HTTPError as e:
-                raise MeshRefused("broken_body", f"body: {type(e).__name__}") from None
-            if len(data) != length:
-                raise MeshRefused("short_body", f"{len(data)} bytes of {length}")
+            data = self._body(r, length)
             ok = True
             return data
         finally:
             if not ok:  # whatever is left of that answer must not be read as the next one's
                 r.close()
             r.release_conn()
+
+    def _body(self, r: urllib3.BaseHTTPResponse, length: int) -> bytearray:
+        """Exactly ``length`` bytes, read in place (no copy per piece), within ``timeout`` in all: a peer
+        that drips bytes must not hold a reader longer than one that stops."""
+        buf = bytearray(length)
+        view = memoryview(buf)
+        got = 0
+        deadline = time.monotonic() + self.timeout
+        try:
+            while got < length:
+                n = r.readinto(view[got : got + _PIECE])
+                if not n:
+                    raise MeshRefused("short_body", f"{got} bytes of {length}")
+                got += n
+                if time.monotonic() > deadline:
+                    raise MeshRefused("slow", f"{got} of {length} bytes in {self.timeout:g}s")
+            if r.read(1):  # a longer body is a lie too
+                raise MeshRefused("long_body", f"more than the {length} bytes asked")
+        except urllib3.exceptions.HTTPError as e:
+            raise MeshRefused("broken_body", f"body: {type(e).__name__}") from None
+        return buf
 
     def close(self) -> None:
         self._pool.close()
@@ -178,9 +197,9 @@ class FleetBackend:
             upto = min(end, (chunk + 1) * self.chunk_size)
             pieces.append(self._piece(location, pos, upto - pos, chunk))
             pos = upto
-        return pieces[0] if len(pieces) == 1 else b"".join(pieces)
+        return pieces[0] if len(pieces) == 1 else b"".join(pieces)  # type: ignore[return-value]
 
-    def _piece(self, loc: Location, offset: int, length: int, chunk: int) -> bytes:
+    def _piece(self, loc: Location, offset: int, length: int, chunk: int) -> bytes | bytearray:
         try:
             data = self.client.get(loc, offset, length, chunk)
         except MeshRefused as e:
