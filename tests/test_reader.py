@@ -170,7 +170,12 @@ async def test_a_hung_store_read_fails_after_its_read_timeout(parts, monkeypatch
     reads = backend.read_bytes
     with pytest.raises(BackendError, match="took over 0.1s"):  # held: the same error at once
         await ImageReader(fetcher, [loc], prefetch_max=0).read(CS, CS)
-    await trio.sleep(1.5)  # the hold ends; the abandoned read finishes on its own
+    # the abandoned read (still sleeping its 1 s in its thread) finishes on its own: wait for exactly
+    # that, bounded, rather than for a guessed time
+    with trio.fail_after(10):
+        while backend.read_bytes < reads + CS:
+            await trio.sleep(0.01)
+    await trio.sleep(max(0.0, started + 0.5 + 0.1 - trio.current_time()))  # and the 0.5 s hold is over
     assert backend.read_bytes == reads + CS, "a held copy was asked again"
     assert await ImageReader(fetcher, [loc], prefetch_max=0).read(0, 2 * CS) == data
 
