@@ -225,6 +225,11 @@ def metrics(d: Daemon) -> bytes:
                 for cause, value in fleet["fallbacks"].items():
                     falls.add_metric([cause], value)
                 yield falls
+                again = CounterMetricFamily("imgfs_fleet_retries", "chunk reads asked of the mesh a second time (an "
+                                            "owner lost mid-answer: the ring's next owner answers)", labels=["cause"])
+                for cause, value in fleet["retries"].items():
+                    again.add_metric([cause], value)
+                yield again
                 yield CounterMetricFamily("imgfs_fleet_served_bytes", "bytes the origin gateway sent this node's nginx",
                                           value=fleet["served_bytes"])
                 yield by_status("imgfs_fleet_gateway_refusals", "gateway requests refused (403 not our nginx, 404 not in "

@@ -16,14 +16,13 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
-import sys
 import textwrap
-import time
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from .conftest import wait_for as wait_until  # the suite's one bounded wait
 
 REPO = Path(__file__).resolve().parent.parent
 PYTHON = str(REPO / ".venv/bin/python")
@@ -37,17 +36,6 @@ ACCESS_KEY, SECRET_KEY = "AKIAFLEETTEST0000001", "fleet-test-secret-9d8f7a6s5d4f
 
 def run(*cmd: str, check: bool = True, **kw) -> subprocess.CompletedProcess:
     return subprocess.run(list(cmd), check=check, capture_output=True, text=True, timeout=120, **kw)
-
-
-def wait_until(predicate, timeout: float, what: str, interval: float = 0.05):
-    deadline = time.monotonic() + timeout
-    while True:
-        result = predicate()
-        if result:
-            return result
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(interval)
 
 
 def make_ca(directory: Path, name: str) -> tuple[Path, Path]:
@@ -299,20 +287,3 @@ def new_fleet(root: Path, n: int, *, chunk_mb: int = 4, origin_rate: str | None 
     except BaseException:
         fleet.close()
         raise
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-if __name__ == "__main__":  # a quick look by hand: python tests/fleetlab.py 3
-    import tempfile
-
-    with tempfile.TemporaryDirectory() as d:
-        f, _ = new_fleet(Path(d), int(sys.argv[1]) if len(sys.argv) > 1 else 3)
-        try:
-            print("up:", [n.ip for n in f.nodes])
-        finally:
-            f.close()

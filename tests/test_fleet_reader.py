@@ -26,7 +26,7 @@ class FakeMesh:
     """Serves ranges of ``data`` the way the mesh does, or wrongly, as ``mode`` says."""
 
     def __init__(self, data: bytes, version: str) -> None:
-        self.data, self.version, self.mode = data, version, "good"
+        self.data, self.version, self.mode, self.after = data, version, "good", "short"
         self.requests = 0
         mesh = self
 
@@ -38,6 +38,10 @@ class FakeMesh:
 
             def do_GET(self):  # noqa: N802 - http.server's name
                 mesh.requests += 1
+                if mesh.mode == "short-once":  # an owner lost under one answer, then the next one answers
+                    mesh.mode = "short"
+                elif mesh.mode == "short":
+                    mesh.mode = mesh.after
                 a, b = map(int, re.fullmatch(r"bytes=(\d+)-(\d+)", self.headers["Range"]).groups())
                 body = bytearray(mesh.data[a : b + 1])
                 status, content_range, version = 206, f"bytes {a}-{b}/{len(mesh.data)}", mesh.version
@@ -105,6 +109,13 @@ async def test_a_wrong_answer_is_read_from_the_origin_and_counted(rig, mode, cau
     assert await read_whole(fetcher, loc, data) == data
     assert set(stats.fallbacks) == {cause} and stats.mesh_bytes == 0
     assert stats.origin_bytes == origin.read_bytes >= len(data)  # every byte the reader got came from the origin
+
+
+async def test_an_answer_cut_short_is_asked_of_the_mesh_once_more_before_the_origin(rig):
+    data, loc, mesh, stats, fetcher, origin = rig
+    mesh.mode, mesh.after = "short-once", "good"
+    assert await read_whole(fetcher, loc, data) == data
+    assert stats.retries == {"broken_body": 1} and stats.fallbacks == {} and origin.read_bytes == 0
 
 
 async def test_an_unreachable_mesh_is_read_from_the_origin(rig):

@@ -29,6 +29,8 @@ CHUNK_HEADER = "X-Imgfs-Chunk"  # what the local nginx hashes on, with the path:
 PATH_PREFIX = "/fleet/v1"
 CONNECT_TIMEOUT = 1.0  # loopback: a local nginx that does not accept at once is not there
 _PIECE = 1 << 20  # bytes per read of a body: the deadline is checked between them
+# What one more ask of the mesh may mend: an owner lost mid-answer, or every owner nginx tried down.
+RETRY_CAUSES = frozenset({"broken_body", "short_body", "http_502", "http_504"})
 
 
 def chunk_path(loc: Location) -> str:
@@ -54,6 +56,7 @@ class FleetStats:
     origin_bytes: int = 0  # bytes of large images read from the origin directly (after a fallback)
     mesh_reads: int = 0
     fallbacks: dict[str, int] = field(default_factory=dict)  # cause -> reads that went to the origin
+    retries: dict[str, int] = field(default_factory=dict)  # cause -> reads asked of the mesh a second time
     bypass_bytes: int = 0  # bytes of images below min_image_mb, read from the origin as before
     served_bytes: int = 0  # bytes the gateway sent this node's nginx (for peers, or for this node)
     served_requests: int = 0
@@ -201,7 +204,16 @@ class FleetBackend:
 
     def _piece(self, loc: Location, offset: int, length: int, chunk: int) -> bytes | bytearray:
         try:
-            data = self.client.get(loc, offset, length, chunk)
+            try:
+                data = self.client.get(loc, offset, length, chunk)
+            except MeshRefused as e:
+                if e.cause not in RETRY_CAUSES:
+                    raise
+                # The owner died under this request (nginx cannot retry a body it began to pass on) or
+                # the local nginx gave up on it: nginx has marked it down by now, so one more ask goes to
+                # the ring's next owner, whose one fetch serves the fleet -- the origin is the last resort.
+                self.stats.count("retries", e.cause)
+                data = self.client.get(loc, offset, length, chunk)
         except MeshRefused as e:
             self.stats.count("fallbacks", e.cause)
             if self._logged.allow(e.cause):
