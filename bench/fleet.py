@@ -12,7 +12,8 @@ Modes, side by side at each N:
 - engine: the same nginx mesh alone, each node fetching the object with curl through its own nginx
   (owners' caches in front of the origin directly, no imgfs): the engine's own limit.
 Workloads: all N nodes 'imgfs warm' the image at once; all N read it through the mount (sha256sum).
-Faults (mesh, N=8): an owner's nginx killed at 30%, an owner blackholed at 30%.
+Faults (mesh, N=8): an owner's nginx killed at 30%, an owner blackholed at 30%, a ninth node joining at 30%
+(members rewritten and every nginx reloaded; the new node reads too).
 
 Every node's sha256 is checked. Prints a table; --json writes the numbers.
 """
@@ -23,6 +24,7 @@ import argparse
 import hashlib
 import json
 import os
+import re
 import shutil
 import signal
 import statistics
@@ -145,9 +147,10 @@ def one_round(fleet: Fleet, mode: str, workload: str, key: str, size: int, want:
 
     with ThreadPoolExecutor(len(readers) + 1) as pool:
         futures = [pool.submit(fetch, n) for n in readers]
-        if fault is not None:
-            pool.submit(fault, fleet, size, tx0)
+        faulted = pool.submit(fault, fleet, size, tx0) if fault is not None else None
         results = [f.result() for f in futures]
+        if faulted is not None:
+            faulted.result()  # a fault that could not be made is an error of the bench, not a pass
     wall = time.monotonic() - started
     cpu = cpu_seconds(pgids(fleet)) - cpu0
     origin = fleet.origin_tx() - tx0
@@ -196,10 +199,33 @@ def blackhole_at_30(victim):
     return fault
 
 
+def add_node_at_30(_victim):
+    """At 30% of the origin's bytes a node joins: it gets a certificate, its nginx and imgfs start, every
+    node's members list is rewritten and its nginx reloaded, and the new node reads the image too."""
+    def fault(fleet: Fleet, size: int, tx0: int) -> None:
+        while fleet.origin_tx() - tx0 < 0.3 * size:
+            time.sleep(0.02)
+        old = fleet.nodes[0]
+        index = len(fleet.nodes) + 1
+        members = [f"{n.ip}:{MESH_PORT}" for n in fleet.nodes] + [f"198.18.0.{index}:{MESH_PORT}"]
+        chunk_mb = int(re.search(r"(?m)^chunk_size_mb = (\d+)", old.conf.read_text()).group(1))
+        node = fleet.add_node(index, fleet.ca, chunk_mb=chunk_mb, members=members)
+        fleet.start_nginx(node)
+        fleet.start_imgfs(node)
+        for other in fleet.nodes[:-1]:
+            fleet.set_members(other, members)
+        key = fleet.current_key
+        wait_for_file(node.images / key)
+        r = subprocess.run(["sha256sum", str(node.images / key)], capture_output=True, text=True, timeout=900)
+        fleet.joined_ok = r.returncode == 0 and r.stdout.split()[0] == fleet.current_want
+    return fault
+
+
 def cell(root: Path, n: int, mode: str, size: int, chunk_mb: int, rate: str, workloads: list[str], fault=None) -> list[dict]:
     work = Path(tempfile.mkdtemp(dir=root, prefix=f"{mode}{n}-"))
-    fleet, _ = new_fleet(work, n, chunk_mb=chunk_mb, origin_rate=rate, mode=mode,
+    fleet, ca = new_fleet(work, n, chunk_mb=chunk_mb, origin_rate=rate, mode=mode,
                          nginx_conf=lambda f, node, members: engine_conf(f, node, members, chunk_mb * MiB))
+    fleet.ca = ca  # type: ignore[attr-defined]
     rows = []
     try:
         data = os.urandom(size)
@@ -210,15 +236,20 @@ def cell(root: Path, n: int, mode: str, size: int, chunk_mb: int, rate: str, wor
         for workload in workloads:
             key = f"img-{workload}"
             fleet.put(key, src)
+            fleet.current_key, fleet.current_want = key, want  # type: ignore[attr-defined]
             readers = None
             fault_fn = None
             if fault is not None:
                 victim = fleet.nodes[1]
-                readers = [x for x in fleet.nodes if x is not victim]  # the victim serves, it does not read
+                if fault is not add_node_at_30:
+                    readers = [x for x in fleet.nodes if x is not victim]  # the victim serves, it does not read
                 fault_fn = fault(victim)
             row = one_round(fleet, mode, workload, key, size, want, readers, fault_fn)
             if fault is not None:
                 row["fault"] = fault.__name__
+                if hasattr(fleet, "joined_ok"):
+                    row["readers"] += 1
+                    row["ok"] += 1 if fleet.joined_ok else 0
             rows.append(row)
             print(json.dumps(row), flush=True)
     finally:
@@ -238,6 +269,7 @@ def main() -> int:
     ap.add_argument("--origin-rate", default="1gbit")
     ap.add_argument("--modes", default="engine,direct,mesh,single")
     ap.add_argument("--no-faults", action="store_true")
+    ap.add_argument("--faults-only", action="store_true", help="only the fault cells")
     ap.add_argument("--json", help="write every row here")
     ap.add_argument("--workdir", default=None, help="where the cells' files go (default: the temp dir); a 32-node cell "
                     "needs ~N x 2 x the image size")
@@ -245,12 +277,12 @@ def main() -> int:
     size = args.size_mib * MiB
     root = Path(tempfile.mkdtemp(prefix="imgfs-fleet-bench-", dir=args.workdir))
     rows = []
-    for n in map(int, args.nodes.split(",")):
+    for n in [] if args.faults_only else map(int, args.nodes.split(",")):
         for mode in args.modes.split(","):
             workloads = ["curl"] if mode == "engine" else ["warm", "mount"] if mode in ("direct", "mesh") else ["mount"]
             rows += cell(root, n, mode, size, args.chunk_mb, args.origin_rate, workloads)
     if not args.no_faults:
-        for fault in (kill_owner_at_30, blackhole_at_30):
+        for fault in (kill_owner_at_30, blackhole_at_30, add_node_at_30):
             rows += cell(root, 8, "mesh", size, args.chunk_mb, args.origin_rate, ["mount"], fault)
     print(f"\n{args.size_mib} MiB image, {args.chunk_mb} MiB chunks, origin link {args.origin_rate}; every node's sha256 checked")
     print(f"{'N':>3} {'mode':<7} {'workload':<6} {'fault':<16} {'ok':>5} {'origin x':>8} {'last s':>7} {'p50 s':>6} "

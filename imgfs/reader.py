@@ -191,7 +191,8 @@ class ChunkFetcher:
         return len(lifted)
 
     def drop_copies(self, locations: Sequence[Location]) -> None:
-        """Forget every cached chunk of copies that failed end-to-end verification (in the background).
+        """Forget every cached chunk of copies that failed end-to-end verification (at once; their files go
+        in the background).
 
         A copy whose bytes came through a relay (the fleet's mesh) that ``second_chance`` now bypasses for
         it is not quarantined: its next read comes from the store itself, and only a mismatch then

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import textwrap
@@ -195,6 +196,14 @@ class Fleet:
         node = Node(index, ns, ip, d, conf, mnt)
         self.nodes.append(node)
         return node
+
+    def set_members(self, node: Node, members: list[str]) -> None:
+        """A membership change as a deployment makes it: the list rewritten, rendered, nginx reloaded."""
+        text = re.sub(r"(?m)^members = .*$", "members = " + ", ".join(members), node.conf.read_text())
+        node.conf.write_text(text)
+        self.render(node)
+        if node.nginx is not None and node.nginx.poll() is None:
+            node.nginx.send_signal(signal.SIGHUP)  # nginx's reload: new workers, the old ones finish theirs
 
     def render(self, node: Node) -> None:
         # in the node's namespace: nginx -t binds the addresses it checks

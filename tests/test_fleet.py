@@ -122,6 +122,19 @@ def node_python() -> str:
     return PYTHON
 
 
+def test_every_fleet_metric_the_readme_names_is_exported(fleet):
+    import re
+
+    from .conftest import REPO
+
+    text = run(node_python(), "-m", "imgfs", "metrics", "--socket", str(fleet.nodes[0].dir / "control.sock")).stdout
+    named = set(re.findall(r"`(imgfs_fleet_\w+?)(?:\{[^`]*)?`", (REPO / "README.md").read_text()))
+    exported = set(re.findall(r"^# TYPE (\w+) ", text, re.M))
+    exported |= {n + "_total" for n in exported}
+    assert len(named) >= 5 and named <= exported, named - exported
+    assert 'imgfs_fleet_bytes_total{source="mesh"}' in text
+
+
 def test_an_owner_killed_mid_read_costs_no_reader_an_error(fleet):
     size = 12 * CHUNK_MB * MiB
     data, _ = image(fleet, "img-kill", size, 2)

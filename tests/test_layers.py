@@ -42,7 +42,7 @@ def users_of(prefix: str) -> set[str]:
         ("pyfuse3", {"fs.py", "daemon.py"}),
         ("boto3", {"backends/s3.py", "demo.py"}),
         ("botocore", {"backends/s3.py", "backends/s3_ranged.py"}),
-        ("urllib3", {"backends/s3.py"}),
+        ("urllib3", {"backends/s3.py", "fleet/mesh.py"}),
         ("os_brick", {"backends/cinder.py"}),
         ("cinderclient", {"backends/cinder.py"}),
         ("keystoneauth1", {"backends/cinder.py", "glance.py"}),
