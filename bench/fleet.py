@@ -128,7 +128,7 @@ def fetch_cmd(fleet: Fleet, node, mode: str, workload: str, key: str) -> list[st
 
 
 def one_round(fleet: Fleet, mode: str, workload: str, key: str, size: int, want: str, readers=None, fault=None) -> dict:
-    readers = readers if readers is not None else fleet.nodes
+    readers = list(readers if readers is not None else fleet.nodes)  # a copy: a joining node is counted apart
     if mode != "engine":
         for node in readers:
             wait_for_file(node.images / key)
