@@ -41,15 +41,16 @@ def fleet(tmp_path_factory):
         f.close()
 
 
-def image(fleet: Fleet, key: str, size: int, seed: int) -> tuple[bytes, str]:
-    """An object at the origin, and a lookup on every node so each catalog knows it now (not in 60 s)."""
+def image(fleet: Fleet, key: str, size: int, seed: int, known_by=None) -> tuple[bytes, str]:
+    """An object at the origin, and a lookup on each node of ``known_by`` (default: all) so their
+    catalogs know it now; the others would list it only at their next refresh (60 s)."""
     import random
 
     data = random.Random(seed).randbytes(size)
     path = fleet.root / f"{key}.src"
     path.write_bytes(data)
     etag = fleet.put(key, path)
-    for node in fleet.nodes:
+    for node in fleet.nodes if known_by is None else known_by:
         wait_until(lambda: (node.images / key).exists(), 30, f"{key} on node{node.index}")
     return data, etag
 
@@ -120,6 +121,21 @@ def node_python() -> str:
     from .fleetlab import PYTHON
 
     return PYTHON
+
+
+def test_a_fresh_upload_is_served_by_owners_that_have_not_listed_it_yet(fleet):
+    """The boot storm's very case: an image uploaded a moment ago, read by one node before the other
+    nodes' catalogs have listed it. Their gateways ask the store instead of answering 404, so the chunks
+    they own still come through the mesh, once, not from the origin to every reader."""
+    size = 8 * CHUNK_MB * MiB
+    reader = fleet.nodes[0]
+    data, _ = image(fleet, "img-fresh", size, 6, known_by=[reader])
+    before, t0 = fleet.origin_tx(), reader.status()["fleet"]
+    assert read_all(reader.images / "img-fresh") == data
+    t1 = reader.status()["fleet"]
+    assert t1["fallbacks"] == t0["fallbacks"], t1["fallbacks"]
+    assert t1["mesh_bytes"] - t0["mesh_bytes"] == size
+    assert (fleet.origin_tx() - before) / size <= 1.10
 
 
 def test_every_fleet_metric_the_readme_names_is_exported(fleet):

@@ -5,7 +5,9 @@ by its own nginx), so no peer and no local user reaches the stores through it.
 ``GET /fleet/v1/<store>/<image>/<version>`` with one ``Range: bytes=a-b`` is served from the origin
 (never from imgfs's chunk cache: the mesh's bytes come from the source, checked there as ever), and only
 for a version the catalog holds now: a changed image is 412, an unknown or deleted one 404, so nginx
-never caches bytes of a version the catalog has left. Answers are 206 with the exact
+never caches bytes of a version the catalog has left. An image this node has not listed yet (a fresh
+upload, the boot storm's very case), or listed at another version, is first asked of the store: an
+owner must not send every node to the origin until its next refresh. Answers are 206 with the exact
 ``Content-Range`` and the version in ``X-Imgfs-Version``, which nginx keeps with the cached chunk.
 """
 
@@ -41,7 +43,9 @@ Send = Callable[[dict[str, Any]], Awaitable[None]]
 class Origin(Protocol):
     """What the gateway needs of the daemon: the catalog's current copy, and the store's bytes."""
 
-    def location(self, store: str, image_id: str) -> Location | None: ...
+    async def locate(self, store: str, image_id: str, version: str) -> Location | None:
+        """The copy the catalog holds now, asking the store first when the catalog does not know the
+        image or holds another version than ``version`` (a peer may have listed it sooner)."""
 
     async def read(self, loc: Location, offset: int, length: int) -> bytes: ...
 
@@ -89,7 +93,7 @@ class Gateway:
         if m is None:
             return 404, [], b"imgfs gateway: no such path\n"
         store, image_id, version = (urllib.parse.unquote(p) for p in m.groups())
-        loc = self.origin.location(store, image_id)
+        loc = await self.origin.locate(store, image_id, version)
         if loc is None:
             return 404, [], b"imgfs gateway: no such image in the catalog\n"
         if loc.version != version:

@@ -13,6 +13,7 @@ from ..catalog import Catalog
 from ..config import FleetConfig
 from ..errors import ConfigError
 from ..model import Location
+from ..ratelimit import RateLimit
 from . import gateway as gw
 from .mesh import FleetBackend, FleetStats, MeshClient
 
@@ -21,6 +22,7 @@ log = logging.getLogger(__name__)
 # Stores whose chunks go through the mesh. A Cinder image-volume is read by attaching it, and an
 # attachment per owner per volume is what Cinder's multi-attach rules make expensive: not in the mesh.
 MESH_KINDS = ("s3", "file")
+RECHECK_EVERY = 5.0  # seconds between two store lookups of one image asked at a version we do not hold
 
 
 class _CatalogOrigin:
@@ -28,11 +30,21 @@ class _CatalogOrigin:
 
     def __init__(self, catalog: Catalog, backends: dict[str, Backend], limiter: trio.CapacityLimiter) -> None:
         self.catalog, self.backends, self.limiter = catalog, backends, limiter
+        self._rechecks = RateLimit(RECHECK_EVERY)
 
-    def location(self, store: str, image_id: str) -> Location | None:
+    async def locate(self, store: str, image_id: str, version: str) -> Location | None:
         if store not in self.backends:
             return None
-        return self.catalog.location(store, image_id)
+        loc = self.catalog.location(store, image_id)
+        if loc is None:
+            await self.catalog.lookup(image_id)  # asks the stores; a miss is remembered (negative_lookup_ttl)
+            loc = self.catalog.location(store, image_id)
+        elif loc.version != version and self._rechecks.allow((store, image_id)):
+            # a peer knows another version than this node's listing: ask the store now, at most once per
+            # RECHECK_EVERY per image (a peer still asking for an old version must not cost a HEAD a chunk)
+            await self.catalog.recheck(loc)
+            loc = self.catalog.location(store, image_id)
+        return loc
 
     async def read(self, loc: Location, offset: int, length: int) -> bytes:
         backend = self.backends[loc.store]
