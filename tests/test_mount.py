@@ -321,7 +321,12 @@ def test_readahead_is_tuned_even_under_an_escaped_mount_point(tmp_path, mounter)
                         file_dir=files, read_ahead_kb=4096)
     m = mounter(conf, name="mount point")
     dev = os.stat(m.path).st_dev
-    assert int(Path(f"/sys/class/bdi/{os.major(dev)}:{os.minor(dev)}/read_ahead_kb").read_text()) == 4096
+    bdi = Path(f"/sys/class/bdi/{os.major(dev)}:{os.minor(dev)}/read_ahead_kb")
+    # the mount is visible a moment before the daemon has tuned it (opens wait for it; this read does not)
+    wait_for(lambda: "mounted " in m.log(), 30, "the daemon's 'mounted' line, logged once tuned")
+    assert int(bdi.read_text()) == 4096
+    with open(m.images / "img", "rb") as f:  # and an open made now gets it
+        assert f.read() == b"x" * 4096
     assert "cannot set" not in m.log()
 
 
