@@ -77,8 +77,7 @@ class Gateway:
         if status != 206:
             self.stats.count("refusals", status)
         else:
-            self.stats.add("served_bytes", len(body))
-            self.stats.add("served_requests", 1)
+            self.stats.add(served_bytes=len(body), served_requests=1)
         await send({"type": "http.response.start", "status": status,
                     "headers": [(b"content-length", str(len(body)).encode()), *headers]})
         await send({"type": "http.response.body", "body": body})
