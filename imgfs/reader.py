@@ -299,7 +299,8 @@ class ChunkFetcher:
         costs the store and us the same whatever its size (measured: 8 MiB GETs cost s3rver twice the
         CPU per GiB of 32 MiB ones)."""
         assert self._nursery is not None, "ChunkFetcher.attach() was not called"
-        per_run = max(1, RUN_BYTES // self.chunk_size)
+        largest = getattr(self.backends[loc.store], "largest_read", RUN_BYTES)  # see backends.base.Backend
+        per_run = max(1, min(RUN_BYTES, largest) // self.chunk_size)
         run: list[tuple[int, ChunkKey, _Flight]] = []
         for index in range(first, last + 1):
             key = self.key(loc, index) if index < last else None
@@ -431,11 +432,14 @@ class ChunkFetcher:
         fetched once whatever mix of random and sequential readers asked for it. Blocks still in flight
         are fetched again rather than waited for: this holds a fetch slot that their fetch may need."""
         bs = SMALL_BLOCK
-        if not self.cache.holds_any(loc.store, loc.image_id, loc.version, bs):
+        end = offset + length
+        # (a reader's first READs come as small blocks before it is seen to be sequential: the chunks
+        # after them hold none, and must not cost a copy of every byte into a new buffer)
+        if not self.cache.holds_any(loc.store, loc.image_id, loc.version, bs) or \
+                not any(self.cache.contains(self.small_key(loc, b)) for b in range(offset // bs, -(-end // bs))):
             return await self._fetch_range(loc, offset, length)
         out = bytearray(length)
         view = memoryview(out)
-        end = offset + length
         missing_from: int | None = None  # the first block of the run of missing blocks so far
         for block in range(offset // bs, -(-end // bs) + 1):
             lo = block * bs

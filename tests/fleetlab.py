@@ -92,6 +92,9 @@ class Fleet:
     origin: subprocess.Popen | None = None
     bucket: str = "glance"
     namespaces: list[str] = field(default_factory=list)
+    helpers: list[subprocess.Popen] = field(default_factory=list)  # proxies and bridges, stopped at close
+    origin_front: subprocess.Popen | None = None
+    ca: tuple[Path, Path] | None = None  # (key, certificate) of the fleet's CA
 
     # ---- network ------------------------------------------------------------------------------------
 
@@ -127,14 +130,30 @@ class Fleet:
 
     # ---- the origin ---------------------------------------------------------------------------------
 
-    def start_origin(self, rate: str | None = None) -> None:
+    def start_origin(self, rate: str | None = None, front: list[str] | None = None) -> None:
+        """moto on the origin's address; with ``front`` (tests.s3proxy's options), moto on the namespace's
+        loopback and a fault-injecting proxy on the origin's address in front of it."""
         ns = self.netns("origin")
         self.wire(ns, ORIGIN_IP, "vo", rate)
         log = open(self.root / "origin.log", "wb")
-        self.origin = subprocess.Popen(self.in_ns(ns, PYTHON, "-m", "moto.server", "-H", ORIGIN_IP, "-p", str(ORIGIN_PORT)),
+        host, port = (ORIGIN_IP, ORIGIN_PORT) if front is None else ("127.0.0.1", ORIGIN_PORT + 1)
+        self.origin = subprocess.Popen(self.in_ns(ns, PYTHON, "-m", "moto.server", "-H", host, "-p", str(port)),
                                        stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        if front is not None:
+            self.origin_front = self.proxy(ns, f"{ORIGIN_IP}:{ORIGIN_PORT}", f"http://{host}:{port}", front, "origin-front")
         self.s3("import sys", "for _ in range(200):\n    try:\n        s3.list_buckets(); break\n    except Exception:\n"
                 "        import time; time.sleep(0.05)\ns3.create_bucket(Bucket=BUCKET)")
+
+    def proxy(self, ns: str, listen: str, upstream: str, options: list[str], name: str) -> subprocess.Popen:
+        """A tests.s3proxy process in ``ns``: SIGUSR1 starts its fault."""
+        log = open(self.root / f"{name}.log", "ab")
+        proc = subprocess.Popen(self.in_ns(ns, PYTHON, "-m", "tests.s3proxy", "--listen", listen, "--upstream", upstream, *options),
+                                stdout=log, stderr=subprocess.STDOUT, start_new_session=True, cwd=REPO)
+        self.helpers.append(proc)
+        port = int(listen.rsplit(":", 1)[1])
+        wait_until(lambda: proc.poll() is not None or self._listening_ns(ns, port), 20, name)
+        assert proc.poll() is None, (self.root / f"{name}.log").read_text()
+        return proc
 
     def s3(self, *lines: str) -> str:
         """Run boto3 code against the origin from inside its namespace (the test's own has no route there)."""
@@ -153,7 +172,7 @@ class Fleet:
     # ---- nodes --------------------------------------------------------------------------------------
 
     def add_node(self, index: int, ca: tuple[Path, Path], *, chunk_mb: int, members: list[str], rate: str | None = None,
-                 min_image_mb: int = 1, extra: str = "", fleet: bool = True) -> Node:
+                 min_image_mb: int = 1, extra: str = "", fleet: bool = True, imgfs_extra: str = "") -> Node:
         ns = self.netns(f"n{index}")
         ip = f"{SUBNET}.{index}"
         self.wire(ns, ip, f"v{index}", rate)
@@ -179,6 +198,7 @@ class Fleet:
             chunk_size_mb = {chunk_mb}
             refresh_interval = 60
             control_socket = {d / 'control.sock'}
+            @IMGFS_EXTRA@
             [fleet]
             enabled = {'true' if fleet else 'false'}
             mesh_listen = {ip}:{MESH_PORT}
@@ -192,7 +212,7 @@ class Fleet:
             run_dir = {d / 'run'}
             min_image_mb = {min_image_mb}
             timeout = 10
-        """) + extra)
+        """).replace("@IMGFS_EXTRA@\n", imgfs_extra.strip() + "\n" if imgfs_extra.strip() else "") + extra)
         node = Node(index, ns, ip, d, conf, mnt)
         self.nodes.append(node)
         return node
@@ -221,7 +241,10 @@ class Fleet:
         assert node.nginx.poll() is None, node.nginx_log()
 
     def _listening(self, node: Node, port: int) -> bool:
-        out = run(*self.in_ns(node.ns, "ss", "-Htln", f"sport = :{port}"), check=False).stdout
+        return self._listening_ns(node.ns, port)
+
+    def _listening_ns(self, ns: str, port: int) -> bool:
+        out = run(*self.in_ns(ns, "ss", "-Htln", f"sport = :{port}"), check=False).stdout
         return bool(out.strip())
 
     def start_imgfs(self, node: Node, fleet_on: bool = True) -> None:
@@ -252,6 +275,8 @@ class Fleet:
             self.stop(node.imgfs)
             self.stop(node.nginx, signal.SIGQUIT)
             subprocess.run(["fusermount3", "-uz", str(node.mnt)], capture_output=True)
+        for proc in self.helpers:
+            self.stop(proc)
         self.stop(self.origin)
         for ns in reversed(self.namespaces):
             subprocess.run(["ip", "netns", "del", ns], capture_output=True)
@@ -262,26 +287,29 @@ class Fleet:
 
 
 def new_fleet(root: Path, n: int, *, chunk_mb: int = 4, origin_rate: str | None = None, node_rate: str | None = None,
-              min_image_mb: int = 1, mode: str = "mesh", nginx_conf=None) -> tuple[Fleet, tuple[Path, Path]]:
+              min_image_mb: int = 1, mode: str = "mesh", nginx_conf=None, imgfs_extra: str = "",
+              before_imgfs=None, origin_front: list[str] | None = None) -> tuple[Fleet, tuple[Path, Path]]:
     """N nodes up, the origin up with an empty bucket; the caller closes it. ``mode``: ``mesh`` (imgfs and
     nginx on every node), ``direct`` (imgfs alone, no fleet), ``single`` (every node's nginx sends every
-    chunk to node 1: one shared site cache), ``engine`` (nginx alone, its config from
-    ``nginx_conf(fleet, node, members)``: no imgfs)."""
+    chunk to node 1: one shared site cache), ``engine``/``engine-*`` (nginx alone, its config from
+    ``nginx_conf(fleet, node, members)``: no imgfs). ``imgfs_extra``: more ``[imgfs]`` options (lines);
+    ``before_imgfs(fleet)`` runs once the network and the nginx are up, before any imgfs starts;
+    ``origin_front``: a fault-injecting proxy in front of the origin (see Fleet.start_origin)."""
     prefix = f"imgfs{uuid.uuid4().hex[:4]}"
     fleet = Fleet(root, prefix)
     try:
         fleet.netns("sw")
         run("ip", "-n", fleet.switch, "link", "add", "br0", "type", "bridge")
         run("ip", "-n", fleet.switch, "link", "set", "br0", "up")
-        fleet.start_origin(origin_rate)
-        ca = make_ca(root / "pki", "fleet-ca")
+        fleet.start_origin(origin_rate, origin_front)
+        ca = fleet.ca = make_ca(root / "pki", "fleet-ca")
         members = [f"{SUBNET}.{i}:{MESH_PORT}" for i in range(1, n + 1)]
         if mode == "single":
             members = members[:1]
         for i in range(1, n + 1):
             fleet.add_node(i, ca, chunk_mb=chunk_mb, members=members, rate=node_rate, min_image_mb=min_image_mb,
-                           fleet=mode != "direct")
-        if mode == "engine":
+                           fleet=mode != "direct", imgfs_extra=imgfs_extra)
+        if mode.startswith("engine"):
             for node in fleet.nodes:
                 conf = node.dir / "engine.conf"
                 conf.write_text(nginx_conf(fleet, node, members))
@@ -290,6 +318,8 @@ def new_fleet(root: Path, n: int, *, chunk_mb: int = 4, origin_rate: str | None 
         if mode != "direct":
             for node in fleet.nodes:
                 fleet.start_nginx(node)
+        if before_imgfs is not None:
+            before_imgfs(fleet)
         for node in fleet.nodes:
             fleet.start_imgfs(node, fleet_on=mode != "direct")
         return fleet, ca

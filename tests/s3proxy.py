@@ -3,7 +3,11 @@
 Every request imgfs makes is recorded (method, path, Range, status, body bytes), so tests can prove
 what reached the store; ``inject()`` makes the next ranged GETs of an object fail the way real S3
 endpoints and networks do: an error status, a stall past the client's read timeout, a reset or a
-clean close in the middle of the body."""
+clean close in the middle of the body.
+
+Run as a program (``python -m tests.s3proxy``), it is a process of its own on a given address, as the
+fleet bench needs one inside a network namespace: SIGUSR1 starts its ``--fault`` on every ranged GET
+for ``--fault-seconds``."""
 
 from __future__ import annotations
 
@@ -56,7 +60,7 @@ _S3_CODES = {403: "AccessDenied", 500: "InternalError", 503: "SlowDown"}
 
 
 class CountingProxy:
-    def __init__(self, upstream: str, tls: ssl.SSLContext | None = None) -> None:
+    def __init__(self, upstream: str, tls: ssl.SSLContext | None = None, listen: tuple[str, int] = ("127.0.0.1", 0)) -> None:
         """``tls``: serve HTTPS with this server context (the upstream is still spoken to in HTTP)."""
         parts = urlsplit(upstream)
         self.upstream_host, self.upstream_port = parts.hostname, parts.port
@@ -88,6 +92,10 @@ class CountingProxy:
                 resp = conn.getresponse()
                 data = resp.read()
                 conn.close()
+                if fault is not None and fault.kind == "flip" and data:
+                    flipped = bytearray(data)
+                    flipped[len(flipped) // 2] ^= 0x01
+                    data, fault = bytes(flipped), None
                 whole = fault is not None and fault.kind == "whole" and resp.status == 206
                 self.send_response(200 if whole else resp.status, "OK" if whole else resp.reason)
                 for k, v in resp.getheaders():
@@ -135,13 +143,13 @@ class CountingProxy:
 
             do_GET = do_HEAD = do_PUT = do_POST = do_DELETE = _forward
 
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server = ThreadingHTTPServer(listen, Handler)
         self.server.daemon_threads = True
         if tls is not None:
             # the handshake happens in the handler's thread: a client that refuses the certificate
             # must not block the accepting loop
             self.server.socket = tls.wrap_socket(self.server.socket, server_side=True, do_handshake_on_connect=False)
-        self.url = f"{'https' if tls else 'http'}://127.0.0.1:{self.server.server_address[1]}"
+        self.url = f"{'https' if tls else 'http'}://{listen[0]}:{self.server.server_address[1]}"
         self._thread = threading.Thread(target=self.server.serve_forever, daemon=True)
 
     def __enter__(self) -> "CountingProxy":
@@ -168,7 +176,7 @@ class CountingProxy:
         with self._lock:
             for fault in self.faults:
                 if fault.method is None:
-                    matches = ranged and fault.key == key
+                    matches = ranged and fault.key in ("*", key)
                 else:
                     matches = fault.method == method and fault.key in path
                 if matches and fault.take():
@@ -187,3 +195,37 @@ class CountingProxy:
     def reset(self) -> None:
         with self._lock:
             self.requests.clear()
+
+
+def main() -> None:
+    import argparse
+    import signal
+
+    ap = argparse.ArgumentParser(description="a fault-injecting HTTP proxy, as a process of its own")
+    ap.add_argument("--listen", required=True, help="host:port")
+    ap.add_argument("--upstream", required=True, help="http://host:port")
+    ap.add_argument("--fault", default="status", help="a Fault kind, for every ranged GET once SIGUSR1 comes")
+    ap.add_argument("--status", type=int, default=503)
+    ap.add_argument("--fault-seconds", type=float, default=3.0, help="how long the fault lasts; 0: until the end")
+    args = ap.parse_args()
+    host, port = args.listen.rsplit(":", 1)
+    proxy = CountingProxy(args.upstream, listen=(host, int(port)))
+    started = threading.Event()
+    signal.signal(signal.SIGUSR1, lambda *_: started.set())
+    signal.signal(signal.SIGTERM, lambda *_: proxy.server.shutdown())
+    with proxy:
+        threading.Thread(target=_fault_when_asked, args=(proxy, started, args), daemon=True).start()
+        proxy._thread.join()
+
+
+def _fault_when_asked(proxy: CountingProxy, started: threading.Event, args) -> None:
+    started.wait()
+    fault = proxy.inject(args.fault, "*", status=args.status)
+    if args.fault_seconds:
+        time.sleep(args.fault_seconds)
+        proxy.clear()
+    print(f"fault {args.fault}: {fault.hits} requests", flush=True)
+
+
+if __name__ == "__main__":
+    main()

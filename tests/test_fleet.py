@@ -31,7 +31,6 @@ CHUNK_MB = 4
 def fleet(tmp_path_factory):
     root = tmp_path_factory.mktemp("fleet")
     f, ca = new_fleet(root, 3, chunk_mb=CHUNK_MB)
-    f.ca = ca  # type: ignore[attr-defined]
     try:
         yield f
     finally:
@@ -200,7 +199,7 @@ def curl(fleet: Fleet, node, *args: str) -> tuple[int, bytes]:
 def test_a_node_outside_the_certificate_set_is_refused(fleet, tmp_path):
     data, etag = image(fleet, "img-pki", 2 * CHUNK_MB * MiB, 3)
     asker, owner = fleet.nodes[0], fleet.nodes[1]
-    ca = fleet.ca  # type: ignore[attr-defined]
+    ca = fleet.ca
     tls = ["--cacert", str(ca[1]), "--resolve", f"imgfs-mesh:{MESH_PORT}:{owner.ip}", "-H", "Range: bytes=0-99"]
     url_by_name = f"https://imgfs-mesh:{MESH_PORT}/fleet/v1/s3store/img-pki/{etag}"
     # a member's certificate: the owner answers with the bytes (so the refusals below mean something)

@@ -9,9 +9,11 @@ import hashlib
 import random
 import re
 import threading
+import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
+import trio
 
 from imgfs.backends.memory import MemoryBackend
 from imgfs.cache import ChunkCache
@@ -28,6 +30,7 @@ class FakeMesh:
     def __init__(self, data: bytes, version: str) -> None:
         self.data, self.version, self.mode, self.after = data, version, "good", "short"
         self.requests = 0
+        self.delay = 0.0  # seconds before each answer: a far owner
         mesh = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -38,6 +41,7 @@ class FakeMesh:
 
             def do_GET(self):  # noqa: N802 - http.server's name
                 mesh.requests += 1
+                time.sleep(mesh.delay)
                 if mesh.mode == "short-once":  # an owner lost under one answer, then the next one answers
                     mesh.mode = "short"
                 elif mesh.mode == "short":
@@ -131,6 +135,21 @@ async def test_a_good_mesh_answers_every_chunk_and_the_origin_sends_nothing(rig)
     assert stats.mesh_bytes == len(data) and stats.fallbacks == {} and origin.read_bytes == 0
 
 
+async def test_a_prefetch_through_the_mesh_asks_for_each_chunk_apart_and_at_once(rig):
+    """A sequential prefetch joins adjacent chunks into one request to a store; through the mesh each
+    chunk is a GET of its own anyway (its own owner), so a run would fetch them one after another in
+    one worker thread. Each chunk is its own flight instead: here two at a time (the prefetch slots of
+    4 connections), so six far chunks take three round trips, not six."""
+    data, loc, mesh, stats, fetcher, origin = rig
+    mesh.delay = 0.3
+    started = trio.current_time()
+    await fetcher.warm(loc, 0, 7)
+    elapsed = trio.current_time() - started
+    assert mesh.requests == 7 and stats.mesh_bytes == len(data)
+    assert elapsed < 0.3 * 7 * 0.7, f"{elapsed:.2f} s: the chunks came one after another"
+    assert await read_whole(fetcher, loc, data) == data and mesh.requests == 7
+
+
 async def test_a_peer_that_flips_a_bit_never_yields_a_wrong_full_image(rig):
     """The flipped chunks pass the mesh's own checks (status, range, length, version): the full read's
     digest catches them. That read fails (EIO); the mesh is bypassed for the version, and the next full
@@ -143,8 +162,6 @@ async def test_a_peer_that_flips_a_bit_never_yields_a_wrong_full_image(rig):
     assert stats.integrity_failures == 1 and loc not in fetcher.quarantined
     asked = mesh.requests
     while fetcher.inflight:
-        import trio
-
         await trio.sleep(0.01)
     assert await read_whole(fetcher, loc, data) == data
     assert mesh.requests == asked and stats.fallbacks.get("distrusted", 0) >= 1

@@ -13,6 +13,11 @@ class Backend(Protocol):
     # Seconds one read may take before the fetcher gives up on it with EIO; None: the backend's own
     # timeouts bound every read (S3's are botocore's), or reads cannot hang (local files).
     read_timeout: float | None
+    # Optional: the most bytes one read should ask for. A sequential prefetch joins adjacent chunks into
+    # one request of up to RUN_BYTES (one request costs a store the same whatever its size); a backend
+    # that serves each chunk apart anyway (the fleet's mesh: each chunk has its own owner) says its
+    # chunk size here, so each chunk is a flight of its own and they travel in parallel.
+    # largest_read: int
 
     def list_images(self) -> list[Location]:
         """Every image in the store. Raises BackendError if the store cannot be listed."""

@@ -152,6 +152,9 @@ class FleetBackend:
         self.read_timeout = inner.read_timeout
         self.client = client
         self.chunk_size = chunk_size
+        # one GET per chunk (each has its own owner): a prefetch run of several would fetch them one after
+        # another in one worker thread, and hand none over before the last one came
+        self.largest_read = chunk_size
         self.min_size = min_size
         self.stats = stats
         self._logged = RateLimit(60.0)
