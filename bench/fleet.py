@@ -239,12 +239,13 @@ def one_round(fleet: Fleet, mode: str, workload: str, key: str, size: int, want:
     wrong, retried = [], []
 
     def fetch(node) -> tuple[bool, str]:
-        for attempt in range(2 if tries_twice else 1):
+        tries = 2 if tries_twice else 1
+        for attempt in range(tries):
             r = subprocess.run(fetch_cmd(fleet, node, mode, workload, key), capture_output=True, text=True, timeout=900)
             if r.returncode == 0 and workload != "warm" and r.stdout.split()[0] != want:
                 wrong.append(node.index)  # complete, and wrong: what must never happen
                 break
-            if r.returncode == 0 or attempt == 1:
+            if r.returncode == 0 or attempt == tries - 1:
                 break
             retried.append(node.index)
         done[node.index] = time.monotonic() - started
@@ -349,7 +350,8 @@ def add_node_at_30(_victim):
         index = len(fleet.nodes) + 1
         members = [f"{n.ip}:{MESH_PORT}" for n in fleet.nodes] + [f"198.18.0.{index}:{MESH_PORT}"]
         chunk_mb = int(re.search(r"(?m)^chunk_size_mb = (\d+)", old.conf.read_text()).group(1))
-        node = fleet.add_node(index, fleet.ca, chunk_mb=chunk_mb, members=members)
+        timeout = float(re.search(r"(?m)^timeout = (\S+)", old.conf.read_text()).group(1))
+        node = fleet.add_node(index, fleet.ca, chunk_mb=chunk_mb, members=members, mesh_timeout=timeout)
         fleet.start_nginx(node)
         fleet.start_imgfs(node)
         for other in fleet.nodes[:-1]:
@@ -373,6 +375,7 @@ class Run:
     want: str
     glance: LabGlance | None = None
     glance_id: str = ""  # the image in the lab's Glance: the key of the endpoint workload's copy at the origin
+    mesh_timeout: float = 30.0  # [fleet] timeout: the product's default
 
 
 def cell(run_: Run, n: int, mode: str, workloads: list[str], fault=None) -> list[dict]:
@@ -391,7 +394,7 @@ def cell(run_: Run, n: int, mode: str, workloads: list[str], fault=None) -> list
         if endpoint else ""
     front = ["--fault", "status", "--status", "503", "--fault-seconds", "3"] if fault is origin_503_storm_at_30 else None
     fleet, ca = new_fleet(work, n, chunk_mb=run_.chunk_mb, origin_rate=run_.rate, mode=mode, imgfs_extra=extra,
-                          before_imgfs=before_imgfs, origin_front=front,
+                          before_imgfs=before_imgfs, origin_front=front, mesh_timeout=run_.mesh_timeout,
                           nginx_conf=lambda f, node, members: engine_conf(f, node, members, run_.chunk_mb * MiB,
                                                                           tls=mode == "engine"))
     rows = []
@@ -456,6 +459,7 @@ def main() -> int:
     ap.add_argument("--chunk-mb", type=int, default=8)
     ap.add_argument("--origin-rate", default="1gbit")
     ap.add_argument("--modes", default="engine,engine-plain,direct,mesh,single")
+    ap.add_argument("--mesh-timeout", type=float, default=30.0, help="[fleet] timeout (default: the product's, 30 s)")
     ap.add_argument("--no-faults", action="store_true")
     ap.add_argument("--faults-only", action="store_true", help="only the fault cells")
     ap.add_argument("--no-endpoint", action="store_true", help="no endpoint workload or flipped-bit cell, even with the lab up")
@@ -468,7 +472,8 @@ def main() -> int:
     src = root / "image.raw"
     with open(src, "wb") as f:
         f.write(os.urandom(size))
-    run_ = Run(root, size, args.chunk_mb, args.origin_rate, src, hashlib.sha256(src.read_bytes()).hexdigest())
+    run_ = Run(root, size, args.chunk_mb, args.origin_rate, src, hashlib.sha256(src.read_bytes()).hexdigest(),
+               mesh_timeout=args.mesh_timeout)
     run_.glance = None if args.no_endpoint else lab_glance()
     rows = []
     try:

@@ -172,7 +172,8 @@ class Fleet:
     # ---- nodes --------------------------------------------------------------------------------------
 
     def add_node(self, index: int, ca: tuple[Path, Path], *, chunk_mb: int, members: list[str], rate: str | None = None,
-                 min_image_mb: int = 1, extra: str = "", fleet: bool = True, imgfs_extra: str = "") -> Node:
+                 min_image_mb: int = 1, extra: str = "", fleet: bool = True, imgfs_extra: str = "",
+                 mesh_timeout: float = 10) -> Node:
         ns = self.netns(f"n{index}")
         ip = f"{SUBNET}.{index}"
         self.wire(ns, ip, f"v{index}", rate)
@@ -211,7 +212,7 @@ class Fleet:
             cache_path = {d / 'mesh-cache'}
             run_dir = {d / 'run'}
             min_image_mb = {min_image_mb}
-            timeout = 10
+            timeout = {mesh_timeout:g}
         """).replace("@IMGFS_EXTRA@\n", imgfs_extra.strip() + "\n" if imgfs_extra.strip() else "") + extra)
         node = Node(index, ns, ip, d, conf, mnt)
         self.nodes.append(node)
@@ -288,13 +289,15 @@ class Fleet:
 
 def new_fleet(root: Path, n: int, *, chunk_mb: int = 4, origin_rate: str | None = None, node_rate: str | None = None,
               min_image_mb: int = 1, mode: str = "mesh", nginx_conf=None, imgfs_extra: str = "",
-              before_imgfs=None, origin_front: list[str] | None = None) -> tuple[Fleet, tuple[Path, Path]]:
+              before_imgfs=None, origin_front: list[str] | None = None,
+              mesh_timeout: float = 10) -> tuple[Fleet, tuple[Path, Path]]:
     """N nodes up, the origin up with an empty bucket; the caller closes it. ``mode``: ``mesh`` (imgfs and
     nginx on every node), ``direct`` (imgfs alone, no fleet), ``single`` (every node's nginx sends every
     chunk to node 1: one shared site cache), ``engine``/``engine-*`` (nginx alone, its config from
     ``nginx_conf(fleet, node, members)``: no imgfs). ``imgfs_extra``: more ``[imgfs]`` options (lines);
     ``before_imgfs(fleet)`` runs once the network and the nginx are up, before any imgfs starts;
-    ``origin_front``: a fault-injecting proxy in front of the origin (see Fleet.start_origin)."""
+    ``origin_front``: a fault-injecting proxy in front of the origin (see Fleet.start_origin);
+    ``mesh_timeout``: ``[fleet] timeout`` (10 s here, so that a test's dead owner costs little time)."""
     prefix = f"imgfs{uuid.uuid4().hex[:4]}"
     fleet = Fleet(root, prefix)
     try:
@@ -308,7 +311,7 @@ def new_fleet(root: Path, n: int, *, chunk_mb: int = 4, origin_rate: str | None 
             members = members[:1]
         for i in range(1, n + 1):
             fleet.add_node(i, ca, chunk_mb=chunk_mb, members=members, rate=node_rate, min_image_mb=min_image_mb,
-                           fleet=mode != "direct", imgfs_extra=imgfs_extra)
+                           fleet=mode != "direct", imgfs_extra=imgfs_extra, mesh_timeout=mesh_timeout)
         if mode.startswith("engine"):
             for node in fleet.nodes:
                 conf = node.dir / "engine.conf"
