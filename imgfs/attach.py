@@ -70,6 +70,9 @@ class _Volume:
     multiattach: bool = True  # as Cinder said at the last attach
     gone: str | None = None  # why the catalog no longer shows it: never attached again
     fetches: int = 0  # fetches during the current attachment
+    # (when, error) of the last attach that gave up: the answer for every fetch that waited on the lock
+    # meanwhile, so that N fetches of one read do not wait out attach_timeout N times in a row
+    refused: tuple[float, ImgfsError] | None = None
 
 
 class Attachments:
@@ -199,10 +202,16 @@ class Attachments:
                                f"({v.gone}); not attaching it again")
         if v.attached:
             return
+        asked = trio.current_time()
         async with v.lock:
+            if v.refused is not None and v.refused[0] > asked:
+                raise v.refused[1]  # Cinder refused while this fetch waited: that is its answer too
             if not v.attached:
                 try:
                     await self._attach(v, loc)
+                except ImgfsError as e:
+                    v.refused = (trio.current_time(), e)
+                    raise
                 finally:
                     self._sweep_later()
 

@@ -161,6 +161,32 @@ async def test_transitional_state_that_lasts_gives_ebusy_after_the_timeout(polic
     assert 25 < trio.current_time() - start <= 30
 
 
+async def test_fetches_that_waited_on_a_refused_attach_get_its_answer_not_a_wait_of_their_own(policy, autojump_clock):
+    """The kernel sends a read as several READs: each fetch that queued behind an attach Cinder kept
+    refusing gets that refusal when it ends, rather than waiting out attach_timeout again in turn."""
+    fake, a = policy
+    fake.refuse["v1"] = ["attaching"] * 1000
+    for _ in range(3):
+        a.hold(loc("v1"))
+    start = trio.current_time()
+    ended: list[float] = []
+
+    async def fetch() -> None:
+        with pytest.raises(VolumeBusy):
+            await a.ready(loc("v1"))
+        ended.append(trio.current_time() - start)
+
+    async with trio.open_nursery() as n:
+        for _ in range(3):
+            n.start_soon(fetch)
+    assert len(ended) == 3 and max(ended) <= 30, ended
+    tries = len([c for c in fake.calls if c == ("attach", "v1")])
+    await trio.sleep(1)
+    with pytest.raises(VolumeBusy):  # asked again later: Cinder is asked again
+        await a.ready(loc("v1"))
+    assert len([c for c in fake.calls if c == ("attach", "v1")]) > tries
+
+
 async def test_close_detaches_everything_and_stale_ones_are_removed(policy):  # real clock: the deadline must not jump
     fake, a = policy
     fake.stale = [("v9", "att-9")]
