@@ -146,7 +146,9 @@ def test_sigkill_then_restart_removes_the_stale_attachment(tmp_path, lab, cinder
 
 
 def test_sigterm_leaves_zero_attachments(tmp_path, lab, cinder, image_volume, host, mounter):
-    vols = [image_volume(MiB + i) for i in range(2)]
+    # multiattach: held for attach_idle_timeout after its last fetch (a volume only one host may attach
+    # goes 1 s after it, and the idle one would already be gone when counted below)
+    vols = [image_volume(MiB + i, multiattach=True) for i in range(2)]
     m = mounter(config(tmp_path, lab, host, attach_idle_timeout=600))
     fd = os.open(m.images / vols[0].image_id, os.O_RDONLY)
     os.pread(fd, 4096, 0)  # one held open, one idle-but-attached
