@@ -49,6 +49,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from tests.imageapi import token_of  # noqa: E402
 from tests.fleetlab import MESH_PORT, ORIGIN_IP, ORIGIN_PORT, PEER_NAME, PYTHON, REPO, Fleet, new_fleet, run  # noqa: E402
 
 MiB = 1 << 20
@@ -61,14 +62,7 @@ class LabGlance:
     """The lab's real Glance (tests/lab): a user's token, one image uploaded, a bridge for namespaces."""
 
     def __init__(self, lab: dict) -> None:
-        from keystoneauth1 import session as ks_session
-        from keystoneauth1.identity import v3
-
-        u = lab["keystone"]["users"]["imgfs"]
-        auth = v3.Password(auth_url=lab["keystone"]["auth_url"], username=u["username"], password=u["password"],
-                           project_name=u["project_name"], user_domain_name="Default", project_domain_name="Default")
-        self.session = ks_session.Session(auth=auth, timeout=120)
-        self.token = self.session.get_token()
+        self.token = token_of(lab, "imgfs")
         self.endpoint = lab["glance"]["endpoint"].rstrip("/")
         self.port = int(self.endpoint.rsplit(":", 1)[1])
         self.images: list[str] = []
