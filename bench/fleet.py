@@ -43,6 +43,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -283,6 +284,43 @@ def one_round(fleet: Fleet, mode: str, workload: str, key: str, size: int, want:
             "origin_cpu_s": round(origin_cpu, 1), "wrong": len(wrong), "retried": len(retried), "errors": errors}
 
 
+def mesh_log(fleet: Fleet, key: str) -> dict:
+    """Why the origin sent more than one copy, from every node's nginx access log ([fleet] access_log):
+    chunks the owners' caches missed more than once, requests the local tier passed to a second owner,
+    and the statuses the local tier answered imgfs with."""
+    misses: Counter = Counter()
+    passed_on = 0
+    local_status: Counter = Counter()
+    for node in fleet.nodes:
+        log_path = node.dir / "mesh-access.log"
+        if not log_path.exists():
+            continue
+        for line in log_path.read_text(errors="replace").splitlines():
+            if key not in line:
+                continue
+            fields = line.split()
+            port, status = fields[1], fields[3]
+            uri = fields[6]
+            kv = dict(f.split("=", 1) for f in fields[7:] if "=" in f)
+            if port == str(MESH_PORT):
+                if kv.get("cache") in ("MISS", "EXPIRED", "BYPASS"):
+                    misses[(uri, kv.get("slice"))] += 1
+            else:
+                local_status[status] += 1
+                if "," in kv.get("upstream", ""):
+                    passed_on += 1
+    # and what nginx said of the owners it passed over ("upstream timed out ... while SSL handshaking")
+    said: Counter = Counter()
+    for node in fleet.nodes:
+        log_path = node.dir / "nginx.log"
+        if log_path.exists():
+            for m in re.finditer(r"\[(?:error|warn)\] [^:]*: (?:\*\d+ )?(.*?)(?: \(\d+: [^)]*\))?(?: while ([a-zA-Z ]+))?,",
+                                 log_path.read_text(errors="replace")):
+                said[f"{m.group(1)} while {m.group(2)}" if m.group(2) else m.group(1)] += 1
+    return {"owner_misses": sum(misses.values()), "chunks_missed_twice": sum(1 for c in misses.values() if c > 1),
+            "passed_to_next_owner": passed_on, "local_status": dict(local_status), "nginx_said": dict(said.most_common(5))}
+
+
 def wait_for_file(path: Path, timeout: float = 60) -> None:
     deadline = time.monotonic() + timeout
     while not path.exists():
@@ -419,6 +457,8 @@ def cell(run_: Run, n: int, mode: str, workloads: list[str], fault=None) -> list
                     if not row["storm_503s"]:
                         row["errors"].append("the origin's proxy answered no 503: the storm did not happen")
                         row["ok"] = 0
+            if mode in ("mesh", "single"):
+                row["mesh_log"] = mesh_log(fleet, key)
             if workload == "endpoint":
                 passed = sum(n.status()["image_api"]["passthrough_downloads"] for n in (readers or fleet.nodes))
                 if passed:  # Glance answered instead of the node: the origin counter says nothing of those
@@ -454,6 +494,7 @@ def main() -> int:
     ap.add_argument("--origin-rate", default="1gbit")
     ap.add_argument("--modes", default="engine,engine-plain,direct,mesh,single")
     ap.add_argument("--mesh-timeout", type=float, default=30.0, help="[fleet] timeout (default: the product's, 30 s)")
+    ap.add_argument("--workloads", default="warm,mount,endpoint", help="of the imgfs modes (the engine rows always curl)")
     ap.add_argument("--no-faults", action="store_true")
     ap.add_argument("--faults-only", action="store_true", help="only the fault cells")
     ap.add_argument("--no-endpoint", action="store_true", help="no endpoint workload or flipped-bit cell, even with the lab up")
@@ -478,6 +519,9 @@ def main() -> int:
             for mode in args.modes.split(","):
                 workloads = ["curl"] if mode.startswith("engine") else ["warm", "mount", *with_endpoint] \
                     if mode in ("direct", "mesh") else ["mount"]
+                workloads = [w for w in workloads if w == "curl" or w in args.workloads.split(",")]
+                if not workloads:
+                    continue
                 rows += cell(run_, n, mode, workloads)
         if not args.no_faults:
             for fault in (kill_owner_at_30, blackhole_at_30, add_node_at_30, origin_503_storm_at_30):
@@ -497,6 +541,8 @@ def main() -> int:
               f"{r['wrong']:>5} {r['retried']:>5} {r['origin_x']:>8} {r['last_s']:>7} {r['p50_s']:>6} "
               f"{r['busiest_egress_x']:>9} {r['fallbacks']:>6} {r['cpu_s_per_gib']:>14} {r['imgfs_cpu_s_per_gib']:>6} "
               f"{r['nginx_cpu_s_per_gib']:>6} {r['origin_cpu_s']:>12}")
+        if "mesh_log" in r:
+            print(f"      nginx logs: {json.dumps(r['mesh_log'])}")
         for e in r["errors"]:
             print(f"      error: {e}")
     if args.json:

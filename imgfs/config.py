@@ -195,11 +195,16 @@ class FleetConfig:
     peer_name: str = "imgfs-mesh"  # the name every member's certificate carries, checked by its peers
     min_image_mb: int = 64  # smaller images are read from the origin directly
     timeout: float = 30.0  # seconds one chunk from the mesh may take before the origin is asked instead
+    # seconds to reach an owner, TLS handshake included, before nginx asks the ring's next node: a node
+    # starting hundreds of handshakes at once needs more than a round trip, and every owner passed over
+    # for being slow is one more origin fetch of that chunk
+    connect_timeout: float = 5.0
     members_file: str | None = None
     nginx_dir: str = "/etc/imgfs/mesh"
     cache_path: str = "/var/cache/imgfs-mesh"
     cache_max_size_gb: float = 50.0
     run_dir: str = "/run/imgfs-mesh"
+    access_log: str | None = None  # nginx's line per request (cache status, owner tried): off unless set
 
 
 @dataclass(frozen=True)
@@ -762,11 +767,13 @@ def _fleet(merged: _Merged) -> FleetConfig | None:
         peer_name=sec.get("peer_name", "imgfs-mesh", _parse_host, "a host name (letters, digits, '-', '.')"),
         min_image_mb=sec.integer("min_image_mb", 64, minimum=0),
         timeout=sec.number("timeout", 30.0, minimum=0.5, maximum=3600),
+        connect_timeout=sec.number("connect_timeout", 5.0, minimum=0.1, maximum=3600),
         members_file=members_file,
         nginx_dir=sec.get("nginx_dir", "/etc/imgfs/mesh", _parse_abs_path, "an absolute path"),
         cache_path=sec.get("cache_path", "/var/cache/imgfs-mesh", _parse_abs_path, "an absolute path"),
         cache_max_size_gb=sec.number("cache_max_size_gb", 50.0, minimum=0.1),
         run_dir=sec.get("run_dir", "/run/imgfs-mesh", _parse_abs_path, "an absolute path"),
+        access_log=sec.get("access_log", "", _parse_abs_path, "an absolute path") or None,
         **paths,
     )
 

@@ -211,6 +211,7 @@ class Fleet:
             nginx_dir = {d / 'mesh'}
             cache_path = {d / 'mesh-cache'}
             run_dir = {d / 'run'}
+            access_log = {d / 'mesh-access.log'}
             min_image_mb = {min_image_mb}
             timeout = {mesh_timeout:g}
         """).replace("@IMGFS_EXTRA@\n", imgfs_extra.strip() + "\n" if imgfs_extra.strip() else "") + extra)

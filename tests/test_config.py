@@ -247,6 +247,7 @@ def test_fleet_options_are_read_and_a_mount_keeps_them(tmp_path):
     assert cfg.fleet is not None and cfg.fleet.members == ("198.18.0.1:8443", "198.18.0.2:8443")
     assert (cfg.fleet.local_port, cfg.fleet.gateway_port, cfg.fleet.min_image_mb) == (8085, 8089, 64)
     assert config.refuse_own_mount(cfg, str(tmp_path / "mnt")).fleet == cfg.fleet
+    assert (cfg.fleet.timeout, cfg.fleet.connect_timeout, cfg.fleet.access_log) == (30.0, 5.0, None)
     assert config.load(fleet_conf(tmp_path, FLEET_OK.replace("enabled = true", "enabled = false"))).fleet is None
 
 
@@ -264,6 +265,8 @@ def test_fleet_members_file_one_per_line(tmp_path):
     (("cafile = DIR/ca.crt", "cafile = DIR/nothing.crt"), "not a readable file"),
     (("members = 198.18.0.1:8443, 198.18.0.2:8443", "members_file = DIR/absent"), "members_file"),
     (("enabled = true", "enabled = true\nlocal_port = 8089"), "the same as local_port"),
+    (("enabled = true", "enabled = true\nconnect_timeout = 0"), "[fleet] connect_timeout = '0'"),
+    (("enabled = true", "enabled = true\naccess_log = mesh.log"), "[fleet] access_log = 'mesh.log'"),
 ])
 def test_a_bad_fleet_section_is_one_line(tmp_path, change, expect):
     with pytest.raises(ConfigError) as info:

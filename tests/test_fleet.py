@@ -114,6 +114,17 @@ def test_every_node_reads_exact_bytes_and_the_origin_sends_each_chunk_once(fleet
     assert all(body == data for body in again.values())
     assert totals(fleet)["mesh_bytes"] - t1["mesh_bytes"] == 3 * size  # through the mesh again, all of it
     assert fleet.origin_tx() - before < size / 100, "the owners' caches did not answer"
+    # [fleet] access_log says the same, chunk by chunk: 11 misses in the owners' caches, then hits only;
+    # and no line carries the gateway's secret
+    lines = [line for node in fleet.nodes for line in (node.dir / "mesh-access.log").read_text().splitlines()
+             if "img-once" in line]
+    owner_lines = [line for line in lines if f" {MESH_PORT} " in line]
+    assert sum("cache=MISS" in line for line in owner_lines) == 11, owner_lines
+    assert sum("cache=HIT" in line for line in owner_lines) == 6 * 11 - 11
+    assert len(lines) == 2 * 6 * 11  # each request twice: at the asking node's nginx, at the owner's
+    for node in fleet.nodes:
+        secret = (node.dir / "mesh" / "gateway.secret").read_text().strip()
+        assert secret and secret not in (node.dir / "mesh-access.log").read_text()
 
 
 def node_python() -> str:

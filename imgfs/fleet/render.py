@@ -47,6 +47,18 @@ def nginx_conf(fleet: FleetConfig, *, chunk_size: int, secret: str, worker_user:
     user = f"user {worker_user};\n" if worker_user else ""
     host, port = split_listen(fleet.mesh_listen)
     listen = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    if fleet.access_log:
+        # what an operator asks of the mesh when the origin sends more than one copy: was the chunk in
+        # the owner's cache, which owners were tried, how long each took. Never a header: the gateway's
+        # secret travels in one.
+        access = (f"log_format imgfs_mesh '$time_iso8601 $server_port $remote_addr $status $body_bytes_sent "
+                  f"$request_time \"$uri\" range=$http_range slice=$slice_range cache=$upstream_cache_status "
+                  f"upstream=$upstream_addr upstream_status=$upstream_status "
+                  f"upstream_time=$upstream_response_time';\n"
+                  f"    access_log {fleet.access_log} imgfs_mesh;")
+    else:
+        access = "# no access log unless [fleet] access_log: a line per chunk is more than a node needs\n" \
+                 "    access_log off;"
     return f"""# Written by 'imgfs fleet render' from imgfs.conf's [fleet]: edit that, render again, then
 # 'systemctl reload imgfs-mesh'. A members change remaps about 1/N of the chunks.
 {user}worker_processes {workers};
@@ -58,8 +70,7 @@ events {{
 }}
 
 http {{
-    # no access log: paths hold image ids, and nothing here is worth a line per chunk
-    access_log off;
+    {access}
     server_tokens off;
     sendfile on;
     tcp_nopush on;
@@ -99,7 +110,7 @@ http {{
             proxy_ssl_name {fleet.peer_name};
             proxy_ssl_session_reuse on;
             proxy_ssl_protocols TLSv1.2 TLSv1.3;
-            proxy_connect_timeout 1s;
+            proxy_connect_timeout {fleet.connect_timeout:g}s;
             proxy_read_timeout {timeout};
             proxy_send_timeout {timeout};
             proxy_buffering off;
