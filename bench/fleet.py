@@ -23,8 +23,9 @@ Faults (mesh, N=8): an owner's nginx killed at 30%, an owner blackholed at 30%, 
 (members rewritten and every nginx reloaded; the new node reads too), an origin 503 storm at 30% (every
 ranged GET answered 503 SlowDown for 3 s, by a proxy in front of the origin), and, with the lab, an
 owner that flips a bit in everything it serves (a proxy between its nginx and its gateway) under the
-endpoint workload: a download the digest refuses is tried once more, as a consumer would, and a complete
-download with wrong bytes is counted apart ("wrong").
+endpoint workload, after the image's first boot on one node stored its chunk sums (that node and the
+liar do not read in the round): a download the digest refuses is tried once more, as a consumer would,
+and a complete download with wrong bytes is counted apart ("wrong").
 
 Every node's sha256 is checked. Prints a table; --json writes the numbers.
 """
@@ -362,6 +363,21 @@ def flip_at_victim(fleet: Fleet, victim) -> subprocess.Popen:
     return proxy
 
 
+def first_boot(fleet: Fleet, mode: str, workload: str, key: str, want: str, victim) -> dict:
+    """Before the owner turns liar, the image's first boot on the fleet: one node reads it whole through
+    honest owners, matches Glance's digest and stores the image's chunk sums at the origin. The liar's
+    nginx then forgets what it cached, so every chunk it owns is fetched (and flipped) anew."""
+    first = fleet.nodes[0]
+    r = subprocess.run(fetch_cmd(fleet, first, mode, workload, key), capture_output=True, text=True, timeout=900)
+    ok = r.returncode == 0 and r.stdout.split()[0] == want
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and not first.status()["fleet"]["sums"].get("published"):
+        time.sleep(0.2)  # the sums are stored in the background, after the read
+    published = first.status()["fleet"]["sums"].get("published", 0)
+    shutil.rmtree(victim.dir / "mesh-cache" / "chunks", ignore_errors=True)
+    return {"first_boot_ok": ok, "sums_published": published}
+
+
 def add_node_at_30(_victim):
     """At 30% of the origin's bytes a node joins: it gets a certificate, its nginx and imgfs start, every
     node's members list is rewritten and its nginx reloaded, and the new node reads the image too."""
@@ -432,10 +448,20 @@ def cell(run_: Run, n: int, mode: str, workloads: list[str], fault=None) -> list
                 if fault is not add_node_at_30:
                     readers = [x for x in fleet.nodes if x is not victim]  # the victim serves, it does not read
                 if fault is owner_flips_bits:
+                    booted = first_boot(fleet, mode, workload, key, run_.want, victim)
+                    readers = [x for x in fleet.nodes if x is not victim and x is not fleet.nodes[0]]
                     flip_at_victim(fleet, victim)
                 fault_fn = fault(victim)
             row = one_round(fleet, mode, workload, key, run_.size, run_.want, readers, fault_fn,
                             tries_twice=fault is owner_flips_bits)
+            if fault is owner_flips_bits:
+                row.update(booted)
+                if not booted["first_boot_ok"] or not booted["sums_published"]:
+                    row["errors"].append(f"the first boot did not store the image's chunk sums: {booted}")
+                    row["ok"] = 0
+                fleets = [n.status()["fleet"] for n in readers]
+                row["sums_checked_x"] = round(sum(f["sums_checked_bytes"] for f in fleets) / run_.size, 2)
+                row["chunk_sum_fallbacks"] = sum(f["fallbacks"].get("chunk_sum", 0) for f in fleets)
             if fault is not None:
                 row["fault"] = fault.__name__
                 if hasattr(fleet, "joined_ok"):
@@ -487,6 +513,7 @@ def main() -> int:
     ap.add_argument("--workloads", default="warm,mount,endpoint", help="of the imgfs modes (the engine rows always curl)")
     ap.add_argument("--no-faults", action="store_true")
     ap.add_argument("--faults-only", action="store_true", help="only the fault cells")
+    ap.add_argument("--faults", default="kill,blackhole,join,storm,flip", help="which fault cells")
     ap.add_argument("--no-endpoint", action="store_true", help="no endpoint workload or flipped-bit cell, even with the lab up")
     ap.add_argument("--json", help="write every row here")
     ap.add_argument("--workdir", default=None, help="where the cells' files go (default: the temp dir); a 32-node cell "
@@ -514,9 +541,12 @@ def main() -> int:
                     continue
                 rows += cell(run_, n, mode, workloads)
         if not args.no_faults:
-            for fault in (kill_owner_at_30, blackhole_at_30, add_node_at_30, origin_503_storm_at_30):
-                rows += cell(run_, 8, "mesh", ["mount"], fault)
-            if run_.glance is not None:
+            chosen = args.faults.split(",")
+            for name, fault in (("kill", kill_owner_at_30), ("blackhole", blackhole_at_30), ("join", add_node_at_30),
+                                ("storm", origin_503_storm_at_30)):
+                if name in chosen:
+                    rows += cell(run_, 8, "mesh", ["mount"], fault)
+            if run_.glance is not None and "flip" in chosen:
                 rows += cell(run_, 8, "mesh", ["endpoint"], owner_flips_bits)
     finally:
         if run_.glance is not None:
@@ -531,6 +561,9 @@ def main() -> int:
               f"{r['wrong']:>5} {r['retried']:>5} {r['origin_x']:>8} {r['last_s']:>7} {r['p50_s']:>6} "
               f"{r['busiest_egress_x']:>9} {r['fallbacks']:>6} {r['cpu_s_per_gib']:>14} {r['imgfs_cpu_s_per_gib']:>6} "
               f"{r['nginx_cpu_s_per_gib']:>6} {r['origin_cpu_s']:>12}")
+        if "sums_checked_x" in r:
+            print(f"      chunk sums: first boot stored {r['sums_published']}; readers checked {r['sums_checked_x']}x "
+                  f"the image against them; {r['chunk_sum_fallbacks']} blocks refused and read from the origin")
         if "mesh_log" in r:
             print(f"      nginx logs: {json.dumps(r['mesh_log'])}")
         for e in r["errors"]:

@@ -205,6 +205,10 @@ class FleetConfig:
     cache_max_size_gb: float = 50.0
     run_dir: str = "/run/imgfs-mesh"
     access_log: str | None = None  # nginx's line per request (cache status, owner tried): off unless set
+    # Per-block digests kept beside each image at the origin, so a chunk from a peer is checked before a
+    # reader gets it: "publish" (use them, and store one after a verified full read when there is none:
+    # the store's credentials need write access to the sums prefix), "use" (read-only credentials), "off"
+    chunk_sums: str = "publish"
 
 
 @dataclass(frozen=True)
@@ -774,6 +778,7 @@ def _fleet(merged: _Merged) -> FleetConfig | None:
         cache_max_size_gb=sec.number("cache_max_size_gb", 50.0, minimum=0.1),
         run_dir=sec.get("run_dir", "/run/imgfs-mesh", _parse_abs_path, "an absolute path"),
         access_log=sec.get("access_log", "", _parse_abs_path, "an absolute path") or None,
+        chunk_sums=sec.choice("chunk_sums", "publish", ("publish", "use", "off")),
         **paths,
     )
 

@@ -232,6 +232,14 @@ def metrics(d: Daemon) -> bytes:
                 yield again
                 yield CounterMetricFamily("imgfs_fleet_served_bytes", "bytes the origin gateway sent this node's nginx",
                                           value=fleet["served_bytes"])
+                yield CounterMetricFamily("imgfs_fleet_sums_checked_bytes", "mesh bytes checked block by block against "
+                                          "the chunk sums stored beside the image", value=fleet["sums_checked_bytes"])
+                sums = CounterMetricFamily("imgfs_fleet_chunk_sums", "chunk-sums lists by what became of them "
+                                           "(published, publish_refused, publish_failed, read_failed, unusable, "
+                                           "rejected)", labels=["outcome"])
+                for outcome, value in fleet["sums"].items():
+                    sums.add_metric([outcome], value)
+                yield sums
                 yield by_status("imgfs_fleet_gateway_refusals", "gateway requests refused (403 not our nginx, 404 not in "
                                 "the catalog, 412 another version, 502 the origin failed)", fleet["refusals"])
             stats = d.fetcher.stats

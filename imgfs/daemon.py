@@ -176,6 +176,7 @@ def build(config: Config, mountpoint: str) -> Daemon:
     )
     if fleet is not None:
         fetcher.second_chance = fleet.distrust
+        fetcher.witness = fleet
     group = options.mount_group
     ops = Operations(catalog, fetcher, prefetch_max=options.prefetch_max_mb * 2**20,
                      gid=max(group, 0), group_only=group >= 0)

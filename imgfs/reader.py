@@ -75,6 +75,25 @@ VERIFIED_HASHES = ("sha512", "sha256")
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 
 
+class FullReadTap(Protocol):
+    """Sees every byte of one full, verified read of ``loc``, in image order, in the verifier's worker
+    thread (the fleet sums its blocks to publish them)."""
+
+    loc: Location
+
+    def update(self, piece: memoryview | bytes) -> None: ...
+
+
+class Witness(Protocol):
+    """Told of full reads that matched the catalog's digest: what they are proof of is for it to use."""
+
+    def tap(self, loc: Location) -> FullReadTap | None:
+        """Something to see a full read of ``loc`` with, or None (called on the event loop: no I/O)."""
+
+    def matched(self, tap: FullReadTap, algo: str, digest: str) -> None:
+        """That read matched ``digest`` (called in a worker thread: may do I/O)."""
+
+
 @dataclass
 class FetchStats:
     fetches: int = 0
@@ -138,6 +157,7 @@ class ChunkFetcher:
         # Called with a copy that failed verification: True when its bytes came through a relay that is
         # now bypassed for it, so the store itself deserves a read before the copy is quarantined.
         self.second_chance: Callable[[Location], bool] | None = None
+        self.witness: Witness | None = None
         # (copy, algorithm, digest) of copies read whole, from that copy alone, that matched the catalog's
         # digest: later reads of them trust their cached chunks' xxh3 blocks instead of hashing again
         # (sha512 is ~350 MB/s per core here: 3 CPU-s per GiB, every time). In memory: a restart verifies
@@ -175,7 +195,15 @@ class ChunkFetcher:
             return None
         if all((loc, algo, digest.lower()) in self._verified for loc in locations):
             return None
-        return StreamVerifier(algo, digest, size)
+        tap = self.witness.tap(locations[0]) if self.witness is not None and locations else None
+        return StreamVerifier(algo, digest, size, tap=tap)
+
+    async def witnessed(self, tap: FullReadTap, algo: str, digest: str) -> None:
+        assert self.witness is not None
+        try:
+            await trio.to_thread.run_sync(self.witness.matched, tap, algo, digest)
+        except Exception:  # what it does with the proof is optional; the read itself is done and right
+            log.exception("after the verified read of image %s", tap.loc.image_id)
 
     def mark_verified(self, loc: Location, algo: str, digest: str) -> None:
         if (loc, algo, digest) not in self._verified:
@@ -491,8 +519,10 @@ class StreamVerifier:
     Hashing runs in a worker thread: 1 MiB of sha512 is ~1 ms the event loop should not spend.
     """
 
-    def __init__(self, algo: str, expected: str, size: int, window: int = 16 * 1024 * 1024) -> None:
+    def __init__(self, algo: str, expected: str, size: int, window: int = 16 * 1024 * 1024,
+                 tap: FullReadTap | None = None) -> None:
         self.algo_name = algo
+        self.tap = tap  # sees the same bytes, in the same worker thread
         self.expected = expected.lower()
         self.size = size
         self.window = window
@@ -528,11 +558,17 @@ class StreamVerifier:
                 end += len(nxt)
             self._done = end
             for piece in pieces:
-                await trio.to_thread.run_sync(self._hash.update, piece)
+                await trio.to_thread.run_sync(self._update, piece)
             if self._done >= self.size:
                 self.active = False
                 return self._hash.hexdigest() == self.expected
         return None
+
+
+    def _update(self, piece: memoryview | bytes) -> None:
+        self._hash.update(piece)
+        if self.tap is not None:
+            self.tap.update(piece)
 
 
 class ImageReader:
@@ -693,7 +729,11 @@ class ImageReader:
         if self.verify is not None and self.verify.active:
             verdict = await self.verify.feed(offset, data)
             if verdict is True and len(self._copies_read) == 1:  # one copy, read whole: that copy is right
-                self.fetcher.mark_verified(next(iter(self._copies_read)), self.verify.algo_name, self.verify.expected)
+                copy = next(iter(self._copies_read))
+                self.fetcher.mark_verified(copy, self.verify.algo_name, self.verify.expected)
+                tap = self.verify.tap
+                if tap is not None and tap.loc == copy:
+                    self.fetcher.spawn(self.fetcher.witnessed, tap, self.verify.algo_name, self.verify.expected)
             if verdict is False:
                 # The whole image went through and is not what the catalog says: the read that would
                 # complete it fails, so a copy made with dd or qemu-img fails too instead of succeeding.

@@ -19,6 +19,7 @@ from imgfs.backends.memory import MemoryBackend
 from imgfs.cache import ChunkCache
 from imgfs.errors import IntegrityError
 from imgfs.fleet.mesh import VERSION_HEADER, FleetBackend, FleetStats, MeshClient
+from imgfs.fleet.sums import ChunkSums
 from imgfs.reader import ChunkFetcher, ImageReader, StreamVerifier
 
 CS = 256 * 1024
@@ -97,7 +98,9 @@ async def rig(tmp_path, nursery):
 
 
 async def read_whole(fetcher, loc, data, digest=None) -> bytes:
-    verify = StreamVerifier("sha512", digest or hashlib.sha512(data).hexdigest(), len(data))
+    digest = digest or hashlib.sha512(data).hexdigest()
+    # as the mount and the endpoint make it (the fetcher's witness taps it), but always checked here
+    verify = fetcher.verifier([loc], "sha512", digest, len(data)) or StreamVerifier("sha512", digest, len(data))
     reader = ImageReader(fetcher, [loc], prefetch_max=0, verify=verify, on_integrity_error=fetcher.drop_copies)
     out = bytearray()
     for off in range(0, len(data), 64 * 1024):
@@ -169,3 +172,138 @@ async def test_a_peer_that_flips_a_bit_never_yields_a_wrong_full_image(rig):
     with pytest.raises(IntegrityError):
         await read_whole(fetcher, loc, data, digest="00" * 64)
     assert loc in fetcher.quarantined
+
+
+# --- chunk sums: per-block digests kept at the origin, made from a verified full read ----------------
+
+class Witness:
+    """What FleetNode is to the fetcher, for the one store of these tests."""
+
+    def __init__(self, fleet: FleetBackend) -> None:
+        self.fleet = fleet
+
+    def tap(self, loc):
+        return self.fleet.sums_maker(loc)
+
+    def matched(self, tap, algo, digest):
+        self.fleet.publish_sums(tap, algo, digest)
+
+
+async def another_node(tmp_path, name, origin, mesh, nursery):
+    """A second node of the same fleet: its own cache and its own memory of sums, the same origin and mesh."""
+    stats = FleetStats()
+    fleet = FleetBackend(origin, MeshClient(mesh.port, timeout=5, connections=4), chunk_size=CS, min_size=0, stats=stats)
+    cache = ChunkCache(str(tmp_path / name), max_bytes=1 << 30, max_count=10_000, memory_bytes=0)
+    await cache.open()
+    fetcher = ChunkFetcher(cache, {"s3": fleet}, chunk_size=CS, max_connections=4)
+    fetcher.second_chance, fetcher.witness = fleet.distrust, Witness(fleet)
+    fetcher.attach(nursery)
+    return stats, fetcher
+
+
+async def settle(fetcher):
+    while fetcher.inflight:
+        await trio.sleep(0.01)
+    await trio.sleep(0.2)  # the publish runs in the background after the read
+
+
+def expected_sums(data: bytes) -> bytes:
+    return b"".join(hashlib.sha256(data[i : i + CS]).digest() for i in range(0, len(data), CS))
+
+
+async def test_a_verified_full_read_stores_chunk_sums_and_a_peer_flipping_a_bit_is_then_caught_block_by_block(
+        rig, tmp_path, nursery):
+    data, loc, mesh, stats, fetcher, origin = rig
+    fetcher.witness = Witness(fetcher.backends["s3"])
+    assert await read_whole(fetcher, loc, data) == data
+    await settle(fetcher)
+    raw = origin.sidecars[f".imgfs/chunk-sums/{loc.image_id}"]
+    assert ChunkSums.decode(raw, loc, CS).sums == expected_sums(data) and stats.sums == {"published": 1}
+    # the sums are the origin's now: a second node checks every block a peer serves against them
+    mesh.mode = "flip"
+    stats2, fetcher2 = await another_node(tmp_path, "node2", origin, mesh, nursery)
+    reader = ImageReader(fetcher2, [loc], prefetch_max=0)
+    assert bytes(await reader.read(3 * CS + 100, 10_000)) == data[3 * CS + 100 : 3 * CS + 10_100]  # a partial read
+    assert stats2.fallbacks == {"chunk_sum": 1} and origin.read_bytes == CS  # the flipped block, from the origin
+    assert await read_whole(fetcher2, loc, data) == data  # and a full one: no reader error at all
+    assert stats2.integrity_failures == 0 and stats2.mesh_bytes == 0 and stats2.sums_checked_bytes >= len(data)
+    assert set(stats2.fallbacks) == {"chunk_sum"} and stats2.sums == {}
+    # a good peer's blocks are checked and used
+    mesh.mode = "good"
+    stats3, fetcher3 = await another_node(tmp_path, "node3", origin, mesh, nursery)
+    assert await read_whole(fetcher3, loc, data) == data
+    # (a small read asks the mesh for the whole blocks around it: more is checked than used)
+    assert stats3.mesh_bytes == len(data) <= stats3.sums_checked_bytes and stats3.fallbacks == {}
+
+
+async def test_chunk_sums_the_origin_contradicts_are_dropped_and_never_cost_a_right_byte(rig):
+    data, loc, mesh, stats, fetcher, origin = rig
+    lie = ChunkSums(loc.image_id, loc.version, loc.size, bytes(len(expected_sums(data))), CS)  # all zero: wrong
+    origin.put_sidecar("chunk-sums", loc.image_id, lie.encode())
+    assert await read_whole(fetcher, loc, data) == data
+    assert stats.fallbacks == {"chunk_sum": 1} and stats.sums == {"rejected": 1}
+    assert origin.read_bytes == CS and stats.mesh_bytes >= len(data) - CS  # one block from the origin, then the mesh
+
+
+@pytest.mark.parametrize("what, outcome", [
+    ("another version", "unusable"), ("another image", "unusable"), ("one sum short", "unusable"),
+    ("not JSON", "unusable"), ("no header line", "unusable"), ("another block size", "unusable"),
+    ("larger than any list", "read_failed")])
+async def test_a_stored_list_that_is_not_for_this_copy_is_not_used(rig, what, outcome):
+    data, loc, mesh, stats, fetcher, origin = rig
+    good = ChunkSums(loc.image_id, loc.version, loc.size, expected_sums(data), CS).encode()
+    head, body = good.split(b"\n", 1)
+    raw = {"another version": good.replace(loc.version.encode(), b"v999"),
+           "another image": good.replace(b'"image":"img"', b'"image":"other"'),
+           "one sum short": good[:-32], "not JSON": b"{nope\n" + body, "no header line": b"x" * 1000,
+           "another block size": good.replace(f'"block":{CS}'.encode(), b'"block":1048576'),
+           "larger than any list": good + bytes(10_000)}[what]
+    assert raw != good
+    origin.put_sidecar("chunk-sums", loc.image_id, raw)
+    mesh.mode = "flip"  # so that a list wrongly used would show as chunk_sum fallbacks
+    with pytest.raises(IntegrityError):  # no usable list: only the full read's digest catches the peer
+        await read_whole(fetcher, loc, data)
+    assert stats.sums == {outcome: 1} and "chunk_sum" not in stats.fallbacks
+
+
+async def test_credentials_that_only_read_publish_no_sums_and_say_so_once(rig, caplog):
+    data, loc, mesh, stats, fetcher, origin = rig
+    fetcher.witness = Witness(fetcher.backends["s3"])
+    origin.sidecars_read_only = True
+    assert await read_whole(fetcher, loc, data) == data
+    await settle(fetcher)
+    assert stats.sums == {"publish_refused": 1} and not origin.sidecars
+    lines = [r.getMessage() for r in caplog.records if "cannot store chunk sums" in r.getMessage()]
+    assert len(lines) == 1 and "chunk_sums = use" in lines[0]
+
+
+async def test_chunk_sums_off_neither_reads_nor_publishes(tmp_path, nursery):
+    data = random.Random(8).randbytes(3 * CS)
+    origin = MemoryBackend(name="s3", kind="s3")
+    loc = origin.put("img", data)
+    fleet = FleetBackend(origin, MeshClient(1, timeout=1, connections=1), chunk_size=CS, min_size=0,
+                         stats=FleetStats(), chunk_sums="off")
+    assert fleet.sums_maker(loc) is None and fleet.sums.get(loc) is None
+
+
+async def test_only_the_blocks_a_peer_got_wrong_are_read_from_the_origin(tmp_path, nursery):
+    """A chunk of two 1 MiB blocks whose second one is flipped: the first is used from the mesh, only the
+    second comes from the origin."""
+    mib = 1 << 20
+    data = random.Random(9).randbytes(4 * mib + 1000)
+    origin = MemoryBackend(name="s3", kind="s3")
+    loc = origin.put("img", data)
+    sums = b"".join(hashlib.sha256(data[i : i + mib]).digest() for i in range(0, len(data), mib))
+    origin.put_sidecar("chunk-sums", "img", ChunkSums("img", loc.version, len(data), sums, mib).encode())
+    mesh = FakeMesh(data, loc.version)
+    mesh.mode = "flip"  # the middle byte of each answer: the second block of a whole 2 MiB chunk
+    stats = FleetStats()
+    fleet = FleetBackend(origin, MeshClient(mesh.port, timeout=5, connections=4), chunk_size=2 * mib, min_size=0,
+                         stats=stats)
+    try:
+        for chunk in range(2):
+            assert fleet.read(loc, chunk * 2 * mib, 2 * mib) == data[chunk * 2 * mib : (chunk + 1) * 2 * mib]
+        assert stats.fallbacks == {"chunk_sum": 2} and stats.mesh_bytes == 2 * mib
+        assert origin.read_bytes == 2 * mib and sorted(off for _, off in origin.reads) == [mib, 3 * mib]
+    finally:
+        mesh.close()

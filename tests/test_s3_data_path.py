@@ -136,3 +136,18 @@ def test_an_https_store_is_verified_against_s3_store_cacert_on_both_paths(s3, tm
         finally:
             wrong.close()
     assert len([r for r in proxy.gets("img")]) == 1  # the refused reads never got an answer, nor a retry
+
+
+def test_sidecars_sit_beside_images_never_listed_as_one_and_bounded(s3, proxy):
+    """The fleet's chunk sums are kept in the image's bucket under '.imgfs/': written and read back
+    exactly, absent until written, not an image of the listing, and never read past their bound."""
+    data = random_bytes(MiB, 9)
+    with stored(s3, proxy, data) as (backend, loc):
+        assert backend.get_sidecar("chunk-sums", "img", 1000) is None
+        backend.put_sidecar("chunk-sums", "img", b"sums\n" + bytes(100))
+        assert backend.get_sidecar("chunk-sums", "img", 1000) == b"sums\n" + bytes(100)
+        keys = [o["Key"] for o in s3.list_objects_v2(Bucket=s3.bucket)["Contents"]]
+        assert ".imgfs/chunk-sums/img" in keys
+        assert [x.image_id for x in backend.list_images()] == ["img"]
+        with pytest.raises(BackendError, match="more than 50 bytes"):
+            backend.get_sidecar("chunk-sums", "img", 50)

@@ -108,6 +108,11 @@ def test_soak(tmp_path, proxy, s3, mounter, observed, request):
     assert peak["bytes"] <= limit_mb * MiB and peak["chunks"] <= limit_count, f"cache over its limits: {peak}"
     assert end["rss_bytes"] <= start["rss_bytes"] * 1.5 + 32 * MiB, f"RSS grew {start['rss_bytes'] >> 20} -> {end['rss_bytes'] >> 20} MiB"
     assert kept_open <= min(limit_count, settled["cache"]["limit_open_files"])
-    assert end["fds"] <= start["fds"] + kept_open + 8, f"fds grew {start['fds']} -> {end['fds']} ({kept_open} chunk files open)"
+    # Besides chunk files kept open for hits, only pooled sockets may stay: botocore keeps up to
+    # 2 x backend_max_connections (8 by default) idle connections, and 16 readers with faults that
+    # break connections leave the pool fuller than the warm-up did.
+    pool = 2 * 8
+    assert end["fds"] <= start["fds"] + kept_open + pool, \
+        f"fds grew {start['fds']} -> {end['fds']} ({kept_open} chunk files open, pool of {pool})"
     for path in paths:
         assert_reads_exactly(path, sources[path.name])

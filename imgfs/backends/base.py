@@ -18,6 +18,12 @@ class Backend(Protocol):
     # that serves each chunk apart anyway (the fleet's mesh: each chunk has its own owner) says its
     # chunk size here, so each chunk is a flight of its own and they travel in parallel.
     # largest_read: int
+    #
+    # Optional, stores that keep small objects of imgfs's own beside images (S3: keys under ".imgfs/",
+    # which no listing shows as an image; the fleet's chunk sums):
+    # def get_sidecar(self, kind: str, image_id: str, limit: int) -> bytes | None:
+    #     """The object, None if there is none; BackendError if it holds more than ``limit`` bytes."""
+    # def put_sidecar(self, kind: str, image_id: str, data: bytes) -> None: ...
 
     def list_images(self) -> list[Location]:
         """Every image in the store. Raises BackendError if the store cannot be listed."""
@@ -41,3 +47,9 @@ class Backend(Protocol):
 def valid_image_name(name: str) -> bool:
     """Whether a store entry can be shown as a file name: Glance keys images by id, never by paths."""
     return bool(name) and "/" not in name and "\x00" not in name and name not in (".", "..") and len(name.encode()) <= 255
+
+
+def sidecar_key(kind: str, image_id: str) -> str:
+    """Where a store keeps imgfs's ``kind`` of object for an image: a name with a '/', so never listed
+    as an image, and one Glance never writes (its keys are image ids)."""
+    return f".imgfs/{kind}/{image_id}"

@@ -11,8 +11,9 @@ import time
 from collections import Counter
 from dataclasses import dataclass, field
 
-from ..errors import BackendError, ShortRead, StaleImage
+from ..errors import BackendAccessDenied, BackendError, ShortRead, StaleImage
 from ..model import Location
+from .base import sidecar_key
 
 
 @dataclass
@@ -26,6 +27,8 @@ class MemoryBackend:
     read_bytes: int = 0
     fail_reads: int = 0  # the next N reads raise BackendError
     short_reads: int = 0  # the next N reads return one byte too few (a broken store)
+    sidecars: dict[str, bytes] = field(default_factory=dict)  # sidecar key -> object (see Backend)
+    sidecars_read_only: bool = False  # credentials that may not write: put_sidecar is refused
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
     _versions: int = 0
 
@@ -69,6 +72,19 @@ class MemoryBackend:
         if len(data) != length:
             raise ShortRead(f"store '{self.name}': image {location.image_id}: {len(data)} of {length} bytes")
         return data
+
+    def get_sidecar(self, kind: str, image_id: str, limit: int) -> bytes | None:
+        with self._lock:
+            data = self.sidecars.get(sidecar_key(kind, image_id))
+        if data is not None and len(data) > limit:
+            raise BackendError(f"store '{self.name}': the {kind} of image {image_id} holds more than {limit} bytes")
+        return data
+
+    def put_sidecar(self, kind: str, image_id: str, data: bytes) -> None:
+        if self.sidecars_read_only:
+            raise BackendAccessDenied(f"store '{self.name}': storing the {kind} of image {image_id}: access denied")
+        with self._lock:
+            self.sidecars[sidecar_key(kind, image_id)] = bytes(data)
 
     def describe(self) -> dict[str, str]:
         return {"type": "memory"}

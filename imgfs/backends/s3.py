@@ -19,7 +19,7 @@ import urllib3.exceptions
 from ..config import ImgfsOptions, S3StoreConfig
 from ..errors import BackendAccessDenied, BackendError, BackendUnavailable, ImgfsError, ShortRead, StaleImage
 from ..model import Location
-from .base import valid_image_name
+from .base import sidecar_key, valid_image_name
 from .s3_ranged import RangedGetter
 
 log = logging.getLogger(__name__)
@@ -204,6 +204,29 @@ class S3Backend:
         if len(answer.data) != length:
             raise ShortRead(f"{self._where}: image {location.image_id}: got {len(answer.data)} bytes at {offset}, expected {length}")
         return answer.data
+
+    def get_sidecar(self, kind: str, image_id: str, limit: int) -> bytes | None:
+        """The small object imgfs keeps beside an image (see Backend), or None if there is none."""
+        key, what = sidecar_key(kind, image_id), f"reading the {kind} of image {image_id}"
+        try:
+            answer = self.client.get_object(Bucket=self.bucket, Key=key)
+            with answer["Body"] as body:
+                data = body.read(limit + 1)
+        except botocore.exceptions.ClientError as e:
+            if str(e.response.get("Error", {}).get("Code", "")) in _MISSING:
+                return None
+            raise self._error(e, what) from None
+        except Exception as e:
+            raise self._error(e, what) from None
+        if len(data) > limit:
+            raise BackendError(f"{self._where}: {what}: more than {limit} bytes")
+        return data
+
+    def put_sidecar(self, kind: str, image_id: str, data: bytes) -> None:
+        try:
+            self.client.put_object(Bucket=self.bucket, Key=sidecar_key(kind, image_id), Body=data)
+        except Exception as e:
+            raise self._error(e, f"storing the {kind} of image {image_id}") from None
 
     def describe(self) -> dict[str, str]:
         return {"type": "s3", "endpoint": self.endpoint, "bucket": self.bucket}

@@ -4,8 +4,10 @@ anything is wrong. A reader never sees the mesh fail; every fallback is counted 
 
 What the mesh's answer must be, or it is not used: 206, ``Content-Range: bytes a-b/size`` exactly as
 asked, exactly b-a+1 bytes, and ``X-Imgfs-Version`` equal to the version the reader holds (the owner's
-gateway pins it, and nginx keeps it with the cached chunk). The bytes then go through the same checks
-as the origin's: the cache's block sums once stored, Glance's digest on a full read.
+gateway pins it, and nginx keeps it with the cached chunk). When the store holds chunk sums for that
+version (sums.py), every block must also match its sum: a peer cannot forge those, so a partial read is
+as safe as a full one. The bytes then go through the same checks as the origin's: the cache's block sums
+once stored, Glance's digest on a full read.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ import urllib3
 from ..backends.base import Backend
 from ..model import Location
 from ..ratelimit import RateLimit
+from .sums import ChunkSums, SumsBook, SumsMaker, block_for
 
 log = logging.getLogger(__name__)
 
@@ -62,6 +65,8 @@ class FleetStats:
     served_requests: int = 0
     refusals: dict[int, int] = field(default_factory=dict)  # gateway status -> requests refused
     integrity_failures: int = 0  # full reads with mesh bytes that failed their digest (a lying peer)
+    sums_checked_bytes: int = 0  # mesh bytes checked block by block against the store's chunk sums
+    sums: dict[str, int] = field(default_factory=dict)  # chunk-sums outcome (published, unusable...) -> n
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     def add(self, **counts: int) -> None:
@@ -146,7 +151,8 @@ class FleetBackend:
     """A store whose large images are read through the mesh first. Listing, lookups and everything an
     operator sees are the inner store's: the catalog, versions and ETag pins stay as they are."""
 
-    def __init__(self, inner: Backend, client: MeshClient, *, chunk_size: int, min_size: int, stats: FleetStats) -> None:
+    def __init__(self, inner: Backend, client: MeshClient, *, chunk_size: int, min_size: int, stats: FleetStats,
+                 chunk_sums: str = "publish") -> None:
         self.inner = inner
         self.name, self.kind = inner.name, inner.kind
         self.read_timeout = inner.read_timeout
@@ -157,6 +163,8 @@ class FleetBackend:
         self.largest_read = chunk_size
         self.min_size = min_size
         self.stats = stats
+        self.sums = SumsBook(inner, block=block_for(chunk_size), mode=chunk_sums,
+                             count=lambda outcome: stats.count("sums", outcome))
         self._logged = RateLimit(60.0)
         # versions whose full read failed its digest with mesh bytes in it: read from the origin only
         self._distrusted: set[tuple[str, str]] = set()
@@ -174,6 +182,13 @@ class FleetBackend:
         log.error("fleet: image %s (store '%s', version %s) read through the mesh failed its digest: a peer served "
                   "wrong bytes; reading it from the origin from now on", loc.image_id, loc.store, loc.version)
         return True
+
+    def sums_maker(self, loc: Location) -> SumsMaker | None:
+        """What a verified full read of ``loc`` sums its blocks with, to publish them (None: no need)."""
+        return self.sums.maker(loc) if loc.size >= self.min_size else None
+
+    def publish_sums(self, maker: SumsMaker, algo: str, digest: str) -> None:
+        self.sums.publish(maker, algo, digest)
 
     def list_images(self) -> list[Location]:
         return self.inner.list_images()
@@ -208,9 +223,12 @@ class FleetBackend:
         return pieces[0] if len(pieces) == 1 else b"".join(pieces)  # type: ignore[return-value]
 
     def _piece(self, loc: Location, offset: int, length: int, chunk: int) -> bytes | bytearray:
+        sums = self.sums.get(loc)
+        # with sums, whole blocks are asked (and checked), and the asked range cut from them
+        start, end = sums.aligned(offset, length) if sums is not None else (offset, offset + length)
         try:
             try:
-                data = self.client.get(loc, offset, length, chunk)
+                data = self.client.get(loc, start, end - start, chunk)
             except MeshRefused as e:
                 if e.cause not in RETRY_CAUSES:
                     raise
@@ -218,7 +236,7 @@ class FleetBackend:
                 # the local nginx gave up on it: nginx has marked it down by now, so one more ask goes to
                 # the ring's next owner, whose one fetch serves the fleet -- the origin is the last resort.
                 self.stats.count("retries", e.cause)
-                data = self.client.get(loc, offset, length, chunk)
+                data = self.client.get(loc, start, end - start, chunk)
         except MeshRefused as e:
             self.stats.count("fallbacks", e.cause)
             if self._logged.allow(e.cause):
@@ -227,5 +245,34 @@ class FleetBackend:
             data = self.inner.read(loc, offset, length)
             self.stats.add(origin_bytes=len(data))
             return data
-        self.stats.add(mesh_bytes=len(data), mesh_reads=1)
-        return data
+        length_from_mesh = length
+        if sums is not None:
+            bad = sums.bad_blocks(start, data)
+            if bad:
+                mended = self._mend(loc, chunk, sums, start, data, bad)
+                length_from_mesh = length - sum(max(0, min(b, offset + length) - max(a, offset)) for a, b in mended)
+            self.stats.add(sums_checked_bytes=len(data))
+        self.stats.add(mesh_bytes=length_from_mesh, mesh_reads=1)
+        return data if (start, end) == (offset, offset + length) else data[offset - start : offset - start + length]
+
+    def _mend(self, loc: Location, chunk: int, sums: ChunkSums, start: int, data: bytearray,
+              bad: list[int]) -> list[tuple[int, int]]:
+        """Blocks a peer got wrong, replaced in place by the store's own (the right ones are kept); the
+        ranges replaced. If the store's do not match the sums either, the sums are what is wrong (the
+        store is the authority), and they are dropped for this version."""
+        self.stats.count("fallbacks", "chunk_sum")
+        if self._logged.allow("chunk_sum"):
+            log.warning("fleet: chunk %d of image %s (store '%s'): %d block(s) from the mesh do not match the chunk "
+                        "sums stored with the image (a peer served wrong bytes); reading those from the origin",
+                        chunk, loc.image_id, loc.store, len(bad))
+        mended, wrong_sums = [], False
+        for index in bad:
+            at = index * sums.block
+            good = self.inner.read(loc, at, min(sums.block, loc.size - at))
+            self.stats.add(origin_bytes=len(good))
+            if not wrong_sums and sums.bad_blocks(at, good):
+                wrong_sums = True
+                self.sums.reject(loc, index)
+            data[at - start : at - start + len(good)] = good
+            mended.append((at, at + len(good)))
+        return mended

@@ -16,6 +16,7 @@ from ..model import Location
 from ..ratelimit import RateLimit
 from . import gateway as gw
 from .mesh import FleetBackend, FleetStats, MeshClient
+from .sums import SumsMaker, block_for
 
 log = logging.getLogger(__name__)
 
@@ -67,18 +68,31 @@ class FleetNode:
             raise ConfigError(f"[fleet] secret_file {config.secret_file}: {getattr(e, 'strerror', None) or e}; "
                               "'imgfs fleet render' writes it with the nginx configuration") from None
         stats = FleetStats()
+        if config.chunk_sums != "off" and block_for(chunk_size) is None:
+            log.warning("fleet: chunk_size %d has no block of at least 64 KiB dividing it: chunks from peers are "
+                        "checked by full reads only (no chunk sums)", chunk_size)
         direct = {name: b for name, b in backends.items() if b.kind in MESH_KINDS}
         origin = _CatalogOrigin(catalog, direct, trio.CapacityLimiter(connections))
         client = MeshClient(config.local_port, config.timeout, connections)
         wrapped: dict[str, Backend] = dict(backends)
         for name, backend in direct.items():
             wrapped[name] = FleetBackend(backend, client, chunk_size=chunk_size, min_size=config.min_image_mb << 20,
-                                         stats=stats)
+                                         stats=stats, chunk_sums=config.chunk_sums)
         return cls(config, stats, gw.Gateway(origin, secret, stats), wrapped)
 
     def distrust(self, loc: Location) -> bool:
         backend = self.fetch_backends.get(loc.store)
         return isinstance(backend, FleetBackend) and backend.distrust(loc)
+
+    # The fetcher's Witness: a full read that matched Glance's digest makes the image's chunk sums.
+    def tap(self, loc: Location) -> SumsMaker | None:
+        backend = self.fetch_backends.get(loc.store)
+        return backend.sums_maker(loc) if isinstance(backend, FleetBackend) else None
+
+    def matched(self, tap: SumsMaker, algo: str, digest: str) -> None:
+        backend = self.fetch_backends.get(tap.loc.store)
+        if isinstance(backend, FleetBackend):
+            backend.publish_sums(tap, algo, digest)
 
     async def serve(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
         await gw.serve(self.gateway, self.config.gateway_port, task_status=task_status)
