@@ -27,6 +27,7 @@ from .errors import ConfigError, ImgfsError
 from .fs import Operations
 from .model import Image
 from .notify import notify
+from .disks import DiskBook
 from .reader import ChunkFetcher
 
 if TYPE_CHECKING:
@@ -178,8 +179,12 @@ def build(config: Config, mountpoint: str) -> Daemon:
         fetcher.second_chance = fleet.distrust
         fetcher.witness = fleet
     group = options.mount_group
-    ops = Operations(catalog, fetcher, prefetch_max=options.prefetch_max_mb * 2**20,
-                     gid=max(group, 0), group_only=group >= 0)
+    prefetch_max = options.prefetch_max_mb * 2**20
+    # raw/: only Glance says what format an image is in (decoding on a guess is how a raw disk holding a
+    # qcow2 header becomes a way to read other files)
+    disks = DiskBook(catalog, fetcher, prefetch_max=prefetch_max) if options.catalog == "glance" else None
+    ops = Operations(catalog, fetcher, prefetch_max=prefetch_max, gid=max(group, 0), group_only=group >= 0,
+                     disks=disks)
 
     async def forget_old_versions(image_id: str, old: Image | None, new: Image | None) -> None:
         # A new checksum in Glance means new bytes in every store, whatever the stores' versions say.

@@ -5,6 +5,8 @@ Tree::
     /images/<id>             every image, served from its preferred location
     /stores/<store>/<id>     each store's own copy
     /by-name/<name>          -> ../images/<id>   (with the Glance catalog: names are Glance's)
+    /raw/<id>                the image's raw disk (with the Glance catalog: disk_format raw as stored,
+                             qcow2 decoded; disks.py)
 
 Everything is read-only: the mount is ``ro`` and every modifying request answers EROFS anyway.
 This is the only module that turns ``ImgfsError`` into ``FUSEError`` (their errno).
@@ -24,6 +26,7 @@ import pyfuse3
 import trio
 
 from .catalog import Catalog
+from .disks import DiskBook, DiskReader, reader_for
 from .errors import ImgfsError
 from .model import Image, Location
 from .ratelimit import RateLimit
@@ -35,6 +38,8 @@ ROOT = pyfuse3.ROOT_INODE
 IMAGES = ROOT + 1
 STORES = ROOT + 2
 BY_NAME = ROOT + 3
+RAW = ROOT + 4
+_DIRS = (ROOT, IMAGES, STORES, BY_NAME, RAW)
 _FIRST_STORE = 16
 _FIRST_FILE = 1024
 _TIMEOUT = 1.0  # seconds the kernel may trust directories and by-name links before asking again
@@ -71,6 +76,7 @@ def _guarded(handler: _H) -> _H:
 class _File:
     store: str | None  # None: the images/ view (preferred location)
     image_id: str
+    raw: bool = False  # the raw/ view: the image's raw disk
 
 
 @dataclass(frozen=True, slots=True)
@@ -84,11 +90,12 @@ class Operations(pyfuse3.Operations):
     enable_acl = False
 
     def __init__(self, catalog: Catalog, fetcher: ChunkFetcher, *, prefetch_max: int, uid: int = 0, gid: int = 0,
-                 group_only: bool = False) -> None:
+                 group_only: bool = False, disks: DiskBook | None = None) -> None:
         super().__init__()
         self.catalog = catalog
         self.fetcher = fetcher
         self.prefetch_max = prefetch_max
+        self.disks = disks  # the raw/ view (only with a catalog that knows disk formats: Glance)
         self.uid, self.gid = uid, gid
         # group_only: readable by the owner and the group alone (the kernel enforces the modes)
         self._file_mode, self._dir_mode = (0o440, 0o550) if group_only else (0o444, 0o555)
@@ -102,7 +109,7 @@ class Operations(pyfuse3.Operations):
         # opened with, so an open that races the tuning waits for it (milliseconds, once).
         self.opens_wait_for: trio.Event | None = None
         self._next_inode = _FIRST_FILE
-        self._handles: dict[int, ImageReader] = {}
+        self._handles: dict[int, ImageReader | DiskReader] = {}
         self._dirs: dict[int, list[tuple[bytes, int]]] = {}
         self._next_fh = 1
         self.bytes_served = 0
@@ -140,6 +147,12 @@ class Operations(pyfuse3.Operations):
     def _location(self, node: _File) -> Location | None:
         return self.catalog.location(node.store, node.image_id)
 
+    def _raw_size(self, node: _File) -> int | None:
+        image = self.catalog.image(node.image_id)
+        if image is None or self.disks is None or not self.disks.offered(image):
+            return None
+        return self.disks.size(image)
+
     def _dir_attr(self, ino: int) -> pyfuse3.EntryAttributes:
         attr = self._attr(ino)
         attr.st_mode = stat.S_IFDIR | self._dir_mode
@@ -147,15 +160,15 @@ class Operations(pyfuse3.Operations):
         attr.st_size = 0
         return attr
 
-    def _file_attr(self, ino: int, loc: Location) -> pyfuse3.EntryAttributes:
+    def _file_attr(self, ino: int, loc: Location, size: int | None = None) -> pyfuse3.EntryAttributes:
         attr = self._attr(ino)
         attr.entry_timeout = attr.attr_timeout = _FILE_TIMEOUT
         attr.st_mode = stat.S_IFREG | self._file_mode
         attr.st_nlink = 1
-        attr.st_size = loc.size
+        attr.st_size = loc.size if size is None else size
         # Full allocation on purpose: a smaller st_blocks makes cp/tar treat the file as sparse and skip
-        # reading parts of it.
-        attr.st_blocks = (loc.size + 511) // 512
+        # reading parts of it (without SEEK_DATA they could not know where the data is).
+        attr.st_blocks = (attr.st_size + 511) // 512
         attr.st_blksize = self.fetcher.chunk_size
         ns = int(loc.mtime * 1e9)
         attr.st_mtime_ns = attr.st_ctime_ns = attr.st_atime_ns = ns
@@ -186,7 +199,18 @@ class Operations(pyfuse3.Operations):
                 return self._dir_attr(STORES)
             if text == "by-name" and self.by_name:
                 return self._dir_attr(BY_NAME)
+            if text == "raw" and self.disks is not None:
+                return self._dir_attr(RAW)
             raise pyfuse3.FUSEError(errno.ENOENT)
+        if parent_inode == RAW and self.disks is not None:
+            image = self.catalog.image(text) or await self.catalog.lookup(text)
+            if image is None or not self.disks.offered(image):
+                raise pyfuse3.FUSEError(errno.ENOENT)
+            try:
+                disk = await self.disks.open(image)
+            except ImgfsError as e:  # refused (logged once): not offered; a store failing: its errno
+                raise pyfuse3.FUSEError(errno.ENOENT if not self.disks.offered(image) else e.errno) from None
+            return self._file_attr(self._file_inode(_File(None, text, raw=True)), disk.primary, disk.size)
         if parent_inode == BY_NAME:
             link = _Link(text)
             target = self._link_target(link)
@@ -217,7 +241,7 @@ class Operations(pyfuse3.Operations):
         return self._attr_of(inode)
 
     def _attr_of(self, inode: int) -> pyfuse3.EntryAttributes:
-        if inode in (ROOT, IMAGES, STORES, BY_NAME) or inode in self._inode_stores:
+        if inode in _DIRS or inode in self._inode_stores:
             return self._dir_attr(inode)
         link = self._links.get(inode)
         if link is not None:
@@ -231,6 +255,11 @@ class Operations(pyfuse3.Operations):
         loc = self._location(node)
         if loc is None:
             raise pyfuse3.FUSEError(errno.ENOENT)
+        if node.raw:
+            size = self._raw_size(node)
+            if size is None:
+                raise pyfuse3.FUSEError(errno.ENOENT)
+            return self._file_attr(inode, loc, size)
         return self._file_attr(inode, loc)
 
     # ---- directories --------------------------------------------------------------------------------
@@ -248,6 +277,13 @@ class Operations(pyfuse3.Operations):
             yield from (("images", IMAGES), ("stores", STORES))
             if self.by_name:
                 yield "by-name", BY_NAME
+            if self.disks is not None:
+                yield "raw", RAW
+        elif inode == RAW and self.disks is not None:
+            for image_id in self.catalog.image_ids():
+                node = _File(None, image_id, raw=True)
+                if self._raw_size(node) is not None:
+                    yield image_id, self._file_inode(node)
         elif inode == BY_NAME:
             for name in sorted(self.catalog.names()):
                 yield name, self._file_inode(_Link(name))
@@ -263,6 +299,8 @@ class Operations(pyfuse3.Operations):
     @_guarded
     async def opendir(self, inode: int, ctx=None) -> int:
         # A snapshot per open directory, so paging through it stays consistent while the catalog changes.
+        if inode == RAW and self.disks is not None:  # sizes of qcow2 disks come from their headers
+            await self.disks.learn_sizes([i for i in map(self.catalog.image, self.catalog.image_ids()) if i is not None])
         entries = [(name.encode(), ino) for name, ino in self._children(inode)]
         fh = self._new_fh()
         self._dirs[fh] = entries
@@ -299,11 +337,13 @@ class Operations(pyfuse3.Operations):
             await self.opens_wait_for.wait()
         node = self._files.get(inode)
         if node is None:
-            raise pyfuse3.FUSEError(errno.EISDIR if inode in (ROOT, IMAGES, STORES, BY_NAME) or inode in self._inode_stores else errno.ENOENT)
+            raise pyfuse3.FUSEError(errno.EISDIR if inode in _DIRS or inode in self._inode_stores else errno.ENOENT)
         loc = self._location(node)
         if loc is None:
             raise pyfuse3.FUSEError(errno.ENOENT)
         image = self.catalog.image(node.image_id)
+        if node.raw:
+            return await self._open_raw(image)
         locations = self.fetcher.order(image.locations) if image is not None and node.store is None else [loc]
         verify = None if image is None else \
             self.fetcher.verifier(locations, image.get("os_hash_algo"), image.get("os_hash_value"), loc.size)
@@ -312,6 +352,19 @@ class Operations(pyfuse3.Operations):
                                         on_integrity_error=self.fetcher.drop_copies)
         info = pyfuse3.FileInfo(fh=fh)
         info.keep_cache = True  # an open pins one version; the kernel cache is dropped when it changes
+        return info
+
+    async def _open_raw(self, image: Image | None) -> pyfuse3.FileInfo:
+        if image is None or self.disks is None or not self.disks.offered(image):
+            raise pyfuse3.FUSEError(errno.ENOENT)
+        try:
+            disk = await self.disks.open(image)
+        except ImgfsError as e:
+            raise pyfuse3.FUSEError(e.errno) from None
+        fh = self._new_fh()
+        self._handles[fh] = reader_for(self.disks, disk, image)
+        info = pyfuse3.FileInfo(fh=fh)
+        info.keep_cache = True  # one version, as for images/
         return info
 
     @_guarded
@@ -391,6 +444,12 @@ class Operations(pyfuse3.Operations):
             if image.name:
                 attrs["name"] = image.name
             attrs.update(image.meta)
+        if node.raw:  # the raw disk: its own size, and what it is made from
+            size = self._raw_size(node)
+            if size is None:
+                return {}
+            attrs.update(size=str(size), stored_size=str(loc.size), decodes=f"images/{node.image_id}",
+                         decoded_from=(image.get("disk_format") if image is not None else None) or "raw")
         return attrs
 
     @_guarded
@@ -439,8 +498,10 @@ class Operations(pyfuse3.Operations):
         """Drop what the kernel cached of an image whose bytes changed (keep_cache would keep them)."""
         if old is None:
             return
-        for store in [None, *(loc.store for loc in old.locations)]:
-            ino = self._file_inodes.get(_File(store, image_id))
+        views = [_File(None, image_id), _File(None, image_id, raw=True), *(_File(loc.store, image_id) for loc in old.locations)]
+        for node in views:
+            store = node.store
+            ino = self._file_inodes.get(node)
             if ino is None:
                 continue
             before = old.primary if store is None else old.at(store)
@@ -448,7 +509,7 @@ class Operations(pyfuse3.Operations):
             if before != after:
                 await self.invalidate(ino)
                 if after is None:  # gone from this view: the kernel must forget the name too
-                    parent = IMAGES if store is None else self._store_inodes.get(store)
+                    parent = (RAW if node.raw else IMAGES) if store is None else self._store_inodes.get(store)
                     if parent is not None:
                         # In the background: the kernel takes the directory's lock to forget a name, and
                         # a lookup in that directory may be what waits on this notification (a lookup

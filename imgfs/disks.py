@@ -1,0 +1,194 @@
+"""The raw disk of each image (the mount's ``raw/`` view): the stored bytes themselves for an image
+Glance calls ``raw``, the virtual disk decoded by ``imgfs.formats`` for one it calls ``qcow2``.
+
+Only Glance's ``disk_format`` decides: a qcow2 header found inside an image Glance calls raw is that
+disk's content (a guest may write one), never a reason to decode it. An image of another format, or a
+qcow2 the decoder refuses (a backing file, encryption, ...), has no raw disk: the view does not offer
+it, and one log line says why.
+
+Knows the catalog, the reader and the formats; nothing of FUSE.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import OrderedDict
+from dataclasses import dataclass
+
+import trio
+
+from .catalog import Catalog
+from .errors import ImgfsError
+from .formats import Limits, Qcow2Error, Qcow2Image, Qcow2Unsupported
+from .model import Image, Location
+from .reader import ChunkFetcher, ImageReader
+
+log = logging.getLogger(__name__)
+
+FORMATS = ("raw", "qcow2")
+KEPT_OPEN = 64  # decoders kept open: each holds its L1 table (bounded by Limits) and small caches
+OPENING = 8  # decoders opened at once when a listing needs their sizes
+LIST_WAIT = 10.0  # seconds a listing of raw/ waits for sizes; images still unknown then are left out
+
+
+@dataclass
+class Disk:
+    """One version of one image's raw disk."""
+
+    image_id: str
+    format: str  # "raw" (the stored bytes) or "qcow2" (decoded)
+    size: int  # the virtual disk's size
+    primary: Location  # the copy a read starts with (the stored object decoded)
+    decoder: Qcow2Image | None = None
+
+
+def _key(image: Image) -> tuple:
+    return image.id, tuple((loc.store, loc.version, loc.size) for loc in image.locations)
+
+
+class DiskBook:
+    """Which images have a raw disk and how large it is; their decoders, opened once and shared by every
+    reader (their table and cluster caches with them)."""
+
+    def __init__(self, catalog: Catalog, fetcher: ChunkFetcher, *, prefetch_max: int,
+                 limits: Limits = Limits()) -> None:
+        self.catalog, self.fetcher, self.limits = catalog, fetcher, limits
+        self.prefetch_max = prefetch_max
+        self._inflate = trio.CapacityLimiter(max(1, limits.inflate_concurrency))  # for every image together
+        self._open: OrderedDict[tuple, Disk] = OrderedDict()
+        self._sizes: dict[tuple, int] = {}  # decoded sizes, kept after their decoder is closed
+        self._refused: dict[tuple, str] = {}  # image versions the decoder refused: not offered
+        self._flights: dict[tuple, trio.Event] = {}
+        catalog.listeners.append(self._on_change)
+
+    @staticmethod
+    def format_of(image: Image) -> str | None:
+        fmt = image.get("disk_format")
+        return fmt if fmt in FORMATS and image.locations else None
+
+    def size(self, image: Image) -> int | None:
+        """The raw disk's size if it is known without I/O; None if not (yet), or if it has none."""
+        fmt = self.format_of(image)
+        if fmt == "raw":
+            return image.primary.size
+        if fmt == "qcow2":
+            return self._sizes.get(_key(image))
+        return None
+
+    def offered(self, image: Image) -> bool:
+        return self.format_of(image) is not None and _key(image) not in self._refused
+
+    async def learn_sizes(self, images: list[Image]) -> None:
+        """Open the decoders of the qcow2 images whose size is unknown, a few at once, for a listing; any
+        not open within LIST_WAIT seconds (a slow store) is left out of it, not waited for."""
+        todo = [i for i in images if self.offered(i) and self.size(i) is None]
+        if not todo:
+            return
+        limiter = trio.CapacityLimiter(OPENING)
+
+        async def one(image: Image) -> None:
+            async with limiter:
+                try:
+                    await self.open(image)
+                except ImgfsError:
+                    pass  # logged by open; the listing leaves the image out
+
+        with trio.move_on_after(LIST_WAIT):
+            async with trio.open_nursery() as nursery:
+                for image in todo:
+                    nursery.start_soon(one, image)
+
+    async def open(self, image: Image) -> Disk:
+        """The image's raw disk, decoding its header and L1 table the first time (single flight)."""
+        fmt = self.format_of(image)
+        if fmt is None:
+            raise Qcow2Unsupported(f"image {image.id}: disk_format {image.get('disk_format')!r} has no raw disk here")
+        key = _key(image)
+        if fmt == "raw":
+            return Disk(image.id, "raw", image.primary.size, image.primary)
+        while True:
+            refused = self._refused.get(key)
+            if refused is not None:
+                raise Qcow2Unsupported(refused)
+            disk = self._open.get(key)
+            if disk is not None:
+                self._open.move_to_end(key)
+                return disk
+            flight = self._flights.get(key)
+            if flight is None:
+                break
+            await flight.wait()
+        self._flights[key] = flight = trio.Event()
+        try:
+            disk = await self._decode(image, key)
+        finally:
+            del self._flights[key]
+            flight.set()
+        self._open[key] = disk
+        self._sizes[key] = disk.size
+        while len(self._open) > KEPT_OPEN:
+            self._open.popitem(last=False)
+        return disk
+
+    async def _decode(self, image: Image, key: tuple) -> Disk:
+        # One reader for the decoder's own reads (header, tables, clusters): they go through the chunk
+        # cache like any read, small ones as small verified blocks, and runs of them get prefetch.
+        stored = ImageReader(self.fetcher, self.fetcher.order(image.locations), prefetch_max=self.prefetch_max)
+
+        async def read(offset: int, length: int) -> bytes:
+            return bytes(await stored.read(offset, length))
+
+        try:
+            decoder = await Qcow2Image.open(read, image.primary.size, self.limits, self._inflate)
+        except Qcow2Error as e:
+            # Refused for good (this version): a malformed or unsupported image does not mend itself.
+            # A store failing is not the image's fault, and is not remembered.
+            why = f"image {image.id} (qcow2) is not offered as a raw disk: {e}"
+            self._refused[key] = why
+            log.warning("%s", why)
+            raise type(e)(why) from None
+        log.info("image %s: qcow2 v%d, %s, %d-byte clusters, a %d-byte raw disk", image.id, decoder.version,
+                 decoder.compression, decoder.cluster_size, decoder.virtual_size)
+        return Disk(image.id, "qcow2", decoder.virtual_size, image.primary, decoder)
+
+    async def _on_change(self, image_id: str, old: Image | None, new: Image | None) -> None:
+        """A new version is a new disk: forget what was known of the old one."""
+        if old is None:
+            return
+        key = _key(old)
+        if new is not None and _key(new) == key:
+            return
+        self._open.pop(key, None)
+        self._sizes.pop(key, None)
+        self._refused.pop(key, None)
+
+
+class DiskReader:
+    """One open file of raw/: reads of one version of one image's raw disk, short only at its end."""
+
+    def __init__(self, disk: Disk, stored: ImageReader | None) -> None:
+        self.disk = disk
+        self.loc = disk.primary  # for the adapter's log lines
+        self._stored = stored  # a raw image's own reader (the bytes as they are)
+
+    async def read(self, offset: int, size: int) -> bytes | memoryview:
+        if self.disk.decoder is not None:
+            return await self.disk.decoder.read(offset, size)
+        assert self._stored is not None
+        return await self._stored.read(offset, size)
+
+    def close(self) -> None:
+        if self._stored is not None:
+            self._stored.close()
+
+
+def reader_for(book: DiskBook, disk: Disk, image: Image) -> DiskReader:
+    """A reader of ``disk`` for one open file: a raw image gets its own reader (sequential prefetch, and
+    the catalog's digest checked on a full read, as images/ does); a qcow2 one shares its decoder."""
+    if disk.decoder is not None:
+        return DiskReader(disk, None)
+    fetcher = book.fetcher
+    locations = fetcher.order(image.locations)
+    verify = fetcher.verifier(locations, image.get("os_hash_algo"), image.get("os_hash_value"), disk.size)
+    return DiskReader(disk, ImageReader(fetcher, locations, prefetch_max=book.prefetch_max, verify=verify,
+                                        on_integrity_error=fetcher.drop_copies))

@@ -1,0 +1,66 @@
+"""raw/ through a real kernel mount, with the lab's real Glance as the catalog: a compressed qcow2 image
+uploaded to Glance is, under raw/<id>, the raw disk qemu-img itself sees in it (qemu-img compare is the
+oracle), and an operator can loop-mount the filesystem inside it; images/<id> stays the stored qcow2."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import subprocess
+import uuid
+
+import pytest
+
+from .conftest import wait_for
+from .test_glance import glance, glance_image, imgfs_config, sha512_file, start  # noqa: F401 - fixtures
+
+pytestmark = [pytest.mark.mount, pytest.mark.lab]
+MiB = 1 << 20
+
+
+def upload(glance, path, disk_format: str) -> dict:  # noqa: F811 - the fixture, passed in
+    img = glance("POST", "/v2/images", json={"name": f"imgfs-raw-{uuid.uuid4().hex[:6]}", "disk_format": disk_format,
+                                             "container_format": "bare", "visibility": "private"}).json()
+    glance("PUT", f"/v2/images/{img['id']}/file", data=path.read_bytes(), headers={"Content-Type": "application/octet-stream"})
+    return glance("GET", f"/v2/images/{img['id']}").json()
+
+
+@pytest.mark.skipif(not (shutil.which("qemu-img") and shutil.which("mkfs.ext4")), reason="needs qemu-utils and e2fsprogs")
+def test_a_qcow2_image_in_glance_is_a_raw_disk_qemu_img_agrees_with_and_loop_mounts(tmp_path, lab, glance, mounter):  # noqa: F811
+    # a raw disk holding an ext4 filesystem with a file of random bytes, then mostly never-written space
+    content, disk = tmp_path / "content", tmp_path / "disk.raw"
+    content.mkdir()
+    payload = os.urandom(5 * MiB)
+    (content / "payload").write_bytes(payload)
+    subprocess.run(["truncate", "-s", "48M", str(disk)], check=True)
+    subprocess.run(["mkfs.ext4", "-q", "-F", "-L", "imgfs", "-d", str(content), str(disk)], check=True, capture_output=True)
+    image = tmp_path / "disk.qcow2"
+    subprocess.run(["qemu-img", "convert", "-c", "-f", "raw", "-O", "qcow2", str(disk), str(image)], check=True)
+    img = upload(glance, image, "qcow2")
+    try:
+        m = start(mounter, tmp_path, imgfs_config(tmp_path, lab))
+        raw = m.path / "raw" / img["id"]
+        wait_for(raw.exists, 30, "the image's raw disk in the mount")
+        assert raw.stat().st_size == disk.stat().st_size
+        assert os.getxattr(raw, "user.imgfs.decoded_from") == b"qcow2"
+        # qemu-img reads both through its own drivers: the raw file through the mount, the qcow2 from disk
+        cmp = subprocess.run(["qemu-img", "compare", "-f", "raw", "-F", "qcow2", str(raw), str(image)],
+                             capture_output=True, text=True)
+        assert cmp.returncode == 0, cmp.stdout + cmp.stderr
+        assert hashlib.sha256(raw.read_bytes()).digest() == hashlib.sha256(disk.read_bytes()).digest()
+        info = subprocess.run(["qemu-img", "info", "--output=json", "-f", "raw", str(raw)], capture_output=True,
+                              text=True, check=True).stdout
+        assert f'"virtual-size": {disk.stat().st_size}' in info
+        # images/<id> is still what Glance stores and serves, digest and all
+        assert sha512_file(m.images / img["id"]) == img["os_hash_value"]
+        # the filesystem inside, read-only, through a loop device over the FUSE file
+        where = tmp_path / "inside"
+        where.mkdir()
+        subprocess.run(["mount", "-o", "loop,ro", str(raw), str(where)], check=True, capture_output=True)
+        try:
+            assert (where / "payload").read_bytes() == payload
+        finally:
+            subprocess.run(["umount", str(where)], check=True)
+    finally:
+        glance("DELETE", f"/v2/images/{img['id']}")

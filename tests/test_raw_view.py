@@ -1,0 +1,165 @@
+"""The raw/ view at the FUSE adapter: every image Glance calls qcow2 is its virtual raw disk, decoded
+from the stored object through the chunk cache; an image Glance calls raw is its stored bytes, even
+when they hold a qcow2 header; anything the decoder refuses is not offered. qemu-img makes the images
+and is the oracle (tests/test_raw_mount.py does the same through a real kernel mount and Glance)."""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import logging
+import random
+import shutil
+import subprocess
+
+import pyfuse3
+import pytest
+import trio
+
+from imgfs.backends.memory import MemoryBackend
+from imgfs.cache import ChunkCache
+from imgfs.catalog import Catalog
+from imgfs.disks import DiskBook
+from imgfs.fs import RAW, ROOT, Operations
+
+from .test_glance_catalog import FakeGlance
+
+QEMU_IMG = shutil.which("qemu-img")
+pytestmark = pytest.mark.skipif(QEMU_IMG is None, reason="needs qemu-img (apt-get install qemu-utils)")
+MiB = 1 << 20
+
+
+def raw_disk(size: int, seed: int) -> bytes:
+    """Random data, a compressible run, zeros and a tail: what a cloud image looks like to a decoder."""
+    rng = random.Random(seed)
+    disk = bytearray(size)
+    disk[0 : MiB] = rng.randbytes(MiB)
+    disk[2 * MiB : 3 * MiB] = b"imgfs " * (MiB // 6) + b"imgf"
+    disk[size - 100_000 :] = rng.randbytes(100_000)
+    return bytes(disk)
+
+
+def qcow2_of(tmp_path, raw: bytes, *options: str) -> bytes:
+    src, dst = tmp_path / "src.raw", tmp_path / "dst.qcow2"
+    src.write_bytes(raw)
+    subprocess.run([QEMU_IMG, "convert", "-f", "raw", "-O", "qcow2", *options, str(src), str(dst)], check=True)
+    return dst.read_bytes()
+
+
+@pytest.fixture
+async def world(tmp_path, nursery):
+    s3 = MemoryBackend(name="s3store")
+    glance = FakeGlance()
+    cache = ChunkCache(str(tmp_path / "c"), max_bytes=1 << 30, max_count=1000, memory_bytes=0)
+    await cache.open()
+    catalog = Catalog([s3], refresh_interval=60, negative_ttl=0, limiter=trio.CapacityLimiter(2), source=glance)
+    from imgfs.reader import ChunkFetcher
+
+    fetcher = ChunkFetcher(cache, {"s3store": s3}, chunk_size=MiB, max_connections=2)
+    fetcher.attach(nursery)
+    disks = DiskBook(catalog, fetcher, prefetch_max=4 * MiB)
+    ops = Operations(catalog, fetcher, prefetch_max=4 * MiB, disks=disks)
+
+    async def add(image_id: str, stored: bytes, disk_format: str) -> None:
+        s3.put(image_id, stored)
+        glance.add(image_id, image_id, len(stored), ["s3store"])
+        body = glance.bodies[image_id]
+        body["disk_format"] = disk_format
+        body["os_hash_value"] = hashlib.sha512(stored).hexdigest()
+        await catalog.refresh()
+
+    return s3, add, ops
+
+
+async def listing(ops, inode) -> dict[str, int]:
+    fh = await ops.opendir(inode)
+    entries = ops._dirs[fh]
+    await ops.releasedir(fh)
+    return {name.decode(): ino for name, ino in entries}
+
+
+async def read_all(ops, ino: int, size: int, bs: int = 128 * 1024) -> bytes:
+    info = await ops.open(ino, 0)
+    out = bytearray()
+    try:
+        for off in range(0, size, bs):
+            out += await ops.read(info.fh, off, bs)
+        assert await ops.read(info.fh, size, bs) == b""  # nothing past the end
+    finally:
+        await ops.release(info.fh)
+    return bytes(out)
+
+
+@pytest.mark.parametrize("options", [("-c",), ("-c", "-o", "compression_type=zstd"), ("-o", "compat=0.10"),
+                                     ("-o", "cluster_size=4096")], ids=["zlib", "zstd", "v2", "4k-clusters"])
+async def test_a_qcow2_image_is_its_raw_disk_and_images_keeps_the_stored_bytes(world, tmp_path, options):
+    s3, add, ops = world
+    raw = raw_disk(6 * MiB + 512, 1)
+    stored = qcow2_of(tmp_path, raw, *options)
+    await add("img", stored, "qcow2")
+    assert "raw" in await listing(ops, ROOT)
+    assert list(await listing(ops, RAW)) == ["img"]
+    attr = await ops.lookup(RAW, b"img")
+    assert attr.st_size == len(raw) and attr.st_mode & 0o777 == 0o444
+    assert await read_all(ops, attr.st_ino, len(raw)) == raw
+    stored_attr = await ops.lookup(pyfuse3.ROOT_INODE + 1, b"img")  # images/<id>: the object as Glance serves it
+    assert stored_attr.st_size == len(stored) and await read_all(ops, stored_attr.st_ino, len(stored)) == stored
+    xattrs = {n.decode(): (await ops.getxattr(attr.st_ino, n)).decode() for n in await ops.listxattr(attr.st_ino)}
+    assert xattrs["user.imgfs.decoded_from"] == "qcow2" and xattrs["user.imgfs.decodes"] == "images/img"
+    assert xattrs["user.imgfs.size"] == str(len(raw)) and xattrs["user.imgfs.stored_size"] == str(len(stored))
+
+
+async def test_random_reads_of_a_compressed_disk_fetch_only_what_they_touch(world, tmp_path):
+    s3, add, ops = world
+    raw = raw_disk(64 * MiB, 2)
+    stored = qcow2_of(tmp_path, raw, "-c")
+    await add("big", stored, "qcow2")
+    attr = await ops.lookup(RAW, b"big")
+    info = await ops.open(attr.st_ino, 0)
+    for off in (0, 2 * MiB + 4096, 40 * MiB, 64 * MiB - 4096):  # data, compressible, zero (never fetched), tail
+        assert bytes(await ops.read(info.fh, off, 4096)) == raw[off : off + 4096]
+    await ops.release(info.fh)
+    assert s3.read_bytes < len(stored) / 2, f"{s3.read_bytes} of {len(stored)} stored bytes fetched"
+
+
+async def test_an_image_glance_calls_raw_is_never_decoded_even_with_a_qcow2_header(world, tmp_path):
+    """A guest can write a qcow2 header at the start of its disk; reading that disk as qcow2 would make
+    the header's tables (or a backing file) choose what a reader gets."""
+    s3, add, ops = world
+    inner = qcow2_of(tmp_path, raw_disk(4 * MiB, 3), "-c")
+    await add("disk", inner, "raw")
+    attr = await ops.lookup(RAW, b"disk")
+    assert attr.st_size == len(inner) and await read_all(ops, attr.st_ino, len(inner)) == inner
+
+
+@pytest.mark.parametrize("what", ["backing file", "encrypted", "not a qcow2", "vmdk"])
+async def test_what_the_decoder_refuses_or_glance_calls_another_format_is_not_offered(world, tmp_path, what, caplog):
+    s3, add, ops = world
+    raw = raw_disk(4 * MiB, 4)
+    if what == "backing file":
+        base = tmp_path / "base.qcow2"
+        base.write_bytes(qcow2_of(tmp_path, raw))
+        top = tmp_path / "top.qcow2"
+        subprocess.run([QEMU_IMG, "create", "-f", "qcow2", "-b", str(base), "-F", "qcow2", str(top)], check=True,
+                       capture_output=True)
+        stored, fmt = top.read_bytes(), "qcow2"
+    elif what == "encrypted":
+        out = tmp_path / "enc.qcow2"
+        subprocess.run([QEMU_IMG, "create", "-f", "qcow2", "--object", "secret,id=s0,data=imgfs-test",
+                        "-o", "encrypt.format=luks,encrypt.key-secret=s0", str(out), "4M"], check=True, capture_output=True)
+        stored, fmt = out.read_bytes(), "qcow2"
+    elif what == "not a qcow2":
+        stored, fmt = raw, "qcow2"  # Glance says qcow2, the bytes are not: refused, never served raw
+    else:
+        stored, fmt = raw, "vmdk"
+    await add("img", stored, fmt)
+    caplog.set_level(logging.WARNING)
+    assert await listing(ops, RAW) == {}
+    with pytest.raises(pyfuse3.FUSEError) as e:
+        await ops.lookup(RAW, b"img")
+    assert e.value.errno == errno.ENOENT
+    lines = [r.getMessage() for r in caplog.records if "not offered as a raw disk" in r.getMessage()]
+    assert len(lines) == (0 if fmt == "vmdk" else 1), lines
+    # images/<id> is untouched: the stored bytes, whatever they are
+    attr = await ops.lookup(pyfuse3.ROOT_INODE + 1, b"img")
+    assert await read_all(ops, attr.st_ino, len(stored)) == stored
