@@ -153,6 +153,11 @@ class Operations(pyfuse3.Operations):
             return None
         return self.disks.size(image)
 
+    def _raw_blocks(self, node: _File) -> int | None:
+        image = self.catalog.image(node.image_id)
+        allocated = None if image is None or self.disks is None else self.disks.allocated(image)
+        return None if allocated is None else (allocated + 511) // 512
+
     def _dir_attr(self, ino: int) -> pyfuse3.EntryAttributes:
         attr = self._attr(ino)
         attr.st_mode = stat.S_IFDIR | self._dir_mode
@@ -210,7 +215,10 @@ class Operations(pyfuse3.Operations):
                 disk = await self.disks.open(image)
             except ImgfsError as e:  # refused (logged once): not offered; a store failing: its errno
                 raise pyfuse3.FUSEError(errno.ENOENT if not self.disks.offered(image) else e.errno) from None
-            return self._file_attr(self._file_inode(_File(None, text, raw=True)), disk.primary, disk.size)
+            attr = self._file_attr(self._file_inode(_File(None, text, raw=True)), disk.primary, disk.size)
+            if disk.allocated is not None:  # holes are served (SEEK_HOLE): cp and tar may trust st_blocks
+                attr.st_blocks = (disk.allocated + 511) // 512
+            return attr
         if parent_inode == BY_NAME:
             link = _Link(text)
             target = self._link_target(link)
@@ -259,7 +267,11 @@ class Operations(pyfuse3.Operations):
             size = self._raw_size(node)
             if size is None:
                 raise pyfuse3.FUSEError(errno.ENOENT)
-            return self._file_attr(inode, loc, size)
+            attr = self._file_attr(inode, loc, size)
+            blocks = self._raw_blocks(node)
+            if blocks is not None:
+                attr.st_blocks = blocks
+            return attr
         return self._file_attr(inode, loc)
 
     # ---- directories --------------------------------------------------------------------------------
@@ -366,6 +378,28 @@ class Operations(pyfuse3.Operations):
         info = pyfuse3.FileInfo(fh=fh)
         info.keep_cache = True  # one version, as for images/
         return info
+
+    @_guarded
+    async def lseek(self, fh: int, off: int, whence: int) -> int:
+        """SEEK_DATA and SEEK_HOLE (the kernel answers the other whences itself). Called only with the
+        patched pyfuse3 (patches/pyfuse3); stock pyfuse3 leaves them to the kernel: all data."""
+        reader = self._handles.get(fh)
+        if reader is None:
+            raise pyfuse3.FUSEError(errno.EBADF)
+        if whence not in (os.SEEK_DATA, os.SEEK_HOLE):
+            raise pyfuse3.FUSEError(errno.EINVAL)
+        try:
+            if isinstance(reader, DiskReader):
+                found = await reader.disk.seek(off, whence == os.SEEK_DATA)
+            else:  # a stored image: data from start to end
+                size = reader.loc.size
+                found = None if off >= size else (off if whence == os.SEEK_DATA else size)
+        except ImgfsError as e:
+            self._log_failure(reader.loc.image_id, e)
+            raise pyfuse3.FUSEError(e.errno) from None
+        if found is None:
+            raise pyfuse3.FUSEError(errno.ENXIO)
+        return found
 
     @_guarded
     async def read(self, fh: int, off: int, size: int) -> bytes | memoryview:

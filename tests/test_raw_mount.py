@@ -12,7 +12,7 @@ import uuid
 
 import pytest
 
-from .conftest import wait_for
+from .conftest import REPO, wait_for
 from .test_glance import glance, glance_image, imgfs_config, sha512_file, start  # noqa: F401 - fixtures
 
 pytestmark = [pytest.mark.mount, pytest.mark.lab]
@@ -52,6 +52,23 @@ def test_a_qcow2_image_in_glance_is_a_raw_disk_qemu_img_agrees_with_and_loop_mou
         info = subprocess.run(["qemu-img", "info", "--output=json", "-f", "raw", str(raw)], capture_output=True,
                               text=True, check=True).stdout
         assert f'"virtual-size": {disk.stat().st_size}' in info
+        # holes: the patched pyfuse3 (what the set-up installs, patches/pyfuse3) passes SEEK_DATA/SEEK_HOLE
+        # on and st_blocks says what is allocated; with stock pyfuse3 the kernel answers (all data)
+        path = (REPO / ".venv" / "pyfuse3-patch.status").read_text().strip()
+        st = raw.stat()
+        fd = os.open(raw, os.O_RDONLY)
+        try:
+            first_hole = os.lseek(fd, 0, os.SEEK_HOLE)
+        finally:
+            os.close(fd)
+        if path.startswith("patched"):
+            assert first_hole < st.st_size and st.st_blocks * 512 < st.st_size / 2, (first_hole, st.st_blocks)
+            copy = tmp_path / "copy.raw"  # cp finds the holes and skips them; the bytes are the same
+            subprocess.run(["cp", "--sparse=auto", str(raw), str(copy)], check=True)
+            assert copy.stat().st_blocks * 512 < st.st_size / 2 and copy.read_bytes() == disk.read_bytes()
+        else:
+            assert path.startswith("stock: "), path  # the set-up says why it fell back
+            assert first_hole == st.st_size and st.st_blocks * 512 >= st.st_size
         # images/<id> is still what Glance stores and serves, digest and all
         assert sha512_file(m.images / img["id"]) == img["os_hash_value"]
         # the filesystem inside, read-only, through a loop device over the FUSE file

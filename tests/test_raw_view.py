@@ -8,6 +8,7 @@ from __future__ import annotations
 import errno
 import hashlib
 import logging
+import os
 import random
 import shutil
 import subprocess
@@ -163,3 +164,60 @@ async def test_what_the_decoder_refuses_or_glance_calls_another_format_is_not_of
     # images/<id> is untouched: the stored bytes, whatever they are
     attr = await ops.lookup(pyfuse3.ROOT_INODE + 1, b"img")
     assert await read_all(ops, attr.st_ino, len(stored)) == stored
+
+
+def seek_walk(size: int, seek) -> list[tuple[int, int, str]]:
+    """(start, end, kind) runs of a file found the way cp --sparse and qemu-img do: SEEK_DATA, SEEK_HOLE,
+    again, until ENXIO."""
+    runs, pos = [], 0
+    while pos < size:
+        data = seek(pos, True)
+        if data is None:
+            runs.append((pos, size, "zero"))
+            break
+        if data > pos:
+            runs.append((pos, data, "zero"))
+        hole = seek(data, False)
+        runs.append((data, hole, "data"))
+        pos = hole
+    return runs
+
+
+async def test_seek_data_and_seek_hole_find_the_extents_qemu_img_maps(world, tmp_path):
+    from .test_qcow2 import qemu_map
+
+    s3, add, ops = world
+    raw = raw_disk(40 * MiB, 5)
+    stored = qcow2_of(tmp_path, raw, "-c")
+    await add("img", stored, "qcow2")
+    attr = await ops.lookup(RAW, b"img")
+    info = await ops.open(attr.st_ino, 0)
+    answers: dict[tuple[int, bool], int | None] = {}
+
+    async def ask(pos: int, data: bool) -> int | None:
+        try:
+            answers[(pos, data)] = await ops.lseek(info.fh, pos, os.SEEK_DATA if data else os.SEEK_HOLE)
+        except pyfuse3.FUSEError as e:
+            assert e.errno == errno.ENXIO
+            answers[(pos, data)] = None
+        return answers[(pos, data)]
+
+    # seek_walk is synchronous: ask each question first, then walk over the answers
+    pos = 0
+    while pos < len(raw):
+        data = await ask(pos, True)
+        if data is None:
+            break
+        pos = await ask(data, False)
+    runs = seek_walk(len(raw), lambda p, d: answers[(p, d)])
+    want = [(e.start, e.end, e.kind) for e in qemu_map(tmp_path / "dst.qcow2")]
+    assert runs == want and any(kind == "zero" for *_, kind in runs)
+    with pytest.raises(pyfuse3.FUSEError) as e:  # past the end: ENXIO, as lseek(2) says
+        await ops.lseek(info.fh, len(raw), os.SEEK_DATA)
+    assert e.value.errno == errno.ENXIO
+    await ops.release(info.fh)
+    # images/<id> (the stored object) is data from start to end
+    stored_info = await ops.open((await ops.lookup(pyfuse3.ROOT_INODE + 1, b"img")).st_ino, 0)
+    assert await ops.lseek(stored_info.fh, 5, os.SEEK_DATA) == 5
+    assert await ops.lseek(stored_info.fh, 5, os.SEEK_HOLE) == len(stored)
+    await ops.release(stored_info.fh)
