@@ -24,7 +24,7 @@ from .cache import ChunkCache
 from .catalog import Catalog
 from .config import Config, refuse_own_mount
 from .errors import ConfigError, ImgfsError
-from .fs import Operations
+from .fs import SEEKS_SERVED, Operations
 from .model import Image
 from .notify import notify
 from .disks import DiskBook
@@ -182,7 +182,8 @@ def build(config: Config, mountpoint: str) -> Daemon:
     prefetch_max = options.prefetch_max_mb * 2**20
     # raw/: only Glance says what format an image is in (decoding on a guess is how a raw disk holding a
     # qcow2 header becomes a way to read other files)
-    disks = DiskBook(catalog, fetcher, prefetch_max=prefetch_max) if options.catalog == "glance" else None
+    disks = DiskBook(catalog, fetcher, prefetch_max=prefetch_max, holes_served=SEEKS_SERVED) \
+        if options.catalog == "glance" else None
     ops = Operations(catalog, fetcher, prefetch_max=prefetch_max, gid=max(group, 0), group_only=group >= 0,
                      disks=disks)
 

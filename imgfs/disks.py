@@ -15,7 +15,6 @@ import logging
 from collections import OrderedDict
 from dataclasses import dataclass
 
-import pyfuse3
 import trio
 
 from .catalog import Catalog
@@ -31,9 +30,6 @@ KEPT_OPEN = 64  # decoders kept open: each holds its L1 table (bounded by Limits
 OPENING = 8  # decoders opened at once when a listing needs their sizes
 LIST_WAIT = 10.0  # seconds a listing of raw/ waits for sizes; images still unknown then are left out
 SEEK_WINDOW = 1 << 30  # virtual bytes of extents asked at a time while seeking data or a hole
-# Whether the installed pyfuse3 passes SEEK_DATA/SEEK_HOLE on (patches/pyfuse3). Without it the kernel
-# answers them (all data), and a smaller st_blocks would only make cp and tar read holes as zeros.
-SEEKS_SERVED = "lseek" in vars(pyfuse3.Operations)
 
 
 @dataclass
@@ -72,9 +68,12 @@ class DiskBook:
     """Which images have a raw disk and how large it is; their decoders, opened once and shared by every
     reader (their table and cluster caches with them)."""
 
-    def __init__(self, catalog: Catalog, fetcher: ChunkFetcher, *, prefetch_max: int,
+    def __init__(self, catalog: Catalog, fetcher: ChunkFetcher, *, prefetch_max: int, holes_served: bool,
                  limits: Limits = Limits()) -> None:
         self.catalog, self.fetcher, self.limits = catalog, fetcher, limits
+        # Whether the adapter answers SEEK_DATA/SEEK_HOLE (the FUSE one: with the patched pyfuse3). Without
+        # that, a smaller st_blocks would only make cp and tar read holes as zeros: it stays full.
+        self.holes_served = holes_served
         self.prefetch_max = prefetch_max
         self._inflate = trio.CapacityLimiter(max(1, limits.inflate_concurrency))  # for every image together
         self._open: OrderedDict[tuple, Disk] = OrderedDict()
@@ -177,9 +176,11 @@ class DiskBook:
             log.warning("%s", why)
             raise type(e)(why) from None
         # every L2 table once (a 10 GiB disk of 64 KiB clusters: 20 small reads), for an honest st_blocks
-        allocated = await decoder.allocated_bytes() if SEEKS_SERVED else None
-        log.info("image %s: qcow2 v%d, %s, %d-byte clusters, a %d-byte raw disk", image.id, decoder.version,
-                 decoder.compression, decoder.cluster_size, decoder.virtual_size)
+        allocated = await decoder.allocated_bytes() if self.holes_served else None
+        log.info("image %s: qcow2 v%d, %s, %d-byte clusters, a %d-byte raw disk (%s)", image.id, decoder.version,
+                 decoder.compression, decoder.cluster_size, decoder.virtual_size,
+                 f"{allocated} bytes in data clusters; holes served" if allocated is not None else
+                 "holes not served: stock pyfuse3, see patches/pyfuse3")
         return Disk(image.id, "qcow2", decoder.virtual_size, image.primary, decoder, allocated)
 
     async def _on_change(self, image_id: str, old: Image | None, new: Image | None) -> None:

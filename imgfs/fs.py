@@ -50,6 +50,9 @@ _FILE_TIMEOUT = 3600.0
 NAME_MAX = 255  # bytes in one name, as Linux's own filesystems allow
 
 XATTR_PREFIX = "user.imgfs."
+# Whether the installed pyfuse3 passes SEEK_DATA/SEEK_HOLE on to Operations.lseek (patches/pyfuse3);
+# stock pyfuse3 leaves them to the kernel, which finds data from start to end.
+SEEKS_SERVED = "lseek" in vars(pyfuse3.Operations)
 
 _H = TypeVar("_H", bound=Callable[..., Awaitable[Any]])
 

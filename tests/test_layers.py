@@ -59,7 +59,12 @@ def test_third_party_libraries_stay_in_their_module(library, allowed):
 @pytest.mark.parametrize(
     "module, may_import",
     [
-        ("fs.py", {"imgfs.reader", "imgfs.catalog", "imgfs.errors", "imgfs.model", "imgfs.ratelimit"}),
+        ("fs.py", {"imgfs.reader", "imgfs.catalog", "imgfs.errors", "imgfs.model", "imgfs.ratelimit", "imgfs.disks"}),
+        # raw disks: the reader and the formats, never FUSE, HTTP or a store
+        ("disks.py", {"imgfs.reader", "imgfs.catalog", "imgfs.errors", "imgfs.model", "imgfs.formats"}),
+        ("formats/qcow2.py", {"imgfs.errors", "imgfs.formats"}),
+        # the fleet's chunk sums: a store's sidecar objects, nothing of nginx or the reader
+        ("fleet/sums.py", {"imgfs.errors", "imgfs.model", "imgfs.ratelimit"}),
         # the HTTP adapter: like fs.py, plus the real Glance behind it; never a store or the cache
         ("endpoint.py", {"imgfs.reader", "imgfs.catalog", "imgfs.errors", "imgfs.model", "imgfs.ratelimit",
                          "imgfs.upstream", "imgfs.config", "imgfs.httpserver"}),

@@ -58,7 +58,7 @@ async def world(tmp_path, nursery):
 
     fetcher = ChunkFetcher(cache, {"s3store": s3}, chunk_size=MiB, max_connections=2)
     fetcher.attach(nursery)
-    disks = DiskBook(catalog, fetcher, prefetch_max=4 * MiB)
+    disks = DiskBook(catalog, fetcher, prefetch_max=4 * MiB, holes_served=True)
     ops = Operations(catalog, fetcher, prefetch_max=4 * MiB, disks=disks)
 
     async def add(image_id: str, stored: bytes, disk_format: str) -> None:
