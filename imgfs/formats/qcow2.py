@@ -332,7 +332,7 @@ class Qcow2Image:
 
     # ---- public API ----------------------------------------------------------------------------
 
-    async def read(self, offset: int, length: int) -> bytes:
+    async def read(self, offset: int, length: int) -> bytes | bytearray:
         """The virtual disk's bytes [offset, offset+length).
 
         Exactly ``length`` bytes, except that the range is clamped at ``virtual_size``: a read that
@@ -342,7 +342,6 @@ class Qcow2Image:
         start, end = self._clamp(offset, length)
         if start >= end:
             return b""
-        out = bytearray(end - start)  # zero-filled: zero and unallocated clusters cost nothing
         std_runs: list[list[int]] = []  # [out_pos, host_off, length], host-contiguous runs merged
         compressed: list[tuple[int, int, int, int, int]] = []  # (out_pos, in_off, n, coff, clen)
         async for vc, _count, kind, host, hlen in self._clusters(start, end):
@@ -357,11 +356,14 @@ class Qcow2Image:
                     std_runs.append([pos, host + in_off, n])
             elif kind == _COMPRESSED:
                 compressed.append((pos, in_off, n, host, hlen))
+        if not compressed and len(std_runs) == 1 and std_runs[0][2] == end - start:
+            return await _exact(self._read, std_runs[0][1], end - start)  # one host run: no copy to make
+        out = bytearray(end - start)  # zero-filled: zero and unallocated clusters cost nothing
         for pos, host, n in std_runs:
             out[pos:pos + n] = await _exact(self._read, host, n)
         if compressed:
             await self._read_compressed(out, start, compressed)
-        return bytes(out)
+        return out  # bytes-like; not copied once more into bytes
 
     async def _read_compressed(self, out: bytearray, start: int,
                                clusters: list[tuple[int, int, int, int, int]]) -> None:
