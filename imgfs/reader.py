@@ -564,7 +564,6 @@ class StreamVerifier:
                 return self._hash.hexdigest() == self.expected
         return None
 
-
     def _update(self, piece: memoryview | bytes) -> None:
         self._hash.update(piece)
         if self.tap is not None:
