@@ -221,3 +221,26 @@ async def test_seek_data_and_seek_hole_find_the_extents_qemu_img_maps(world, tmp
     assert await ops.lseek(stored_info.fh, 5, os.SEEK_DATA) == 5
     assert await ops.lseek(stored_info.fh, 5, os.SEEK_HOLE) == len(stored)
     await ops.release(stored_info.fh)
+
+
+async def test_one_4k_read_of_a_fresh_disk_fetches_its_tables_and_one_cluster_not_a_chunk(world, tmp_path):
+    """A random reader's first 4 KiB of a decoded disk: the header and L1 (read at open), one L2 table
+    and the one cluster holding the block, small verified-block reads of the stored object, never a
+    whole chunk; a range the image never wrote fetches nothing at all."""
+    s3, add, ops = world
+    raw = raw_disk(48 * MiB, 6)
+    stored = qcow2_of(tmp_path, raw, "-o", "cluster_size=65536")
+    await add("img", stored, "qcow2")
+    attr = await ops.lookup(RAW, b"img")
+    info = await ops.open(attr.st_ino, 0)
+    opened = s3.read_bytes  # the header and the L1 table (small reads next to each other grow: 64 KiB, 128...)
+    assert opened <= 4 * 64 * 1024, f"opening fetched {opened} bytes"
+    assert bytes(await ops.read(info.fh, 24 * MiB, 4096)) == bytes(4096)  # never written: no fetch
+    assert s3.read_bytes == opened
+    off = 100 * 1024
+    assert bytes(await ops.read(info.fh, off, 4096)) == raw[off : off + 4096]
+    # its L2 table and its cluster, 64 KiB each; the reader's small fetches grow when they land next to
+    # the one before (its heuristic for random readers that are nearly sequential): at most 256 KiB
+    fetched = s3.read_bytes - opened
+    assert 2 * 64 * 1024 <= fetched <= 4 * 64 * 1024, f"one 4 KiB read fetched {fetched} bytes (a chunk is {MiB})"
+    await ops.release(info.fh)
