@@ -19,7 +19,6 @@ sparse the copy is. Run as root: bench/run-raw-view [--repeat N].
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import os
 import resource
@@ -36,19 +35,11 @@ HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 sys.path.insert(0, str(HERE))
 
-from image import ensure_qcow2  # noqa: E402
+from image import ensure_qcow2, sha256_file  # noqa: E402
 from procs import BenchError, cpu_seconds, drop_caches, log, spawn, stop, unmount, wait_for  # noqa: E402
 
 PYTHON = str(REPO / ".venv" / "bin" / "python")
 STATE = Path(os.environ.get("IMGFS_BENCH_STATE", "/var/tmp/imgfs-bench"))
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(1 << 20):
-            h.update(block)
-    return h.hexdigest()
 
 
 class Lab:
