@@ -335,8 +335,8 @@ def _status_table(s: dict) -> str:
         lines.append(f"store   {st['name']:<14} {st['type']:<7} {st['images']:>6} images  {state}")
     hit = "n/a" if c["hit_rate"] is None else f"{c['hit_rate'] * 100:.1f}%"
     lines.append(f"cache   {c['bytes'] / 2**30:.2f} of {c['limit_bytes'] / 2**30:.2f} GiB, {c['chunks']} of {c['limit_chunks']} "
-                 f"chunks, hit rate {hit}, {c['evictions']} evictions, {c['corrupt']} corrupt, {c['fill_failures']} failed fills"
-                 + ("" if c["disk_ok"] else "  (DISK CACHE OFF)"))
+                 f"chunks, hit rate {hit}, {c['evictions']} evictions, {c['corrupt']} corrupt, {c['fill_failures']} failed fills, "
+                 f"{c['fill_writes']} writes" + ("" if c["disk_ok"] else "  (DISK CACHE OFF)"))
     lines.append(f"fetch   {s['fetches']} requests, {s['fetched_bytes'] / 2**20:.0f} MiB, {s['inflight_fetches']} in flight, "
                  f"errors: {', '.join(f'{k} {v}' for k, v in s['errors'].items()) or 'none'}")
     p = s["process"]

@@ -121,6 +121,7 @@ class ImgfsOptions:
     refresh_interval: float = 60.0
     memory_cache_mb: int = 32  # one 32 MiB prefetch run (RUN_BYTES); 64 measured +45 MiB RSS for no clear CPU gain
     prefetch_max_mb: int = 128
+    cache_direct_writes: bool = True  # fills with O_DIRECT where the file system takes it (cache.py)
     backend_max_connections: int = 8
     read_ahead_kb: int = 8192
     allow_other: bool = False
@@ -399,6 +400,7 @@ def _imgfs_options(merged: _Merged) -> ImgfsOptions:
         refresh_interval=sec.number("refresh_interval", d.refresh_interval, minimum=1),
         memory_cache_mb=sec.integer("memory_cache_mb", d.memory_cache_mb, minimum=0, maximum=65536),
         prefetch_max_mb=sec.integer("prefetch_max_mb", d.prefetch_max_mb, minimum=0, maximum=65536),
+        cache_direct_writes=sec.boolean("cache_direct_writes", d.cache_direct_writes),
         backend_max_connections=sec.integer("backend_max_connections", d.backend_max_connections, minimum=1, maximum=256),
         read_ahead_kb=sec.integer("read_ahead_kb", d.read_ahead_kb, minimum=0, maximum=1048576),
         allow_other=sec.boolean("allow_other", d.allow_other),

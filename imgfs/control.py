@@ -108,6 +108,8 @@ def status(d: Daemon) -> dict[str, Any]:
             "loop_hits": cache.stats.loop_hits, "memory_hits": cache.stats.memory_hits, "misses": cache.stats.misses,
             "hit_rate": round((cache.stats.hits + cache.stats.memory_hits) / lookups, 4) if lookups else None,
             "evictions": cache.stats.evictions, "corrupt": cache.stats.corrupt, "fill_failures": cache.stats.fill_failures,
+            "direct_fills": cache.stats.direct_fills,
+            "fill_writes": "direct" if cache.direct.enabled else f"buffered ({cache.direct.refused})",
             "open_files": cache.open_files, "limit_open_files": cache.max_open,
         },
         "bytes_served": d.ops.bytes_served,
@@ -149,6 +151,7 @@ def metrics(d: Daemon) -> bytes:
                                      ("cache_misses", c["misses"], "chunk reads the cache could not serve"),
                                      ("cache_evictions", c["evictions"], "chunks evicted (LRU)"),
                                      ("cache_corrupt_chunks", c["corrupt"], "chunks that failed verification"),
+                                     ("cache_direct_fills", c["direct_fills"], "chunks written to the cache with O_DIRECT"),
                                      ("fetches", s["fetches"], "store requests"),
                                      ("bytes_served", s["bytes_served"], "bytes returned to readers")):
                 yield CounterMetricFamily(f"imgfs_{name}", doc, value=value)

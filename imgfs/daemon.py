@@ -133,6 +133,7 @@ def build(config: Config, mountpoint: str) -> Daemon:
         max_bytes=int(options.cache_max_size_gb * 2**30),
         max_count=options.cache_max_count,
         memory_bytes=options.memory_cache_mb * 2**20,
+        direct_writes=options.cache_direct_writes,
     )
     source = None
     if config.glance is not None:

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from imgfs.cache import ChunkCache
+from imgfs.cache import ALIGN, ChunkCache
 from imgfs.model import ChunkKey
 
 CS = 64 * 1024
@@ -104,7 +104,7 @@ async def test_small_reads_verify_only_their_blocks(tmp_path):
 
 
 async def test_lru_eviction_by_size_and_count(tmp_path):
-    entry = CS + 216  # data + header + key + one block digest
+    entry = CS + ALIGN  # data + header, key and one block digest, padded to 4 KiB
     cache = make(tmp_path, max_bytes=4 * entry)
     await cache.open()
     for i in range(4):
@@ -202,8 +202,87 @@ async def test_full_disk_logs_and_keeps_going(tiny_fs, caplog):
     cache.close()  # the files kept open for hits: the file system is unmounted next
 
 
+async def test_fills_are_direct_writes_with_the_data_aligned(tmp_path):
+    """Fills bypass the page cache (O_DIRECT) on a file system that takes it; the data starts at a 4 KiB
+    boundary, every length (a short last chunk too) reads back exact, and status says so."""
+    import imgfs.cache as cache_mod
+
+    cache = make(tmp_path, max_bytes=1 << 30)
+    await cache.open()
+    sizes = [CS, 3 * CS + 17, 100, 2 * 1024 * 1024 + 4095]  # a last chunk's odd length; one over a piece
+    for i, size in enumerate(sizes):
+        await cache.put(ChunkKey("s", "img", "v1", 4 * 1024 * 1024, i), data(i, size), remember=False)
+    assert cache.direct.enabled and cache.stats.direct_fills == len(sizes) == cache.stats.fills
+    for i, size in enumerate(sizes):
+        k = ChunkKey("s", "img", "v1", 4 * 1024 * 1024, i)
+        path = tmp_path / "chunks" / cache._rel(k)
+        raw = path.read_bytes()
+        assert raw[-size:] == data(i, size)
+        assert (len(raw) - size) % ALIGN == 0, "the data does not start on a 4 KiB boundary"
+        assert bytes(await cache.get(k, size)) == data(i, size)
+    assert not list((tmp_path / "tmp").iterdir())
+    assert len(cache.direct._free) <= cache_mod._DirectWrites.KEPT  # the aligned buffers kept are bounded
+    cache.close()
+
+
+@pytest.fixture
+def ramfs(tmp_path):
+    mnt = tmp_path / "ramfs"
+    mnt.mkdir()
+    subprocess.run(["mount", "-t", "ramfs", "ramfs", str(mnt)], check=True)  # no O_DIRECT on ramfs
+    yield mnt
+    subprocess.run(["umount", str(mnt)], check=True)
+
+
+async def test_a_file_system_without_o_direct_gets_buffered_fills(ramfs, caplog):
+    import logging
+
+    caplog.set_level(logging.INFO, logger="imgfs.cache")
+    cache = make(ramfs)
+    await cache.open()
+    for i in range(3):
+        await cache.put(key(i), data(i))
+    assert not cache.direct.enabled and cache.direct.refused == "Invalid argument"
+    assert cache.stats.fills == 3 and cache.stats.direct_fills == 0
+    assert caplog.text.count("does not take O_DIRECT writes") == 1  # said once, not per fill
+    for i in range(3):
+        assert bytes(await cache.get(key(i), CS)) == data(i)
+    assert not list((ramfs / "tmp").iterdir())
+    cache.close()
+
+
+async def test_chunk_files_an_older_imgfs_wrote_are_still_served(tmp_path):
+    """The format before aligned data (magic IMGFSCK2, the data right after the digests): a restart
+    onto an existing cache serves those files, and damage in them is still caught."""
+    import struct
+
+    import xxhash
+
+    from imgfs.cache import _HEADER, BLOCK, _key_bytes
+
+    cache = make(tmp_path)
+    await cache.open()
+    await cache.put(key(0), data(0))
+    cache.close()
+    path = chunk_files(tmp_path)[0]
+    k, payload = _key_bytes(key(0)), data(0)
+    digests = [xxhash.xxh3_64_intdigest(payload[i:i + BLOCK]) for i in range(0, len(payload), BLOCK)]
+    path.write_bytes(_HEADER.pack(b"IMGFSCK2", len(k), len(payload), BLOCK) + k
+                     + struct.pack(f"<{len(digests)}Q", *digests) + payload)
+    again = make(tmp_path)
+    await again.open()
+    assert bytes(await again.get(key(0), CS)) == payload
+    again.close()
+    raw = bytearray(path.read_bytes())
+    raw[-10] ^= 1
+    path.write_bytes(raw)
+    third = make(tmp_path)
+    await third.open()
+    assert await third.get(key(0), CS) is None and third.stats.corrupt == 1
+
+
 async def test_pinned_images_survive_eviction_and_restarts(tmp_path):
-    entry = CS + 216
+    entry = CS + ALIGN
     cache = make(tmp_path, max_bytes=4 * entry)
     await cache.open()
     for i in range(2):
@@ -225,7 +304,7 @@ async def test_pinned_images_survive_eviction_and_restarts(tmp_path):
 
 
 async def test_a_cache_full_of_pins_refuses_fills_not_reads(tmp_path, caplog):
-    entry = CS + 216
+    entry = CS + ALIGN
     cache = make(tmp_path, max_bytes=2 * entry)
     await cache.open()
     for i in range(2):
@@ -257,9 +336,10 @@ async def test_resident_hits_are_read_on_the_loop_and_still_verified(tmp_path, m
     await cache.open()
     await cache.put(key(0), data(0, size))
     hops.clear()
-    assert bytes(await cache.read(key(0), 5, 4096, size)) == data(0, size)[5:4096]
+    # (fills are O_DIRECT writes: a chunk is resident once read, not once written)
+    assert bytes(await cache.read(key(0), 5, size, size)) == data(0, size)[5:]
     assert hops == ["_open_verified"]
-    for start in (0, CS - 10, 3 * CS):  # resident now (just written, then read)
+    for start in (0, CS - 10, 3 * CS):  # resident now (read once)
         assert bytes(await cache.read(key(0), start, start + 4096, size)) == data(0, size)[start:start + 4096]
     assert hops == ["_open_verified"], "a resident hit took a thread hop"
     assert cache.nowait
@@ -292,7 +372,7 @@ async def test_without_rwf_nowait_every_hit_reads_in_a_thread(tmp_path, monkeypa
 
 
 async def test_an_evicted_chunk_closes_its_file(tmp_path):
-    entry = CS + 200
+    entry = CS + ALIGN
     cache = make(tmp_path, max_bytes=2 * entry)
     await cache.open()
     await cache.put(key(0), data(0))
