@@ -28,15 +28,38 @@ from botocore.exceptions import ClientError
 from botocore.httpsession import URLLib3Session
 from botocore.utils import get_environ_proxies
 
+from ..buffers import POOL
+
 # An error answer's body is a small XML document; more than this is not S3 talking.
 _ERROR_BODY_MAX = 64 * 1024
+_PIECE = 1 << 20  # bytes per read of a body
 
 
 @dataclass(frozen=True)
 class RangedAnswer:
     etag: str
     content_range: str
-    data: bytes
+    data: bytes | bytearray | memoryview  # the body, in a reused buffer (buffers.py)
+
+
+class BodyCutShort(ConnectionError):
+    """The connection ended before the body's last byte (what urllib3 raises as IncompleteRead when it
+    reads a whole body at once; a read in pieces only sees the end of the stream)."""
+
+
+def _body(raw, length: int) -> bytearray | bytes:
+    """The body, received into a reused buffer: exactly ``length`` bytes, or, if the server sent more,
+    all of them (the caller's length check refuses those). Raises ``BodyCutShort`` if it ends early."""
+    buf = POOL.get(length)
+    view = memoryview(buf)
+    got = 0
+    while got < length:
+        n = raw.readinto(view[got:got + _PIECE])
+        if not n:
+            raise BodyCutShort(f"the body ended after {got} of {length} bytes")
+        got += n
+    extra = raw.read(1)
+    return bytes(buf) + extra + raw.read() if extra else buf
 
 
 class RangedGetter:
@@ -58,9 +81,10 @@ class RangedGetter:
 
     def get(self, url: str, offset: int, length: int, etag: str) -> RangedAnswer:
         """The answer to one attempt. Raises ``ClientError`` for an error answer (code and status as boto3
-        would report them), botocore's connection errors, or urllib3's errors while the body streams.
-        A 2xx other than 206 comes back with no data and no Content-Range. The body may be short: the
-        caller checks its length."""
+        would report them), botocore's connection errors, or urllib3's errors (and ``BodyCutShort``)
+        while the body streams.
+        A 2xx other than 206 comes back with no data and no Content-Range. A body cut short raises; one
+        longer than asked comes back whole: the caller checks its length."""
         request = AWSRequest("GET", url, headers={"Range": f"bytes={offset}-{offset + length - 1}",
                                                   "If-Match": f'"{etag}"'}, stream_output=True)
         self._signer.add_auth(request)
@@ -70,7 +94,8 @@ class RangedGetter:
         try:
             if response.status_code == 206:
                 headers = response.headers
-                answer = RangedAnswer(headers.get("ETag", "").strip('"'), headers.get("Content-Range", ""), raw.read())
+                answer = RangedAnswer(headers.get("ETag", "").strip('"'), headers.get("Content-Range", ""),
+                                      _body(raw, length))
                 done = True
                 return answer
             if 200 <= response.status_code < 300:  # the whole object, Range ignored: never read it

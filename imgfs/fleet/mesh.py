@@ -16,11 +16,13 @@ import logging
 import threading
 import time
 import urllib.parse
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import urllib3
 
 from ..backends.base import Backend
+from ..buffers import POOL
 from ..model import Location
 from ..ratelimit import RateLimit
 from .sums import ChunkSums, SumsBook, SumsMaker, block_for
@@ -125,7 +127,7 @@ class MeshClient:
     def _body(self, r: urllib3.BaseHTTPResponse, length: int) -> bytearray:
         """Exactly ``length`` bytes, read in place (no copy per piece), within ``timeout`` in all: a peer
         that drips bytes must not hold a reader longer than one that stops."""
-        buf = bytearray(length)
+        buf = POOL.get(length)  # every byte is overwritten below, or the buffer is not returned
         view = memoryview(buf)
         got = 0
         deadline = time.monotonic() + self.timeout
@@ -152,7 +154,7 @@ class FleetBackend:
     operator sees are the inner store's: the catalog, versions and ETag pins stay as they are."""
 
     def __init__(self, inner: Backend, client: MeshClient, *, chunk_size: int, min_size: int, stats: FleetStats,
-                 chunk_sums: str = "publish") -> None:
+                 chunk_sums: str = "publish", elected: Callable[[Location], bool] = lambda loc: True) -> None:
         self.inner = inner
         self.name, self.kind = inner.name, inner.kind
         self.read_timeout = inner.read_timeout
@@ -164,7 +166,7 @@ class FleetBackend:
         self.min_size = min_size
         self.stats = stats
         self.sums = SumsBook(inner, block=block_for(chunk_size), mode=chunk_sums,
-                             count=lambda outcome: stats.count("sums", outcome))
+                             count=lambda outcome: stats.count("sums", outcome), elected=elected)
         self._logged = RateLimit(60.0)
         # versions whose full read failed its digest with mesh bytes in it: read from the origin only
         self._distrusted: set[tuple[str, str]] = set()
