@@ -368,14 +368,18 @@ def first_boot(fleet: Fleet, mode: str, workload: str, key: str, want: str, vict
     honest owners, matches Glance's digest and stores the image's chunk sums at the origin. The liar's
     nginx then forgets what it cached, so every chunk it owns is fetched (and flipped) anew."""
     first = fleet.nodes[0]
-    r = subprocess.run(fetch_cmd(fleet, first, mode, workload, key), capture_output=True, text=True, timeout=900)
-    ok = r.returncode == 0 and r.stdout.split()[0] == want
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline and not first.status()["fleet"]["sums"].get("published"):
-        time.sleep(0.2)  # the sums are stored in the background, after the read
-    published = first.status()["fleet"]["sums"].get("published", 0)
+    ok, published, reads = True, 0, 0
+    # a node not among the image's two publishers (sums.py) leaves its first read to them: its second
+    # read makes the sums, as it would when the publishers never boot the image
+    while not published and reads < 2:
+        r = subprocess.run(fetch_cmd(fleet, first, mode, workload, key), capture_output=True, text=True, timeout=900)
+        ok, reads = ok and r.returncode == 0 and r.stdout.split()[0] == want, reads + 1
+        deadline = time.monotonic() + (30 if reads == 2 else 3)
+        while time.monotonic() < deadline and not first.status()["fleet"]["sums"].get("published"):
+            time.sleep(0.2)  # the sums are stored in the background, after the read
+        published = first.status()["fleet"]["sums"].get("published", 0)
     shutil.rmtree(victim.dir / "mesh-cache" / "chunks", ignore_errors=True)
-    return {"first_boot_ok": ok, "sums_published": published}
+    return {"first_boot_ok": ok, "sums_published": published, "first_boot_reads": reads}
 
 
 def add_node_at_30(_victim):

@@ -190,12 +190,13 @@ class ChunkFetcher:
     def verifier(self, locations: Sequence[Location], algo: str | None, digest: str | None,
                  size: int) -> "StreamVerifier | None":
         """A verifier for a reader of ``locations`` against the catalog's digest, or None when there is no
-        digest to check or every one of those copies was verified before."""
+        digest to check or every one of those copies was verified before (and the witness wants no
+        proof of it: a fleet node left the first read to others may make the chunk sums on its second)."""
         if algo not in VERIFIED_HASHES or not digest:
             return None
-        if all((loc, algo, digest.lower()) in self._verified for loc in locations):
-            return None
         tap = self.witness.tap(locations[0]) if self.witness is not None and locations else None
+        if tap is None and all((loc, algo, digest.lower()) in self._verified for loc in locations):
+            return None
         return StreamVerifier(algo, digest, size, tap=tap)
 
     async def witnessed(self, tap: FullReadTap, algo: str, digest: str) -> None:

@@ -20,6 +20,7 @@ from imgfs.cache import ChunkCache
 from imgfs.errors import IntegrityError
 from imgfs.fleet.mesh import VERSION_HEADER, FleetBackend, FleetStats, MeshClient
 from imgfs.fleet.sums import ChunkSums
+from imgfs.model import Location
 from imgfs.reader import ChunkFetcher, ImageReader, StreamVerifier
 
 CS = 256 * 1024
@@ -275,6 +276,40 @@ async def test_credentials_that_only_read_publish_no_sums_and_say_so_once(rig, c
     assert stats.sums == {"publish_refused": 1} and not origin.sidecars
     lines = [r.getMessage() for r in caplog.records if "cannot store chunk sums" in r.getMessage()]
     assert len(lines) == 1 and "chunk_sums = use" in lines[0]
+
+
+def test_publishers_are_the_same_two_members_on_every_node_and_a_members_change_moves_few():
+    from imgfs.fleet.sums import PUBLISHERS, elected
+
+    members = tuple(f"10.0.0.{i}:8443" for i in range(1, 33))
+    locs = [Location("s3", f"img-{i}", 1 << 30, f"etag-{i}", 0.0) for i in range(200)]
+    for loc in locs:  # each node decides alone, and all come to the same PUBLISHERS members
+        assert sum(elected(members, me, loc) for me in members) == PUBLISHERS
+    spread = {me for loc in locs for me in members if elected(members, me, loc)}
+    assert len(spread) > len(members) * 0.9  # the work is spread, not always the same two nodes
+    # a 33rd node joining takes over only the images it now ranks high for
+    bigger = members + ("10.0.0.99:8443",)
+    moved = sum(any(elected(members, me, loc) != elected(bigger, me, loc) for me in members) for loc in locs)
+    assert moved < len(locs) * 0.2
+    assert elected(members, "10.9.9.9:8443", locs[0])  # a node missing from members publishes (fails open)
+
+
+async def test_a_node_not_elected_leaves_the_first_read_to_the_publishers_and_sums_its_second(rig):
+    """The fleet's first wave: a node not among the image's publishers does not sum its first full
+    read (the elected ones do); if the sums are still missing at its second, it makes and stores them."""
+    data, loc, mesh, stats, fetcher, origin = rig
+    fleet = fetcher.backends["s3"]
+    fleet.sums.elected = lambda _loc: False
+    fetcher.witness = Witness(fleet)
+    assert await read_whole(fetcher, loc, data) == data
+    await settle(fetcher)
+    assert not origin.sidecars and stats.sums == {"left_to_publishers": 1}
+    await fetcher.cache.drop("s3", loc.image_id)
+    assert await read_whole(fetcher, loc, data) == data
+    await settle(fetcher)
+    raw = origin.sidecars[f".imgfs/chunk-sums/{loc.image_id}"]
+    assert ChunkSums.decode(raw, loc, CS).sums == expected_sums(data)
+    assert stats.sums == {"left_to_publishers": 1, "published": 1}
 
 
 async def test_chunk_sums_off_neither_reads_nor_publishes(tmp_path, nursery):

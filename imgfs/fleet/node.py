@@ -16,7 +16,7 @@ from ..model import Location
 from ..ratelimit import RateLimit
 from . import gateway as gw
 from .mesh import FleetBackend, FleetStats, MeshClient
-from .sums import SumsMaker, block_for
+from .sums import SumsMaker, block_for, elected
 
 log = logging.getLogger(__name__)
 
@@ -77,7 +77,8 @@ class FleetNode:
         wrapped: dict[str, Backend] = dict(backends)
         for name, backend in direct.items():
             wrapped[name] = FleetBackend(backend, client, chunk_size=chunk_size, min_size=config.min_image_mb << 20,
-                                         stats=stats, chunk_sums=config.chunk_sums)
+                                         stats=stats, chunk_sums=config.chunk_sums,
+                                         elected=lambda loc: elected(config.members, config.mesh_listen, loc))
         return cls(config, stats, gw.Gateway(origin, secret, stats), wrapped)
 
     def distrust(self, loc: Location) -> bool:

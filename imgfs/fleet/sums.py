@@ -8,6 +8,12 @@ and finds it equal to the catalog's digest (Glance's sha512), and every node the
 gets from the mesh against it: a partial read of a chunk from a lying peer is caught, not only a full
 read.
 
+Who makes it: a fleet's first wave reads a new image on every node at once, and summing it is 0.55
+CPU-s per GiB a node spends for a list one node suffices to store. So a first full read makes it only
+on the PUBLISHERS members ranked highest for that version by a hash of member and version (the same
+ranking on every node, with no talk between them); any other node makes it on its second full read of
+a version whose list is still missing (the elected ones never read it, or could not store it).
+
 The list is one small object (32 bytes per MiB: 320 KiB for a 10 GiB image): a header line of JSON
 naming the image, the version the sums belong to, its size, the block size and the digest the read
 matched, then the raw sums. A list for another version or size is not used (the image was replaced);
@@ -38,6 +44,18 @@ BLOCK = 1 << 20  # bytes per sum, or the chunk size if smaller: a chunk is check
 MIN_BLOCK = 64 << 10
 SUM = 32  # sha256
 MAX_HEADER = 4096
+PUBLISHERS = 2  # members that make an image version's list on their first full read of it
+
+
+def elected(members: tuple[str, ...], me: str, loc: Location, publishers: int = PUBLISHERS) -> bool:
+    """Whether ``me`` is among the ``publishers`` members ranked highest for ``loc`` (rendezvous
+    hashing: every node computes the same ranking, and a members change moves few images). A node
+    missing from the list publishes: a configuration error must not leave every image without sums."""
+    if me not in members:
+        return True
+    version = f"{loc.store}\0{loc.image_id}\0{loc.version}".encode()
+    ranked = sorted(members, key=lambda m: hashlib.blake2b(m.encode() + b"\0" + version, digest_size=8).digest())
+    return me in ranked[:publishers]
 KIND = "chunk-sums"  # the store's sidecar kind (see Backend)
 ABSENT_FOR = 10.0  # seconds a missing (or unreadable) list is believed missing: another node may publish one
 KEPT = 256  # lists (or their absence) remembered: a few hundred images are in use on a node at once
@@ -168,14 +186,17 @@ class SumsBook:
     (single flight: readers run in worker threads), remembered, and published after a verified full
     read when the store holds none. Counts what happened in ``counts`` (outcome -> n)."""
 
-    def __init__(self, inner, *, block: int | None, mode: str, count: Callable[[str], None]) -> None:
+    def __init__(self, inner, *, block: int | None, mode: str, count: Callable[[str], None],
+                 elected: Callable[[Location], bool] = lambda loc: True) -> None:
         self.inner = inner
+        self.elected = elected
         self.block = block
         self.enabled = block is not None and mode != "off" and hasattr(inner, "get_sidecar")
         self.publishing = self.enabled and mode == "publish" and hasattr(inner, "put_sidecar")
         self._count = count
         self._known: OrderedDict[tuple[str, str], tuple[ChunkSums | None, float]] = OrderedDict()
         self._flights: dict[tuple[str, str], threading.Lock] = {}
+        self._passed: OrderedDict[tuple[str, str], None] = OrderedDict()  # versions whose first read did not sum
         self._lock = threading.Lock()
         self._logged = RateLimit(300.0)
 
@@ -251,6 +272,17 @@ class SumsBook:
         """Something to sum a full read of ``loc`` with, if this node would publish its list."""
         if not self.publishing or self.known(loc):
             return None
+        if not self.elected(loc):
+            key = (loc.image_id, loc.version)
+            with self._lock:
+                first = key not in self._passed
+                if first:  # leave it to the elected members, this once
+                    self._passed[key] = None
+                    while len(self._passed) > KEPT:
+                        self._passed.popitem(last=False)
+            if first:
+                self._count("left_to_publishers")
+                return None
         assert self.block is not None
         return SumsMaker(loc, self.block, skip=lambda: self.known(loc))
 
@@ -270,6 +302,9 @@ class SumsBook:
             self.inner.put_sidecar(KIND, loc.image_id, sums.encode())
         except BackendAccessDenied as e:
             self._count("publish_refused")
+            # no more summing of reads for a list this node cannot store (a verified copy's later reads
+            # would otherwise be hashed again for it, every time)
+            self.publishing = False
             if self._logged.allow(("refused", loc.store)):
                 log.warning("fleet: cannot store chunk sums in store '%s' (%s); this node's credentials only read: set "
                             "[fleet] chunk_sums = use on it, and publish from a node that may write", loc.store, e)
