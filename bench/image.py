@@ -5,6 +5,9 @@ with files of random (incompressible) content of mixed sizes (4 KiB .. 48 MiB)
 via ``mkfs.ext4 -d``, then written out densely (``cp --sparse=never``) so the
 free space is real zero blocks on disk, not holes -- the local-file dd limit
 would otherwise be inflated by holes.
+kind "ext4-mixed": the same, with every other file compressible the way text and binaries are (the
+hex of random bytes: zlib keeps ~55% of it), so a compressed qcow2 of it holds compressed clusters
+beside stored ones, as cloud images do.
 kind "random": SIZE MiB of /dev/urandom bytes.
 
 The image is cached as .bench/images/<kind>-<size>MiB.img with its sha256
@@ -35,7 +38,7 @@ def sha256_file(path: Path, bufsize: int = 4 * MiB) -> str:
     return h.hexdigest()
 
 
-def _fill_dir(root: Path, total: int, seed: int = 1234) -> int:
+def _fill_dir(root: Path, total: int, seed: int = 1234, mixed: bool = False) -> int:
     rng = random.Random(seed)
     written, i = 0, 0
     sizes = [x for x in (4 << 10, 64 << 10, 1 * MiB, 4 * MiB, 16 * MiB, 48 * MiB)
@@ -46,9 +49,10 @@ def _fill_dir(root: Path, total: int, seed: int = 1234) -> int:
         sz = min(rng.choice(sizes), total - written)
         with open(d / f"f{i:05d}.bin", "wb") as f:
             left = sz
+            text = mixed and i % 2 == 1
             while left:
                 n = min(left, 8 * MiB)
-                f.write(os.urandom(n))
+                f.write(os.urandom(-(-n // 2)).hex().encode()[:n] if text else os.urandom(n))
                 left -= n
         written += sz
         i += 1
@@ -77,11 +81,11 @@ def ensure_image(images_dir: Path, size_mib: int, kind: str) -> tuple[Path, str]
                 for _ in range(size_mib):
                     f.write(os.urandom(MiB))
             os.replace(tmp / "img", img)
-        elif kind == "ext4":
+        elif kind in ("ext4", "ext4-mixed"):
             log(f"creating a {size_mib} MiB ext4 image filled with random files (once; cached)")
             fill = tmp / "root"
             fill.mkdir()
-            nfiles = _fill_dir(fill, int(size_mib * MiB * (0.85 if size_mib >= 512 else 0.75)))
+            nfiles = _fill_dir(fill, int(size_mib * MiB * (0.85 if size_mib >= 512 else 0.75)), mixed=kind == "ext4-mixed")
             sparse = tmp / "sparse.img"
             r = subprocess.run(["mkfs.ext4", "-q", "-F", "-t", "ext4", "-b", "4096", "-m", "0",
                                 "-L", "imgfs-bench", "-i", "65536", "-E", "lazy_itable_init=0,lazy_journal_init=0",
@@ -109,11 +113,11 @@ def ensure_image(images_dir: Path, size_mib: int, kind: str) -> tuple[Path, str]
 QCOW2_MIB = 256  # the raw disk behind the qcow2 row: a few hundred MiB, as cloud images ship
 
 
-def ensure_qcow2(images_dir: Path) -> tuple[Path, Path, str]:
+def ensure_qcow2(images_dir: Path, size_mib: int = QCOW2_MIB, kind: str = "ext4") -> tuple[Path, Path, str]:
     """A compressed qcow2 of an ext4 disk (how cloud images ship), built once with `qemu-img convert -c`
-    from the QCOW2_MIB ext4 image: (qcow2, the raw disk it holds, sha256 of that raw disk)."""
-    raw, raw_sha = ensure_image(images_dir, QCOW2_MIB, "ext4")
-    qcow2 = images_dir / f"ext4-{QCOW2_MIB}MiB.qcow2"
+    from the ``kind`` image of ``size_mib``: (qcow2, the raw disk it holds, sha256 of that raw disk)."""
+    raw, raw_sha = ensure_image(images_dir, size_mib, kind)
+    qcow2 = images_dir / f"{kind}-{size_mib}MiB.qcow2"
     stamp = qcow2.with_suffix(".qcow2.of")
     if not (qcow2.exists() and stamp.exists() and stamp.read_text() == raw_sha):
         log(f"building {qcow2} (qemu-img convert -c -O qcow2)")

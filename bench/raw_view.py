@@ -1,24 +1,36 @@
-"""raw/ against the ways a node gets a raw disk out of a qcow2 image today, cold, with the lab up.
+"""raw/ against the ways a node gets a raw disk out of a qcow2 image today, with the lab up.
 
-The image: bench/image.py's compressed qcow2 of a 256 MiB ext4 disk (how cloud images ship), uploaded
-to the lab's real Glance as disk_format qcow2 (s3store, on RGW). imgfs mounts with the Glance catalog.
-Each row starts a fresh imgfs with an empty cache and drops the page cache, then copies the raw disk
-to tmpfs and checks its sha256 against the disk's:
+The image: bench/image.py's compressed qcow2 (qemu-img convert -c, zlib, 64 KiB clusters) of an ext4
+disk (--disk-mib, 1 GiB by default) whose files are half random, half compressible, so the qcow2 holds
+compressed and stored clusters and zero ranges as cloud images do. It is uploaded to the lab's real
+Glance as disk_format qcow2 (s3store, on RGW); imgfs mounts with the Glance catalog. The same bytes go
+to a public-read object on the same RGW for qemu-storage-daemon, which has no S3 signer.
 
-- local floor: qemu-img convert of the qcow2 from a local file (no FUSE, no network);
+Each row starts its daemon fresh (empty caches) and drops the page cache; a copy goes to tmpfs and its
+sha256 is checked against the disk's after the clock stops:
+
+- local floor: qemu-img convert -O raw of the qcow2 from a local file to tmpfs (no FUSE, no network);
+- local to /dev/null: the same into qemu's null driver (decoded, then dropped: the warm target's measure);
 - images/ + qemu: qemu-img convert -f qcow2 of images/<id> (qemu decodes the stored object imgfs serves);
 - raw/ + qemu: qemu-img convert -f raw of raw/<id> (imgfs decodes; qemu skips holes with SEEK_HOLE);
 - raw/ + cp: cp --sparse=auto of raw/<id> (SEEK_DATA/SEEK_HOLE, st_blocks);
-- raw/ + dd: dd bs=1M of raw/<id> (every byte, zeros included: what a reader without holes pays).
+- raw/ + dd: dd bs=1M of raw/<id>, cold (every byte, zeros included: a reader without holes);
+- raw/ + dd warm: the same daemon again after a first dd, page cache dropped (its chunk cache holds the
+  stored image; every cluster is inflated again);
+- qsd + dd, qsd + dd warm: qemu-storage-daemon's FUSE export of the object over HTTP (its http driver under
+  the qcow2 driver, with a copy-on-read qcow2 overlay in tmpfs: what a storage engineer would reach for);
+  warm is the same daemon again, its overlay holding every cluster read.
 
-Reports the median of --repeat runs: seconds, imgfs CPU seconds, the copying tool's CPU seconds
-(qemu-img's decoding is there), bytes imgfs fetched from the store (÷ the qcow2's size), and how
-sparse the copy is. Run as root: bench/run-raw-view [--repeat N].
+Reports the median of --repeat runs: seconds, MB/s of the virtual disk, the daemon's CPU seconds per GiB
+of the virtual disk, the copying tool's CPU seconds (qemu-img's decoding is there), bytes imgfs fetched
+from the store (÷ the qcow2's size; qsd's are not counted), and how sparse the copy is.
+Run as root: bench/run-raw-view [--repeat N] [--disk-mib M].
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import resource
@@ -29,6 +41,7 @@ import sys
 import tempfile
 import time
 import uuid
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -90,72 +103,193 @@ def fetched_bytes(sock: Path) -> int:
     return int(json.loads(out)["fetched_bytes"])
 
 
-def one(lab: Lab, image_id: str, row: str, qcow2: Path, out: Path, want: str) -> dict:
+class Public:
+    """A public-read copy of the qcow2 on the lab's RGW: qemu's http driver sends no S3 signature."""
+
+    BUCKET = "imgfs-raw-bench-public"
+
+    def __init__(self, lab: Lab, qcow2: Path, key: str) -> None:
+        import boto3
+
+        s3 = lab.lab["s3"]
+        self.client = boto3.client("s3", endpoint_url=s3["endpoint_url"], region_name=s3["region_name"],
+                                   aws_access_key_id=s3["access_key"], aws_secret_access_key=s3["secret_key"])
+        self.key = key
+        try:
+            self.client.create_bucket(Bucket=self.BUCKET)
+        except self.client.exceptions.BucketAlreadyOwnedByYou:
+            pass
+        self.client.upload_file(str(qcow2), self.BUCKET, key, ExtraArgs={"ACL": "public-read"})
+        self.url = f"{s3['endpoint_url'].rstrip('/')}/{self.BUCKET}/{key}"
+
+    def delete(self) -> None:
+        self.client.delete_object(Bucket=self.BUCKET, Key=self.key)
+
+
+@contextlib.contextmanager
+def imgfs_daemon(lab: Lab, image_id: str, view: str) -> Iterator[tuple[Path, subprocess.Popen, Callable[[], int]]]:
+    """A fresh imgfs (empty cache): the file of ``view`` for the image, the process, its fetched bytes."""
     work = Path(tempfile.mkdtemp(prefix="imgfs-raw-bench-"))
     mnt = work / "mnt"
     mnt.mkdir()
-    proc = None
+    proc = spawn("imgfs", [PYTHON, "-m", "imgfs", "mount", str(mnt), *lab.config(work)], work / "imgfs.log")
     try:
-        if row != "local floor":
-            proc = spawn("imgfs", [PYTHON, "-m", "imgfs", "mount", str(mnt), *lab.config(work)], work / "imgfs.log")
-            target = mnt / ("images" if row.startswith("images") else "raw") / image_id
-            wait_for(target.exists, 60, f"{target} in the mount", proc=proc)
-        drop_caches()
-        src = {"local floor": qcow2}.get(row) or target
-        cmd = {"local floor": ["qemu-img", "convert", "-f", "qcow2", "-O", "raw", str(src), str(out)],
-               "images/ + qemu": ["qemu-img", "convert", "-f", "qcow2", "-O", "raw", str(src), str(out)],
-               "raw/ + qemu": ["qemu-img", "convert", "-f", "raw", "-O", "raw", str(src), str(out)],
-               "raw/ + cp": ["cp", "--sparse=auto", str(src), str(out)],
-               "raw/ + dd": ["dd", f"if={src}", f"of={out}", "bs=1M", "status=none"]}[row]
-        cpu0 = cpu_seconds(proc.pid) if proc else 0.0
-        tool0 = resource.getrusage(resource.RUSAGE_CHILDREN)
-        started = time.monotonic()
-        subprocess.run(cmd, check=True, capture_output=True, timeout=900)
-        seconds = time.monotonic() - started
-        tool1 = resource.getrusage(resource.RUSAGE_CHILDREN)
-        cpu = cpu_seconds(proc.pid) - cpu0 if proc else 0.0
-        tool = (tool1.ru_utime + tool1.ru_stime) - (tool0.ru_utime + tool0.ru_stime)
+        target = mnt / view / image_id
+        wait_for(target.exists, 60, f"{target} in the mount", proc=proc, log_path=work / "imgfs.log")
+        yield target, proc, lambda: fetched_bytes(work / "control.sock")
+    finally:
+        stop(proc)
+        unmount(mnt)
+        shutil.rmtree(work, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def qsd_export(url: str, virtual_size: int) -> Iterator[tuple[Path, subprocess.Popen, None]]:
+    """qemu-storage-daemon exporting the image's raw disk over FUSE: http -> qcow2 -> a copy-on-read
+    overlay (a qcow2 in tmpfs whose backing is the remote image, given at run time)."""
+    work = Path(tempfile.mkdtemp(prefix="imgfs-raw-bench-qsd-", dir="/dev/shm"))
+    overlay, export = work / "overlay.qcow2", work / "disk.raw"
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(overlay), str(virtual_size)], check=True)
+    export.touch()
+    proc = spawn("qemu-storage-daemon", [
+        "qemu-storage-daemon",
+        "--blockdev", json.dumps({"driver": "http", "node-name": "web", "url": url, "read-only": True}),
+        "--blockdev", json.dumps({"driver": "qcow2", "node-name": "image", "file": "web", "read-only": True}),
+        "--blockdev", json.dumps({"driver": "qcow2", "node-name": "overlay", "backing": "image",
+                                  "file": {"driver": "file", "filename": str(overlay)}}),
+        "--blockdev", json.dumps({"driver": "copy-on-read", "node-name": "cor", "file": "overlay"}),
+        "--export", f"type=fuse,id=disk,node-name=cor,mountpoint={export},writable=off",
+    ], work / "qsd.log")
+    try:
+        wait_for(lambda: export.stat().st_size == virtual_size, 30, "qemu-storage-daemon's FUSE export", proc=proc,
+                 log_path=work / "qsd.log")
+        yield export, proc, None
+    finally:
+        stop(proc)
+        unmount(export)
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def copy_cmd(row: str, src: Path, out: Path, virtual: int) -> list[str]:
+    if row == "local to /dev/null":  # qemu's null driver: decoded and dropped (qemu-img cannot grow /dev/null)
+        return ["qemu-img", "convert", "-n", "-f", "qcow2", str(src), "--target-image-opts",
+                f"driver=null-co,size={virtual}"]
+    if row.startswith(("local", "images/")):
+        return ["qemu-img", "convert", "-f", "qcow2", "-O", "raw", str(src), str(out)]
+    if row == "raw/ + qemu":
+        return ["qemu-img", "convert", "-f", "raw", "-O", "raw", str(src), str(out)]
+    if row == "raw/ + cp":
+        return ["cp", "--sparse=auto", str(src), str(out)]
+    return ["dd", f"if={src}", f"of={out}", "bs=1M", "status=none"]
+
+
+RUN_TIMEOUT = 300.0  # seconds one copy may take; a peer that hangs fails that run, not the bench
+
+
+def timed(row: str, src: Path, out: Path, want: str, proc: subprocess.Popen | None, virtual: int) -> dict:
+    drop_caches()
+    cpu0 = cpu_seconds(proc.pid) if proc else 0.0
+    tool0 = resource.getrusage(resource.RUSAGE_CHILDREN)
+    started = time.monotonic()
+    try:
+        subprocess.run(copy_cmd(row, src, out, virtual), check=True, capture_output=True, timeout=RUN_TIMEOUT)
+    except subprocess.TimeoutExpired:
+        raise BenchError(f"{row}: no end after {RUN_TIMEOUT:.0f} s (hung)") from None
+    except subprocess.CalledProcessError as e:
+        raise BenchError(f"{row}: {e.cmd[0]} failed: {e.stderr.decode(errors='replace').strip()[-200:]}") from None
+    seconds = time.monotonic() - started
+    tool1 = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu = cpu_seconds(proc.pid) - cpu0 if proc else 0.0
+    if "null" not in row:
         got = sha256_file(out)
         if got != want:
             raise BenchError(f"{row}: the copy's sha256 is {got}, the disk's {want}")
-        fetched = fetched_bytes(work / "control.sock") if proc else qcow2.stat().st_size
         st = out.stat()
-        return {"row": row, "seconds": seconds, "imgfs_cpu_s": cpu, "tool_cpu_s": tool, "fetched_x": fetched / qcow2.stat().st_size,
-                "copy_allocated_x": st.st_blocks * 512 / st.st_size}
-    finally:
-        out.unlink(missing_ok=True)
-        if proc is not None:
-            stop(proc)
-            unmount(mnt)
-        shutil.rmtree(work, ignore_errors=True)
+        allocated = st.st_blocks * 512 / st.st_size
+        out.unlink()
+    else:
+        allocated = 0.0
+    return {"seconds": seconds, "mb_s": virtual / seconds / 1e6, "daemon_cpu_s_per_gib": cpu / (virtual / 2**30),
+            "tool_cpu_s": (tool1.ru_utime + tool1.ru_stime) - (tool0.ru_utime + tool0.ru_stime),
+            "copy_allocated_x": allocated}
+
+
+def one(lab: Lab, image_id: str, public: Public, row: str, qcow2: Path, out: Path, want: str, virtual: int) -> dict:
+    stored = qcow2.stat().st_size
+    if row.startswith("local"):
+        r = timed(row, qcow2, out, want, None, virtual)
+        return {**r, "fetched_x": 1.0}
+    if row.startswith("qsd"):
+        with qsd_export(public.url, virtual) as (src, proc, _):
+            if row.endswith("warm"):
+                timed("qsd + dd", src, out, want, proc, virtual)  # fills the copy-on-read overlay
+            return {**timed("qsd + dd", src, out, want, proc, virtual), "fetched_x": None}
+    view = "images" if row.startswith("images") else "raw"
+    with imgfs_daemon(lab, image_id, view) as (src, proc, fetched):
+        before = 0
+        if row.endswith("warm"):
+            timed("raw/ + dd", src, out, want, proc, virtual)  # the cold pass fills imgfs's chunk cache
+            before = fetched()
+        r = timed(row.removesuffix(" warm"), src, out, want, proc, virtual)
+        return {**r, "fetched_x": (fetched() - before) / stored}
+
+
+ROWS = ("local floor", "local to /dev/null", "images/ + qemu", "raw/ + qemu", "raw/ + cp", "raw/ + dd",
+        "raw/ + dd warm", "qsd + dd", "qsd + dd warm")
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--disk-mib", type=int, default=1024, help="the ext4 disk's size (the qcow2's virtual size)")
+    ap.add_argument("--rows", default=",".join(ROWS), help="which rows, comma-separated")
     ap.add_argument("--json")
     args = ap.parse_args()
-    qcow2, raw, want = ensure_qcow2(STATE / "images")
+    chosen = [r.strip() for r in args.rows.split(",")]
+    unknown = [r for r in chosen if r not in ROWS]
+    if unknown:
+        raise BenchError(f"unknown rows {unknown}; rows are {', '.join(ROWS)}")
+    qcow2, raw, want = ensure_qcow2(STATE / "images", args.disk_mib, "ext4-mixed")
+    virtual = raw.stat().st_size
+    info = json.loads(subprocess.run(["qemu-img", "map", "--output=json", str(qcow2)], capture_output=True, text=True,
+                                     check=True).stdout)
+    data = sum(e["length"] for e in info if e["data"])
     lab = Lab()
     image_id = lab.upload(qcow2)
-    log(f"uploaded {qcow2.name} ({qcow2.stat().st_size / 2**20:.0f} MiB qcow2 of a {raw.stat().st_size >> 20} MiB disk) "
-        f"to Glance as {image_id}")
+    public = Public(lab, qcow2, image_id)
+    log(f"uploaded {qcow2.name} ({qcow2.stat().st_size / 2**20:.0f} MiB qcow2 of a {virtual >> 20} MiB disk, "
+        f"{data >> 20} MiB of it data) to Glance as {image_id}, and to {public.url} for qemu-storage-daemon")
     out = Path("/dev/shm") / f"imgfs-raw-bench-{os.getpid()}.raw"
     rows = []
     try:
-        for row in ("local floor", "images/ + qemu", "raw/ + qemu", "raw/ + cp", "raw/ + dd"):
-            runs = [one(lab, image_id, row, qcow2, out, want) for _ in range(args.repeat)]
-            med = {k: statistics.median(r[k] for r in runs) for k in runs[0] if k != "row"}
-            rows.append({"row": row, **med, "runs": len(runs)})
+        for row in [r for r in ROWS if r in chosen]:
+            runs, failed = [], []
+            for _ in range(args.repeat):
+                try:
+                    runs.append(one(lab, image_id, public, row, qcow2, out, want, virtual))
+                except BenchError as e:  # a peer hanging or failing is a result too: said, not fatal
+                    failed.append(str(e))
+                    log(f"{row}: a run failed: {e}")
+            med = {k: (statistics.median(r[k] for r in runs) if runs[0][k] is not None else None) for k in runs[0]} \
+                if runs else {}
+            rows.append({"row": row, **med, "runs": len(runs), "failed": failed})
             log(f"{row}: {json.dumps(rows[-1])}")
     finally:
+        out.unlink(missing_ok=True)
+        public.delete()
         lab.delete(image_id)
-    print(f"\n{raw.stat().st_size >> 20} MiB ext4 disk as a {qcow2.stat().st_size / 2**20:.0f} MiB compressed qcow2 in "
-          f"Glance (s3store on RGW); cold: fresh imgfs and cache, page cache dropped; median of {args.repeat}")
-    print(f"{'':<16} {'seconds':>8} {'imgfs CPU s':>11} {'tool CPU s':>10} {'fetched/qcow2':>13} {'copy allocated':>14}")
+    print(f"\n{virtual >> 20} MiB ext4 disk ({data >> 20} MiB data) as a {qcow2.stat().st_size / 2**20:.0f} MiB compressed "
+          f"qcow2 in Glance (s3store on RGW); fresh daemon and cache per row, page cache dropped; median of {args.repeat}")
+    print(f"{'':<20} {'seconds':>8} {'MB/s':>7} {'daemon CPU s/GiB':>16} {'tool CPU s':>10} {'fetched/qcow2':>13} "
+          f"{'copy allocated':>14}")
     for r in rows:
-        print(f"{r['row']:<16} {r['seconds']:>8.2f} {r['imgfs_cpu_s']:>11.2f} {r['tool_cpu_s']:>10.2f} "
-              f"{r['fetched_x']:>13.3f} {r['copy_allocated_x']:>14.2f}")
+        failed = f"  ({len(r['failed'])} of {args.repeat} runs failed: {r['failed'][0]})" if r["failed"] else ""
+        if not r["runs"]:
+            print(f"{r['row']:<20} every run failed: {r['failed'][0]}")
+            continue
+        fetched = "-" if r["fetched_x"] is None else f"{r['fetched_x']:.3f}"
+        print(f"{r['row']:<20} {r['seconds']:>8.2f} {r['mb_s']:>7.0f} {r['daemon_cpu_s_per_gib']:>16.2f} "
+              f"{r['tool_cpu_s']:>10.2f} {fetched:>13} {r['copy_allocated_x']:>14.2f}{failed}")
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=1))
     return 0
