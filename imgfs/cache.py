@@ -6,8 +6,8 @@ all end as "not cached" (and a log line), and the reader goes to the store.
 On disk, each chunk is one file ``chunks/<image tag>/<version tag>.<chunk size>.<index>`` holding a header
 (magic, key length, data length, block size), the full key as JSON (so a hash collision of the tags can
 never serve another image's bytes), one xxh3-64 per 64 KiB block of data, zeros up to the next 4 KiB,
-then the data (files an older imgfs wrote, with the data right after the digests, are read as they are). Per-block
-digests let a 4 KiB random read load and verify 64 KiB instead of the whole chunk (measured with
+then the data (files an older imgfs wrote, with the data right after the digests, are read as they
+are). Per-block digests let a 4 KiB random read load and verify 64 KiB instead of the whole chunk (measured with
 whole-chunk digests: ~250 random 4 KiB reads/s from a warm cache). Fills are atomic: written to ``tmp/``, then
 renamed, so no reader ever sees a half-written chunk. They are not fsynced: every read from disk
 re-checks length, key and xxh3, so what a power cut could leave behind (an empty or partial file) is
@@ -15,10 +15,12 @@ detected and dropped like any corruption, and an fsync per chunk halved fill thr
 0.9 vs 1.8 GB/s).
 Fills are written with O_DIRECT where the file system takes it (a few reused, aligned buffers; the
 4 KiB-aligned data is why): a chunk a reader already holds in memory need not be copied into new
-page-cache pages as well. Those pages cost the daemon 3.4 CPU seconds per GiB written on this VM
-(0.05 with O_DIRECT, `bench/README.md`), and on any node they evict what the host caches for its VMs
-to hold bytes the memory tier and the readers already have. Where O_DIRECT is refused (EINVAL: a file
-system without it), fills are buffered writes, said once in the log and in status.
+page-cache pages as well. On this VM those pages cost 0.3 to 3.4 CPU seconds per GiB written,
+depending on whether the kernel has free pages at hand or must get them back from the hypervisor
+(`bench/fill_cost.py`); in a 16-node fleet they were the largest single cost (18% of all CPU), and a
+warm took 1.8-2.2 CPU-s/GiB with O_DIRECT against 4.3-4.6. On any node they would also evict what the
+host caches for its VMs. Where O_DIRECT is refused (EINVAL: a file system without it), fills are
+buffered writes, said once in the log and in status.
 The directory *is* the index: a restart rescans it (file mtimes give the LRU order, refreshed on every
 hit), so there is no separate index file that could disagree with the data.
 
