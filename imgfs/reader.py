@@ -98,6 +98,9 @@ class Witness(Protocol):
     def matched(self, tap: FullReadTap, algo: str, digest: str) -> None:
         """That read matched ``digest`` (called in a worker thread: may do I/O)."""
 
+    def untapped(self, loc: Location) -> None:
+        """A full read of ``loc`` matched its digest with no tap (called on the event loop: no I/O)."""
+
 
 @dataclass
 class FetchStats:
@@ -745,6 +748,8 @@ class ImageReader:
                 tap = self.verify.tap
                 if tap is not None and tap.loc == copy:
                     self.fetcher.spawn(self.fetcher.witnessed, tap, self.verify.algo_name, self.verify.expected)
+                elif self.fetcher.witness is not None:
+                    self.fetcher.witness.untapped(copy)
             if verdict is False:
                 # The whole image went through and is not what the catalog says: the read that would
                 # complete it fails, so a copy made with dd or qemu-img fails too instead of succeeding.

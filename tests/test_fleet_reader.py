@@ -189,6 +189,9 @@ class Witness:
     def matched(self, tap, algo, digest):
         self.fleet.publish_sums(tap, algo, digest)
 
+    def untapped(self, loc):
+        self.fleet.sums.passed(loc)
+
 
 async def another_node(tmp_path, name, origin, mesh, nursery):
     """A second node of the same fleet: its own cache and its own memory of sums, the same origin and mesh."""
@@ -301,6 +304,9 @@ async def test_a_node_not_elected_leaves_the_first_read_to_the_publishers_and_su
     fleet = fetcher.backends["s3"]
     fleet.sums.elected = lambda _loc: False
     fetcher.witness = Witness(fleet)
+    reader = ImageReader(fetcher, [loc], prefetch_max=0)  # a partial read (qemu-img info) does not count
+    assert bytes(await reader.read(0, 4096)) == data[:4096]
+    assert fetcher.verifier([loc], "sha512", hashlib.sha512(data).hexdigest(), len(data)).tap is None
     assert await read_whole(fetcher, loc, data) == data
     await settle(fetcher)
     assert not origin.sidecars and stats.sums == {"left_to_publishers": 1}

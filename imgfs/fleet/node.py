@@ -95,6 +95,11 @@ class FleetNode:
         if isinstance(backend, FleetBackend):
             backend.publish_sums(tap, algo, digest)
 
+    def untapped(self, loc: Location) -> None:
+        backend = self.fetch_backends.get(loc.store)
+        if isinstance(backend, FleetBackend):
+            backend.sums.passed(loc)
+
     async def serve(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
         await gw.serve(self.gateway, self.config.gateway_port, task_status=task_status)
 

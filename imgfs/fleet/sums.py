@@ -11,8 +11,9 @@ read.
 Who makes it: a fleet's first wave reads a new image on every node at once, and summing it is 0.55
 CPU-s per GiB a node spends for a list one node suffices to store. So a first full read makes it only
 on the PUBLISHERS members ranked highest for that version by a hash of member and version (the same
-ranking on every node, with no talk between them); any other node makes it on its second full read of
-a version whose list is still missing (the elected ones never read it, or could not store it).
+ranking on every node, with no talk between them); any other node makes it on the full read after
+one it verified without summing, if the list is still missing then (the publishers never read it, or
+could not store it). Opens that read part of the image (qemu-img info) do not count.
 
 The list is one small object (32 bytes per MiB: 320 KiB for a 10 GiB image): a header line of JSON
 naming the image, the version the sums belong to, its size, the block size and the digest the read
@@ -45,6 +46,9 @@ MIN_BLOCK = 64 << 10
 SUM = 32  # sha256
 MAX_HEADER = 4096
 PUBLISHERS = 2  # members that make an image version's list on their first full read of it
+KIND = "chunk-sums"  # the store's sidecar kind (see Backend)
+ABSENT_FOR = 10.0  # seconds a missing (or unreadable) list is believed missing: another node may publish one
+KEPT = 256  # lists (or their absence) remembered: a few hundred images are in use on a node at once
 
 
 def elected(members: tuple[str, ...], me: str, loc: Location, publishers: int = PUBLISHERS) -> bool:
@@ -56,9 +60,6 @@ def elected(members: tuple[str, ...], me: str, loc: Location, publishers: int = 
     version = f"{loc.store}\0{loc.image_id}\0{loc.version}".encode()
     ranked = sorted(members, key=lambda m: hashlib.blake2b(m.encode() + b"\0" + version, digest_size=8).digest())
     return me in ranked[:publishers]
-KIND = "chunk-sums"  # the store's sidecar kind (see Backend)
-ABSENT_FOR = 10.0  # seconds a missing (or unreadable) list is believed missing: another node may publish one
-KEPT = 256  # lists (or their absence) remembered: a few hundred images are in use on a node at once
 
 
 class SumsError(ValueError):
@@ -196,7 +197,8 @@ class SumsBook:
         self._count = count
         self._known: OrderedDict[tuple[str, str], tuple[ChunkSums | None, float]] = OrderedDict()
         self._flights: dict[tuple[str, str], threading.Lock] = {}
-        self._passed: OrderedDict[tuple[str, str], None] = OrderedDict()  # versions whose first read did not sum
+        # versions this node read whole and verified without summing them (not one of their publishers)
+        self._passed: OrderedDict[tuple[str, str], None] = OrderedDict()
         self._lock = threading.Lock()
         self._logged = RateLimit(300.0)
 
@@ -273,18 +275,22 @@ class SumsBook:
         if not self.publishing or self.known(loc):
             return None
         if not self.elected(loc):
-            key = (loc.image_id, loc.version)
             with self._lock:
-                first = key not in self._passed
-                if first:  # leave it to the elected members, this once
-                    self._passed[key] = None
-                    while len(self._passed) > KEPT:
-                        self._passed.popitem(last=False)
-            if first:
-                self._count("left_to_publishers")
-                return None
+                if (loc.image_id, loc.version) not in self._passed:
+                    return None  # left to the publishers, until this node read it whole once without
         assert self.block is not None
         return SumsMaker(loc, self.block, skip=lambda: self.known(loc))
+
+    def passed(self, loc: Location) -> None:
+        """A full read of ``loc`` matched the catalog's digest without summing it (this node is not one
+        of its publishers): if the list is still missing at the next full read, that one makes it."""
+        if not self.publishing or self.known(loc) or self.elected(loc):
+            return
+        with self._lock:
+            self._passed[(loc.image_id, loc.version)] = None
+            while len(self._passed) > KEPT:
+                self._passed.popitem(last=False)
+        self._count("left_to_publishers")
 
     def publish(self, maker: SumsMaker, algo: str, digest: str) -> None:
         """Store the list of a full read that matched the catalog's digest, unless the store holds a
