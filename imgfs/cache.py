@@ -18,7 +18,7 @@ Fills are written with O_DIRECT where the file system takes it (a few reused, al
 page-cache pages as well. On this VM those pages cost 0.3 to 3.4 CPU seconds per GiB written,
 depending on whether the kernel has free pages at hand or must get them back from the hypervisor
 (`bench/fill_cost.py`); in a 16-node fleet they were the largest single cost (18% of all CPU), and a
-warm took 1.8-2.2 CPU-s/GiB with O_DIRECT against 4.3-4.6. On any node they would also evict what the
+warm took 1.8-2.2 CPU-s/GiB with O_DIRECT against 4.2-4.7. On any node they would also evict what the
 host caches for its VMs. Where O_DIRECT is refused (EINVAL: a file system without it), fills are
 buffered writes, said once in the log and in status.
 The directory *is* the index: a restart rescans it (file mtimes give the LRU order, refreshed on every
