@@ -30,6 +30,13 @@ def test_buffers_kept_are_bounded_and_an_idle_one_is_let_go():
     assert len(pool._free[MIN_SIZE]) <= 2
 
 
+def test_the_bytes_kept_are_bounded_whatever_the_sizes():
+    pool = ReceivePool(kept=8, kept_bytes=3 * MIN_SIZE)
+    held = [pool.get(MIN_SIZE) for _ in range(5)] + [pool.get(2 * MIN_SIZE) for _ in range(2)]
+    assert sum(size * len(slots) for size, slots in pool._free.items()) <= 3 * MIN_SIZE
+    del held
+
+
 def test_threads_never_get_the_same_free_buffer():
     pool = ReceivePool(kept=4)
     got: list[int] = []
