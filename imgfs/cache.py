@@ -42,7 +42,6 @@ import mmap
 import os
 import shutil
 import struct
-import sys
 import threading
 import time
 from typing import Any
@@ -53,6 +52,7 @@ from functools import lru_cache
 import trio
 import xxhash
 
+from .buffers import ReceivePool
 from .model import ChunkKey
 from .ratelimit import RateLimit
 
@@ -550,31 +550,14 @@ class ChunkCache:
 _WOULD_BLOCK = object()
 
 
-class _Buffers:
-    """Read buffers reused on the event loop. A fresh 1 MiB bytearray is zero-filled and page-faulted in
-    on every read (measured: a quarter of the daemon's CPU on warm sequential reads). A buffer is handed
-    out again only when nothing but this pool refers to it: every memoryview of it (the reply pyfuse3 is
-    still sending, a piece the end-to-end verifier holds back, a body the HTTP endpoint is writing)
-    holds a reference, so a buffer still in use is never overwritten. Trio thread only."""
-
-    PER_SIZE = 4
-    MIN_SIZE = 256 * 1024  # smaller buffers cost little to make
+class _Buffers(ReceivePool):
+    """Read buffers reused on the event loop: buffers.py's pool, smaller buffers pooled too. A fresh 1 MiB
+    bytearray is zero-filled and page-faulted in on every read (measured: a quarter of the daemon's CPU
+    on warm sequential reads); a buffer still referred to (the reply pyfuse3 is still sending, a piece
+    the end-to-end verifier holds back, a body the HTTP endpoint is writing) is never overwritten."""
 
     def __init__(self) -> None:
-        self._free: dict[int, list[bytearray]] = {}
-
-    def get(self, size: int) -> bytearray:
-        if size < self.MIN_SIZE:
-            return bytearray(size)
-        pool = self._free.setdefault(size, [])
-        for buf in pool:
-            # references: the pool's list, the loop variable, getrefcount's argument
-            if sys.getrefcount(buf) == 3:
-                return buf
-        buf = bytearray(size)
-        if len(pool) < self.PER_SIZE:
-            pool.append(buf)
-        return buf
+        super().__init__(kept=4, min_size=256 * 1024)
 
 
 def _open_files_limit() -> int:
