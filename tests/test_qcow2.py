@@ -27,16 +27,14 @@ from hypothesis import strategies as st
 from imgfs.errors import ImgfsError, ShortRead
 from imgfs.formats import Extent, Limits, Qcow2Error, Qcow2Image, Qcow2Unsupported
 
+from .qemuimg import luks_qcow2, qemu_img
+
 QEMU_IMG = shutil.which("qemu-img")
 QEMU_IO = shutil.which("qemu-io")
 pytestmark = pytest.mark.skipif(QEMU_IMG is None, reason="needs qemu-img (apt-get install qemu-utils)")
 
 KiB, MiB = 1 << 10, 1 << 20
 RAW_SIZE = 5 * MiB + 1536  # not a multiple of any cluster size, but of 512 (qemu rounds to sectors)
-
-
-def qemu_img(*args: str) -> str:
-    return subprocess.run([QEMU_IMG, *args], check=True, capture_output=True, text=True).stdout
 
 
 class FileRead:
@@ -412,8 +410,7 @@ async def test_refuses_backing_file(workdir):
 
 async def test_refuses_luks_encryption(workdir):
     path = workdir / "luks.qcow2"
-    qemu_img("create", "-f", "qcow2", "--object", "secret,id=s0,data=x",
-             "-o", "encrypt.format=luks,encrypt.key-secret=s0", str(path), "1M")
+    luks_qcow2(path, "1M")
     with pytest.raises(Qcow2Unsupported, match="encrypted"):
         await open_image(path)
 

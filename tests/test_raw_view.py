@@ -23,6 +23,7 @@ from imgfs.catalog import Catalog
 from imgfs.disks import DiskBook
 from imgfs.fs import RAW, ROOT, Operations
 
+from .qemuimg import luks_qcow2
 from .test_glance_catalog import FakeGlance
 
 QEMU_IMG = shutil.which("qemu-img")
@@ -146,8 +147,7 @@ async def test_what_the_decoder_refuses_or_glance_calls_another_format_is_not_of
         stored, fmt = top.read_bytes(), "qcow2"
     elif what == "encrypted":
         out = tmp_path / "enc.qcow2"
-        subprocess.run([QEMU_IMG, "create", "-f", "qcow2", "--object", "secret,id=s0,data=imgfs-test",
-                        "-o", "encrypt.format=luks,encrypt.key-secret=s0", str(out), "4M"], check=True, capture_output=True)
+        luks_qcow2(out, "4M")
         stored, fmt = out.read_bytes(), "qcow2"
     elif what == "not a qcow2":
         stored, fmt = raw, "qcow2"  # Glance says qcow2, the bytes are not: refused, never served raw
