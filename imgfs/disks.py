@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 import trio
 
+from .buffers import ReceivePool
 from .catalog import Catalog
 from .errors import ImgfsError
 from .formats import Limits, Qcow2Error, Qcow2Image, Qcow2Unsupported
@@ -30,6 +31,10 @@ KEPT_OPEN = 64  # decoders kept open: each holds its L1 table (bounded by Limits
 OPENING = 8  # decoders opened at once when a listing needs their sizes
 LIST_WAIT = 10.0  # seconds a listing of raw/ waits for sizes; images still unknown then are left out
 SEEK_WINDOW = 1 << 30  # virtual bytes of extents asked at a time while seeking data or a hole
+# Decoded reads' buffers, reused once the adapter's reply let go of them: a FUSE read is at most
+# 1 MiB, and a few are in flight at once.
+REPLY_BUFFERS = 8
+REPLY_BUFFERS_BYTES = 8 << 20
 
 
 @dataclass
@@ -76,6 +81,7 @@ class DiskBook:
         self.holes_served = holes_served
         self.prefetch_max = prefetch_max
         self._inflate = trio.CapacityLimiter(max(1, limits.inflate_concurrency))  # for every image together
+        self._replies = ReceivePool(kept=REPLY_BUFFERS, kept_bytes=REPLY_BUFFERS_BYTES, min_size=128 << 10)
         self._open: OrderedDict[tuple, Disk] = OrderedDict()
         self._sizes: dict[tuple, int] = {}  # decoded sizes, kept after their decoder is closed
         self._allocated: dict[tuple, int] = {}  # and their data bytes (only when holes are served)
@@ -163,11 +169,11 @@ class DiskBook:
         # cache like any read, small ones as small verified blocks, and runs of them get prefetch.
         stored = ImageReader(self.fetcher, self.fetcher.order(image.locations), prefetch_max=self.prefetch_max)
 
-        async def read(offset: int, length: int) -> bytes:
-            return bytes(await stored.read(offset, length))
+        async def read(offset: int, length: int) -> bytes | memoryview:
+            return await stored.read(offset, length)  # the decoder copies only what it keeps
 
         try:
-            decoder = await Qcow2Image.open(read, image.primary.size, self.limits, self._inflate)
+            decoder = await Qcow2Image.open(read, image.primary.size, self.limits, self._inflate, self._replies.get)
         except Qcow2Error as e:
             # Refused for good (this version): a malformed or unsupported image does not mend itself.
             # A store failing is not the image's fault, and is not remembered.

@@ -322,6 +322,50 @@ async def test_v3_zero_flag_clusters(images, workdir, raw):
     assert (await img.extents(0, 256 * KiB))[1] == Extent(64 * KiB, 128 * KiB, "zero")
 
 
+def garbage_alloc(made: list[int]):
+    """Buffers full of 0xA5, as a reused one may be: every byte a read does not write shows."""
+    def alloc(size: int) -> bytearray:
+        made.append(size)
+        return bytearray(b"\xa5" * size)
+    return alloc
+
+
+async def test_reused_buffers_are_zeroed_where_the_disk_is(variant, raw):
+    _, path = variant
+    made: list[int] = []
+    reader = FileRead(path)
+    img = await Qcow2Image.open(reader, reader.size, alloc=garbage_alloc(made))
+    rng = random.Random(11)
+    assert await img.read(0, RAW_SIZE) == raw[1]
+    for _ in range(30):
+        off, n = rng.randrange(RAW_SIZE), rng.randrange(1, 1200 * KiB)
+        assert await img.read(off, n) == raw[1][off:off + n], (off, n)
+    # (a variant whose reads are all one host run asks for none: those bytes are returned as read)
+
+
+@pytest.mark.skipif(QEMU_IO is None, reason="needs qemu-io")
+async def test_reused_buffers_over_zero_flags_and_unallocated_tables(images, workdir, raw):
+    zf = workdir / "zeroflag-reuse.qcow2"
+    shutil.copy(images["v3-64k"], zf)
+    subprocess.run([QEMU_IO, "-f", "qcow2", "-c", "write -z 64k 128k", str(zf)], check=True, capture_output=True)
+    # 1.5 GiB with 64 KiB clusters: L1 slots of 512 MiB each, the first two never allocated
+    sparse = workdir / "sparse-reuse.qcow2"
+    qemu_img("create", "-f", "qcow2", str(sparse), "1536M")
+    subprocess.run([QEMU_IO, "-f", "qcow2", "-c", "write -P 0x5c 1100M 100k", str(sparse)], check=True, capture_output=True)
+    made: list[int] = []
+    for path in (zf, sparse):
+        reader = FileRead(path)
+        img = await Qcow2Image.open(reader, reader.size, alloc=garbage_alloc(made))
+        plain = await Qcow2Image.open(FileRead(path), reader.size)
+        for off in (0, 100 * KiB, 512 * MiB - 300 * KiB, 1024 * MiB - 1, 1100 * MiB - 512 * KiB, 1100 * MiB + 50 * KiB):
+            if off >= img.virtual_size:
+                continue
+            got = await img.read(off, MiB)
+            assert got == await plain.read(off, MiB), (path.name, off)
+    assert (await img.read(1100 * MiB, 100 * KiB)) == b"\x5c" * (100 * KiB)
+    assert made, "the decoder never asked for a buffer: nothing was tested"
+
+
 async def test_zero_flag_in_v2_is_corruption(images, workdir):
     src = images["v2-64k"]
     pos, vc, e = first_entry(src, compressed=False)
@@ -360,6 +404,30 @@ async def test_cluster_cache_and_single_flight(images):
     assert fetched == 4  # header, L1 (at open); then one L2 table and one compressed cluster
     assert await img.read(off, img.cluster_size) == await img.read(off, img.cluster_size)
     assert len(reader.calls) == fetched and img.cluster_cache.loads == 1
+
+
+async def test_whole_clusters_inflate_in_a_few_thread_calls_and_skip_the_cluster_cache(images, raw):
+    img, _ = await open_image(images["v3-zlib-64k"])
+    calls = []
+    real = trio.to_thread.run_sync
+
+    async def counting(fn, *args, **kw):
+        calls.append(fn)
+        return await real(fn, *args, **kw)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(trio.to_thread, "run_sync", counting)
+        step = 1 * MiB
+        for off in range(0, RAW_SIZE, step):
+            assert await img.read(off, step) == raw[1][off:off + step]
+    reads = -(-RAW_SIZE // step)
+    # one call per batch, at most inflate_concurrency batches a read: not one per cluster
+    assert 0 < len(calls) <= reads * Limits().inflate_concurrency
+    assert img.cluster_cache.loads <= reads  # only the short last read's cluster, if it has one part
+    before = img.cluster_cache.loads
+    vc = first_entry(images["v3-zlib-64k"], compressed=True)[1]
+    assert await img.read(vc * img.cluster_size + 7, 100) == raw[1][vc * img.cluster_size + 7:][:100]
+    assert img.cluster_cache.loads == before + 1  # a part of a cluster is cached: the rest comes next
 
 
 async def test_caches_are_bounded(images, raw):

@@ -38,7 +38,13 @@ from .lru import LoadingCache
 
 log = logging.getLogger(__name__)
 
-ReadFn = Callable[[int, int], Awaitable[bytes]]
+# Returns bytes-like (bytes, bytearray or memoryview): the decoder copies what it keeps.
+ReadFn = Callable[[int, int], Awaitable[bytes | bytearray | memoryview]]
+# Gives a bytearray of the size asked, its content undefined (the decoder writes every byte of it).
+AllocFn = Callable[[int], bytearray]
+
+# Copied into the parts of a read that are zero or unallocated when its buffer was not made zeroed.
+_ZEROS = memoryview(bytes(1 << 20))  # sliced without a copy
 
 
 class Qcow2Error(ImgfsError):
@@ -211,8 +217,9 @@ class Qcow2Image:
     """An open qcow2 image. Safe for concurrent use from tasks of one trio run."""
 
     def __init__(self, read: ReadFn, file_size: int, header: _Header, l1: bytes, limits: Limits,
-                 limiter: trio.CapacityLimiter) -> None:
+                 limiter: trio.CapacityLimiter, alloc: AllocFn | None = None) -> None:
         self._read = read
+        self._alloc = alloc
         self._file_size = file_size
         self._h = header
         self._l1 = l1  # only the entries the virtual size needs
@@ -229,8 +236,11 @@ class Qcow2Image:
 
     @classmethod
     async def open(cls, read: ReadFn, size: int, limits: Limits = Limits(),
-                   limiter: trio.CapacityLimiter | None = None) -> Qcow2Image:
-        """Parse and validate the header and load the L1 table; ``size`` is the stored object's size."""
+                   limiter: trio.CapacityLimiter | None = None, alloc: AllocFn | None = None) -> Qcow2Image:
+        """Parse and validate the header and load the L1 table; ``size`` is the stored object's size.
+
+        ``alloc`` makes the buffers reads return (e.g. reused ones, once the caller is done with them);
+        without it each read makes a zeroed bytearray of its own."""
         head_len = min(size, limits.max_header_bytes)
         if head_len < 72:
             raise Qcow2Error(f"qcow2: file too short for a header ({size} bytes)")
@@ -242,7 +252,7 @@ class Qcow2Image:
                   header.version, 1 << header.cluster_bits, header.size, header.compression, needed,
                   header.l1_size, header.l1_offset)
         return cls(read, size, header, l1, limits,
-                   limiter or trio.CapacityLimiter(max(1, limits.inflate_concurrency)))
+                   limiter or trio.CapacityLimiter(max(1, limits.inflate_concurrency)), alloc)
 
     @property
     def virtual_size(self) -> int:
@@ -344,11 +354,17 @@ class Qcow2Image:
             return b""
         std_runs: list[list[int]] = []  # [out_pos, host_off, length], host-contiguous runs merged
         compressed: list[tuple[int, int, int, int, int]] = []  # (out_pos, in_off, n, coff, clen)
-        async for vc, _count, kind, host, hlen in self._clusters(start, end):
+        zeros: list[list[int]] = []  # [out_pos, length], adjacent runs merged
+        async for vc, count, kind, host, hlen in self._clusters(start, end):
             cstart = vc << self._cb
-            lo, hi = max(start, cstart), min(end, cstart + self._cs)
+            lo, hi = max(start, cstart), min(end, (vc + count) << self._cb)
             pos, in_off, n = lo - start, lo - cstart, hi - lo
-            if kind == _DATA:
+            if kind == _ZERO:
+                if zeros and zeros[-1][0] + zeros[-1][1] == pos:
+                    zeros[-1][1] += n
+                else:
+                    zeros.append([pos, n])
+            elif kind == _DATA:
                 run = std_runs[-1] if std_runs else None
                 if run and run[0] + run[2] == pos and run[1] + run[2] == host + in_off:
                     run[2] += n
@@ -357,10 +373,21 @@ class Qcow2Image:
             elif kind == _COMPRESSED:
                 compressed.append((pos, in_off, n, host, hlen))
         if not compressed and len(std_runs) == 1 and std_runs[0][2] == end - start:
-            return await _exact(self._read, std_runs[0][1], end - start)  # one host run: no copy to make
-        out = bytearray(end - start)  # zero-filled: zero and unallocated clusters cost nothing
+            return await _span(self._read, std_runs[0][1], end - start)  # one host run: no copy to make
+        # A fresh bytearray is made zeroed, but its pages are faulted in one by one: 1 MiB of them cost
+        # as much as inflating a quarter of it on this VM (py-spy of a warm dd of raw/). A reused
+        # buffer is zeroed only where the read is zero or unallocated.
+        if self._alloc is None:
+            out = bytearray(end - start)
+        else:
+            out = self._alloc(end - start)
+            for pos, n in zeros:
+                while n:
+                    k = min(n, len(_ZEROS))
+                    out[pos:pos + k] = _ZEROS[:k]
+                    pos, n = pos + k, n - k
         for pos, host, n in std_runs:
-            out[pos:pos + n] = await _exact(self._read, host, n)
+            out[pos:pos + n] = await _span(self._read, host, n)
         if compressed:
             await self._read_compressed(out, start, compressed)
         return out  # bytes-like; not copied once more into bytes
@@ -368,8 +395,27 @@ class Qcow2Image:
     async def _read_compressed(self, out: bytearray, start: int,
                                clusters: list[tuple[int, int, int, int, int]]) -> None:
         # qemu-img writes compressed clusters back to back in guest order, so the spans of one read
-        # merge into a few host reads (a _Window) instead of one per cluster. Inflates run concurrently.
-        window = _Window(self._read, [(c, n) for *_, c, n in clusters if (c, n) not in self.cluster_cache])
+        # merge into a few host reads (a _Window) instead of one per cluster.
+        #
+        # A cluster the read covers whole (every read the kernel's readahead makes) inflates straight
+        # into ``out``, in at most inflate_concurrency batches of one worker-thread call each: a thread
+        # hop per 64 KiB cluster cost as much as its inflate, and the cluster cache only churned, since
+        # nothing reads such a cluster again before the page cache would. A cluster the read covers in
+        # part goes through the cluster cache, single flight: the next read wants the rest of it.
+        whole: list[tuple[int, int, int]] = []  # (out_pos, coff, clen)
+        partial: list[tuple[int, int, int, int, int]] = []
+        for item in clusters:
+            pos, in_off, n, coff, clen = item
+            cached = self.cluster_cache.peek((coff, clen))
+            if cached is not None:
+                out[pos:pos + n] = memoryview(cached)[in_off:in_off + n]
+            elif n == self._cs:
+                whole.append((pos, coff, clen))
+            else:
+                partial.append(item)
+        if not whole and not partial:
+            return
+        window = _Window(self._read, [(c, n) for _, c, n in whole] + [(c, n) for *_, c, n in partial])
         failed: list[ImgfsError] = []
 
         async def one(pos: int, in_off: int, n: int, coff: int, clen: int) -> None:
@@ -381,13 +427,40 @@ class Qcow2Image:
                 failed.append(e)
                 nursery.cancel_scope.cancel()
                 return
-            out[pos:pos + n] = data[in_off:in_off + n]
+            out[pos:pos + n] = memoryview(data)[in_off:in_off + n]
+
+        async def batch(items: list[tuple[int, int, int]]) -> None:
+            try:
+                jobs = [(pos, coff, await window.get(coff, clen)) for pos, coff, clen in items]
+                if self._cs <= self._limits.inline_inflate_max:
+                    self._inflate_into(out, start, jobs)
+                else:
+                    await trio.to_thread.run_sync(self._inflate_into, out, start, jobs, limiter=self._limiter)
+            except ImgfsError as e:
+                failed.append(e)
+                nursery.cancel_scope.cancel()
 
         async with trio.open_nursery() as nursery:
-            for item in clusters:
+            for item in partial:
                 nursery.start_soon(one, *item)
+            if whole:
+                k = min(len(whole), max(1, self._limiter.total_tokens))
+                step = -(-len(whole) // k)
+                for i in range(0, len(whole), step):
+                    nursery.start_soon(batch, whole[i:i + step])
         if failed:
             raise failed[0]
+
+    def _inflate_into(self, out: bytearray, start: int, jobs: list[tuple[int, int, memoryview]]) -> None:
+        """Inflate whole clusters into their places in ``out`` (in a worker thread, or inline when small).
+        Each batch writes only its own clusters' bytes; the reader of ``out`` waits for every batch."""
+        cs = self._cs
+        for pos, coff, data in jobs:
+            try:
+                out[pos:pos + cs] = self._inflate(data, cs)
+            except InflateError as e:
+                raise Qcow2Error(f"qcow2: compressed cluster at virtual {start + pos:#x} "
+                                 f"(host {coff:#x}+{len(data)}): {e}") from None
 
     async def _inflate_at(self, vstart: int, coff: int, clen: int, window: _Window) -> bytes:
         data = await window.get(coff, clen)
@@ -452,12 +525,12 @@ class _Window:
         self._spans = _merge(spans)
         self._cache = LoadingCache(max_bytes=1 << 62)  # lives for one read; bounded by the read's spans
 
-    async def get(self, offset: int, length: int) -> bytes:
+    async def get(self, offset: int, length: int) -> memoryview:
         for s, n in self._spans:
             if s <= offset and offset + length <= s + n:
-                buf = await self._cache.get(s, lambda: _exact(self._read, s, n))
-                return buf[offset - s:offset - s + length]
-        return await _exact(self._read, offset, length)  # was cached when planned, evicted since
+                buf = await self._cache.get(s, lambda: _span(self._read, s, n))
+                return memoryview(buf)[offset - s:offset - s + length]
+        return memoryview(await _span(self._read, offset, length))  # was cached when planned, evicted since
 
 
 async def _empty():
@@ -477,8 +550,15 @@ def _merge(spans: list[tuple[int, int]]) -> list[tuple[int, int]]:
     return merged
 
 
-async def _exact(read: ReadFn, offset: int, length: int) -> bytes:
+async def _span(read: ReadFn, offset: int, length: int) -> bytes | memoryview:
+    """Exactly ``length`` bytes at ``offset``, as the read function gave them (no copy): for bytes a read
+    uses at once. Anything kept in a cache goes through ``_exact``, so it never pins a larger buffer."""
     data = await read(offset, length)
     if len(data) != length:
         raise ShortRead(f"qcow2: store returned {len(data)} bytes for {length} at {offset:#x}")
-    return bytes(data)
+    return data
+
+
+async def _exact(read: ReadFn, offset: int, length: int) -> bytes:
+    """Exactly ``length`` bytes at ``offset``, as bytes of their own."""
+    return bytes(await _span(read, offset, length))
