@@ -62,6 +62,19 @@ def test_ranged_reads_are_exact_and_bypass_boto3s_operation_pipeline(s3, proxy):
     assert all(g.status == 206 for g in gets)
 
 
+def test_bodies_are_received_in_place_not_through_urllib3s_copying_readinto(s3, proxy, monkeypatch):
+    import urllib3
+
+    def copying(self, b):
+        raise AssertionError("urllib3's copying readinto was used (imgfs.httpbody's direct path not taken)")
+
+    monkeypatch.setattr(urllib3.response.HTTPResponse, "readinto", copying)
+    data = random_bytes(5 * MiB + 3, 6)
+    with stored(s3, proxy, data) as (backend, loc):
+        assert backend.read(loc, 0, len(data)) == data
+        assert backend.read(loc, MiB + 1, 2 * MiB) == data[MiB + 1:3 * MiB + 1]
+
+
 def test_a_replaced_or_deleted_object_is_stale_not_other_bytes(s3, proxy):
     with stored(s3, proxy, random_bytes(MiB, 6), s3_max_attempts=1) as (backend, loc):
         s3.put_object(Bucket=s3.bucket, Key="img", Body=random_bytes(MiB, 7))

@@ -28,6 +28,7 @@ from botocore.exceptions import ClientError
 from botocore.httpsession import URLLib3Session
 from botocore.utils import get_environ_proxies
 
+from .. import httpbody
 from ..buffers import POOL
 
 # An error answer's body is a small XML document; more than this is not S3 talking.
@@ -54,7 +55,7 @@ def _body(raw, length: int) -> bytearray | bytes:
     view = memoryview(buf)
     got = 0
     while got < length:
-        n = raw.readinto(view[got:got + _PIECE])
+        n = httpbody.readinto(raw, view[got:got + _PIECE])
         if not n:
             raise BodyCutShort(f"the body ended after {got} of {length} bytes")
         got += n

@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 import urllib3
 
 from ..backends.base import Backend
+from .. import httpbody
 from ..buffers import POOL
 from ..model import Location
 from ..ratelimit import RateLimit
@@ -133,7 +134,7 @@ class MeshClient:
         deadline = time.monotonic() + self.timeout
         try:
             while got < length:
-                n = r.readinto(view[got : got + _PIECE])
+                n = httpbody.readinto(r, view[got : got + _PIECE])
                 if not n:
                     raise MeshRefused("short_body", f"{got} bytes of {length}")
                 got += n
