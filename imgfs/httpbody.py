@@ -3,7 +3,7 @@
 urllib3 2.x's ``HTTPResponse.readinto`` is ``read(len(b))`` followed by a copy: every 1 MiB piece of a
 chunk becomes a fresh 1 MiB ``bytes`` whose pages the kernel faults in as ``recv`` writes them, then
 is copied once more and freed. Measured in a 16-node fleet read through the mount (``perf record -a``),
-the page faults under ``recv`` alone were a fifth of imgfs's CPU. http.client's own ``readinto`` (the
+the page faults under ``recv`` alone were 13% of imgfs's CPU. http.client's own ``readinto`` (the
 response urllib3 wraps) receives into the buffer itself.
 
 So a body is read through the wrapped response when urllib3 would not transform it (no
