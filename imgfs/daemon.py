@@ -18,6 +18,7 @@ import pyfuse3
 import trio
 
 from . import backends as backend_factory
+from . import buffers
 from .attach import Attachments
 from .backends.base import Backend
 from .cache import ChunkCache
@@ -297,6 +298,7 @@ async def serve(
     try:
         async with trio.open_nursery() as nursery:
             daemon.fetcher.attach(nursery)
+            nursery.start_soon(_trim_buffers)
             for attachments in daemon.attachments.values():
                 attachments.start(nursery)
             daemon.fetcher.on_stale = lambda loc: nursery.start_soon(daemon.catalog.recheck, loc)
@@ -420,6 +422,15 @@ async def _watchdog(mountpoint: str, interval: float) -> None:
         if not scope.cancelled_caught:
             notify("WATCHDOG=1")
         await trio.sleep(interval)
+
+
+async def _trim_buffers() -> None:
+    """An idle daemon gives back the receive buffers it kept (only a fetch would, otherwise)."""
+    while True:
+        await trio.sleep(buffers.IDLE)
+        freed = buffers.POOL.trim()
+        if freed:
+            log.debug("let go of %d MiB of idle receive buffers", freed >> 20)
 
 
 async def _fuse_main(scope: trio.CancelScope) -> None:

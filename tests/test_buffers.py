@@ -55,3 +55,14 @@ def test_threads_never_get_the_same_free_buffer():
     for t in threads:
         t.join()
     assert len(set(got)) == 8
+
+
+def test_trim_lets_idle_buffers_go_and_keeps_those_in_use():
+    pool = ReceivePool(kept=4, idle=0.0)
+    held = pool.get(MIN_SIZE)
+    idle = pool.get(MIN_SIZE)
+    del idle
+    assert pool.trim() == MIN_SIZE
+    assert [slot[0] is held for slot in pool._free[MIN_SIZE]] == [True]
+    del held
+    assert pool.trim() == MIN_SIZE and pool._bytes == 0
