@@ -22,7 +22,7 @@ from .catalog import Catalog
 from .errors import ImgfsError
 from .formats import Limits, Qcow2Error, Qcow2Image, Qcow2Unsupported
 from .model import Image, Location
-from .reader import ChunkFetcher, ImageReader
+from .reader import SMALL_READ, ChunkFetcher, ImageReader, SequentialRun
 
 log = logging.getLogger(__name__)
 
@@ -35,6 +35,11 @@ SEEK_WINDOW = 1 << 30  # virtual bytes of extents asked at a time while seeking 
 # 1 MiB, and a few are in flight at once.
 REPLY_BUFFERS = 8
 REPLY_BUFFERS_BYTES = 8 << 20
+# Virtual bytes a reader of raw/ reads in a row before it counts as sequential (its stored ranges
+# prefetched), and how far from its expected offset a read may land and still continue the run: the
+# kernel keeps several reads in flight, of at most 1 MiB each.
+SEQUENTIAL = 2 * SMALL_READ
+SLACK = 4 << 20
 
 
 @dataclass
@@ -46,6 +51,7 @@ class Disk:
     size: int  # the virtual disk's size
     primary: Location  # the copy a read starts with (the stored object decoded)
     decoder: Qcow2Image | None = None
+    stored: ImageReader | None = None  # the decoder's reads of the stored object (shared by every open)
     allocated: int | None = None  # virtual bytes in data clusters (st_blocks), when holes are served
 
     async def seek(self, offset: int, data: bool) -> int | None:
@@ -166,8 +172,10 @@ class DiskBook:
 
     async def _decode(self, image: Image, key: tuple) -> Disk:
         # One reader for the decoder's own reads (header, tables, clusters): they go through the chunk
-        # cache like any read, small ones as small verified blocks, and runs of them get prefetch.
-        stored = ImageReader(self.fetcher, self.fetcher.order(image.locations), prefetch_max=self.prefetch_max)
+        # cache like any read, small ones as small verified blocks. It prefetches nothing itself: the
+        # decoder's reads follow the image's layout, not any one reader, so each open file of raw/
+        # prefetches the stored ranges under its own virtual reads instead (DiskReader).
+        stored = ImageReader(self.fetcher, self.fetcher.order(image.locations), prefetch_max=0)
 
         async def read(offset: int, length: int) -> bytes | memoryview:
             return await stored.read(offset, length)  # the decoder copies only what it keeps
@@ -187,7 +195,7 @@ class DiskBook:
                  decoder.compression, decoder.cluster_size, decoder.virtual_size,
                  f"{allocated} bytes in data clusters; holes served" if allocated is not None else
                  "holes not served: stock pyfuse3, see patches/pyfuse3")
-        return Disk(image.id, "qcow2", decoder.virtual_size, image.primary, decoder, allocated)
+        return Disk(image.id, "qcow2", decoder.virtual_size, image.primary, decoder, stored, allocated)
 
     async def _on_change(self, image_id: str, old: Image | None, new: Image | None) -> None:
         """A new version is a new disk: forget what was known of the old one."""
@@ -203,30 +211,87 @@ class DiskBook:
 
 
 class DiskReader:
-    """One open file of raw/: reads of one version of one image's raw disk, short only at its end."""
+    """One open file of raw/: reads of one version of one image's raw disk, short only at its end.
 
-    def __init__(self, disk: Disk, stored: ImageReader | None) -> None:
+    A sequential reader of a decoded disk gets prefetch of the stored object's host ranges under the
+    virtual bytes ahead of it, found in the L2 tables: whatever order the clusters were written in, it
+    asks the chunks it will need, in runs, before it needs them; zero and unallocated ranges ask
+    nothing. A random reader prefetches nothing, and fetches only the clusters it touches.
+    """
+
+    def __init__(self, disk: Disk, stored: ImageReader | None, fetcher: ChunkFetcher | None = None,
+                 prefetch_max: int = 0) -> None:
         self.disk = disk
         self.loc = disk.primary  # for the adapter's log lines
         self._stored = stored  # a raw image's own reader (the bytes as they are)
+        self.fetcher = fetcher
+        self.prefetch_max = prefetch_max if fetcher is not None else 0
+        self._seq = SequentialRun(slack=SLACK)
+        self._asked = 0  # virtual bytes [.., _asked) have had their stored ranges prefetched
+        self._planning = False  # a search of the L2 tables for the next window is under way
 
     async def read(self, offset: int, size: int) -> bytes | memoryview:
         if self.disk.decoder is not None:
+            self._prefetch(offset, min(offset + size, self.disk.size))
             return await self.disk.decoder.read(offset, size)
         assert self._stored is not None
         return await self._stored.read(offset, size)
+
+    def _prefetch(self, offset: int, end: int) -> None:
+        if offset >= end:
+            return
+        if not self._seq.track(offset, end):
+            self._asked = 0
+        if not self.prefetch_max or self._seq.bytes < SEQUENTIAL or self._planning:
+            return
+        assert self.fetcher is not None
+        window = self._seq.window(self.prefetch_max, self.fetcher.chunk_size)
+        start, stop = max(self._asked, end), min(self.disk.size, end + window)
+        # in batches of a quarter of the window: a few searches and runs of chunks, not one per read
+        if stop - start < window // 4 and stop < self.disk.size or stop <= start:
+            return
+        self._asked = stop
+        self._planning = True
+        self.fetcher.spawn(self._prefetch_range, start, stop)
+
+    async def _prefetch_range(self, start: int, stop: int) -> None:
+        decoder, stored, fetcher = self.disk.decoder, self.disk.stored, self.fetcher
+        assert decoder is not None and stored is not None and fetcher is not None
+        try:
+            ranges = await decoder.host_ranges(start, stop - start)
+        except ImgfsError as e:  # the reads themselves will meet it, and say so
+            log.debug("image %s: no prefetch of the raw disk at %d: %s", self.disk.image_id, start, e)
+            return
+        finally:
+            self._planning = False
+        cs = fetcher.chunk_size
+        for first, last in _chunk_spans(ranges, cs):
+            fetcher.prefetch(stored.loc, first, last)  # the copy the decoder reads now
 
     def close(self) -> None:
         if self._stored is not None:
             self._stored.close()
 
 
+def _chunk_spans(ranges: list[tuple[int, int]], chunk_size: int) -> list[tuple[int, int]]:
+    """The chunks [first, last) that hold the byte ranges, as ascending runs of adjacent chunks."""
+    chunks = sorted({i for off, n in ranges if n > 0 for i in range(off // chunk_size, (off + n - 1) // chunk_size + 1)})
+    spans: list[tuple[int, int]] = []
+    for i in chunks:
+        if spans and spans[-1][1] == i:
+            spans[-1] = (spans[-1][0], i + 1)
+        else:
+            spans.append((i, i + 1))
+    return spans
+
+
 def reader_for(book: DiskBook, disk: Disk, image: Image) -> DiskReader:
     """A reader of ``disk`` for one open file: a raw image gets its own reader (sequential prefetch, and
-    the catalog's digest checked on a full read, as images/ does); a qcow2 one shares its decoder."""
-    if disk.decoder is not None:
-        return DiskReader(disk, None)
+    the catalog's digest checked on a full read, as images/ does); a qcow2 one shares its decoder and
+    prefetches the stored ranges under its own reads."""
     fetcher = book.fetcher
+    if disk.decoder is not None:
+        return DiskReader(disk, None, fetcher, book.prefetch_max)
     locations = fetcher.order(image.locations)
     verify = fetcher.verifier(locations, image.get("os_hash_algo"), image.get("os_hash_value"), disk.size)
     return DiskReader(disk, ImageReader(fetcher, locations, prefetch_max=book.prefetch_max, verify=verify,

@@ -579,6 +579,36 @@ class StreamVerifier:
             self.tap.update(piece)
 
 
+class SequentialRun:
+    """Whether one open file's reads follow each other, and how far ahead of them to prefetch: twice
+    the run so far, up to ``prefetch_max``, and, once its pace is known, no more than LEAD_SECONDS of it
+    (never less than two units)."""
+
+    def __init__(self, slack: int) -> None:
+        self.slack = slack  # how far from the expected offset a read may land and still continue the run
+        self.next = 0  # where a sequential reader reads next
+        self.bytes = 0  # read sequentially so far
+        self.began = 0.0  # when the current run began (trio clock)
+
+    def track(self, offset: int, end: int) -> bool:
+        """Count the read [offset, end); False when it broke the run (prefetch starts over)."""
+        if self.next - self.slack <= offset <= self.next + self.slack and (offset or self.next):
+            if not self.bytes:
+                self.began = trio.current_time()
+            self.bytes += end - offset
+        else:
+            self.bytes = 0
+        self.next = max(end, self.next) if self.bytes else end
+        return self.bytes > 0
+
+    def window(self, prefetch_max: int, unit: int) -> int:
+        window = min(prefetch_max, max(unit, 2 * self.bytes))
+        elapsed = trio.current_time() - self.began
+        if elapsed > LEAD_SECONDS:  # its pace is known
+            window = min(window, max(2 * unit, int(self.bytes / elapsed * LEAD_SECONDS)))
+        return window
+
+
 class ImageReader:
     """One open file: reads of pinned versions of one image, with sequential prefetch.
 
@@ -607,9 +637,9 @@ class ImageReader:
         self.prefetch_max = prefetch_max
         self._held = [self.loc]  # the copies this open file read from (quarantined together on a mismatch)
         self._copies_read: set[Location] = set()  # while verifying: the copies bytes came from
-        self._next = 0  # where a sequential reader reads next
-        self._run = 0  # bytes read sequentially so far
-        self._run_began = 0.0  # when the current sequential run began (trio clock)
+        # The kernel's readahead keeps several requests in flight, so they may arrive slightly out of
+        # order: anything within one chunk of the expected offset still counts as sequential.
+        self._seq = SequentialRun(slack=fetcher.chunk_size)
         self._prefetched = 0  # chunks [.., _prefetched) have been asked for
         # Bytes read in a row before the reader counts as sequential (whole chunks, prefetch): a random
         # reader's read lands near its previous one now and then, and must not cost a chunk each time.
@@ -620,27 +650,19 @@ class ImageReader:
     def close(self) -> None:
         """Nothing to give back: stores are held per fetch, not per open file."""
 
+    @property
+    def _run(self) -> int:
+        return self._seq.bytes
+
     def _track(self, offset: int, end: int) -> None:
-        cs = self.fetcher.chunk_size
-        # The kernel's readahead keeps several requests in flight, so they may arrive slightly out of
-        # order: anything within one chunk of the expected offset still counts as sequential.
-        if self._next - cs <= offset <= self._next + cs and (offset or self._next):
-            if not self._run:
-                self._run_began = trio.current_time()
-            self._run += end - offset
-        else:
-            self._run = 0
+        if not self._seq.track(offset, end):
             self._prefetched = 0
-        self._next = max(end, self._next) if self._run else end
 
     def _prefetch(self, end: int) -> None:
         if not self.prefetch_max or self._run < self._sequential:
             return
         cs = self.fetcher.chunk_size
-        window = min(self.prefetch_max, max(cs, 2 * self._run))
-        elapsed = trio.current_time() - self._run_began
-        if elapsed > LEAD_SECONDS:  # its pace is known: no further ahead than LEAD_SECONDS of it
-            window = min(window, max(2 * cs, int(self._run / elapsed * LEAD_SECONDS)))
+        window = self._seq.window(self.prefetch_max, cs)
         first = max(self._prefetched, (end + cs - 1) // cs)
         total = (self.loc.size + cs - 1) // cs
         last = min((end + window + cs - 1) // cs, total)

@@ -244,3 +244,51 @@ async def test_one_4k_read_of_a_fresh_disk_fetches_its_tables_and_one_cluster_no
     fetched = s3.read_bytes - opened
     assert 2 * 64 * 1024 <= fetched <= 4 * 64 * 1024, f"one 4 KiB read fetched {fetched} bytes (a chunk is {MiB})"
     await ops.release(info.fh)
+
+
+def reversed_layout(tmp_path, size: int) -> tuple[bytes, bytes]:
+    """A qcow2 whose clusters were written last to first, so the stored object holds them in the reverse
+    of their order on the disk (a guest filling a disk from its end); and its raw disk, by qemu-img."""
+    path, raw = tmp_path / "rev.qcow2", tmp_path / "rev.raw"
+    subprocess.run([QEMU_IMG, "create", "-q", "-f", "qcow2", "-o", "cluster_size=65536", str(path), str(size)], check=True)
+    cluster = 65536
+    writes = [f"write -q -P {(i * 7) % 251 + 1} {i * cluster} {cluster}" for i in reversed(range(size // cluster))]
+    args = [a for c in writes for a in ("-c", c)]
+    subprocess.run([shutil.which("qemu-io"), "-f", "qcow2", *args, str(path)], check=True, capture_output=True)
+    subprocess.run([QEMU_IMG, "convert", "-f", "qcow2", "-O", "raw", str(path), str(raw)], check=True)
+    return path.read_bytes(), raw.read_bytes()
+
+
+@pytest.mark.skipif(shutil.which("qemu-io") is None, reason="needs qemu-io")
+async def test_a_sequential_reader_prefetches_the_host_ranges_whatever_the_layout(world, tmp_path):
+    """Read in order, a disk whose clusters are stored last to first is fetched in runs of whole chunks
+    found from its L2 tables ahead of the reader, not as hundreds of small reads going backwards."""
+    s3, add, ops = world
+    stored, raw = reversed_layout(tmp_path, 16 * MiB)
+    await add("rev", stored, "qcow2")
+    attr = await ops.lookup(RAW, b"rev")
+    assert await read_all(ops, attr.st_ino, len(raw)) == raw
+    reads = sum(s3.reads.values())
+    assert s3.read_bytes <= 1.02 * len(stored), f"{s3.read_bytes} of {len(stored)} stored bytes fetched"
+    # 17 chunks of 1 MiB: a few small reads (header, tables, the first reads), then runs of chunks
+    assert reads <= 30, f"{reads} reads of the store for a {len(stored)}-byte image"
+
+
+@pytest.mark.skipif(shutil.which("qemu-io") is None, reason="needs qemu-io")
+async def test_two_sequential_readers_of_one_disk_each_get_their_prefetch(world, tmp_path):
+    """Readers of one decoded disk share its decoder; each is sequential on its own, interleaved or not."""
+    s3, add, ops = world
+    stored, raw = reversed_layout(tmp_path, 16 * MiB)
+    await add("rev", stored, "qcow2")
+    attr = await ops.lookup(RAW, b"rev")
+    a, b = await ops.open(attr.st_ino, 0), await ops.open(attr.st_ino, 0)
+    half, bs = len(raw) // 2, 128 * 1024
+    got_a, got_b = bytearray(), bytearray()
+    for off in range(0, half, bs):  # one from the start, one from the middle, in turn
+        got_a += await ops.read(a.fh, off, bs)
+        got_b += await ops.read(b.fh, half + off, bs)
+    await ops.release(a.fh)
+    await ops.release(b.fh)
+    assert bytes(got_a) == raw[:half] and bytes(got_b) == raw[half:]
+    reads = sum(s3.reads.values())
+    assert s3.read_bytes <= 1.02 * len(stored) and reads <= 40, f"{reads} reads, {s3.read_bytes} bytes"
