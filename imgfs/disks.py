@@ -1,9 +1,10 @@
 """The raw disk of each image (the mount's ``raw/`` view): the stored bytes themselves for an image
-Glance calls ``raw``, the virtual disk decoded by ``imgfs.formats`` for one it calls ``qcow2``.
+Glance calls ``raw``, the virtual disk decoded by ``imgfs.formats`` for one it calls ``qcow2``, the
+bytes before the footer for a fixed VHD (``vhd``).
 
 Only Glance's ``disk_format`` decides: a qcow2 header found inside an image Glance calls raw is that
 disk's content (a guest may write one), never a reason to decode it. An image of another format, or a
-qcow2 the decoder refuses (a backing file, encryption, ...), has no raw disk: the view does not offer
+qcow2 the decoder refuses (a backing file, encryption, ...) or a dynamic VHD, has no raw disk: the view does not offer
 it, and one log line says why.
 
 Knows the catalog, the reader and the formats; nothing of FUSE.
@@ -20,13 +21,13 @@ import trio
 from .buffers import ReceivePool
 from .catalog import Catalog
 from .errors import ImgfsError
-from .formats import Limits, Qcow2Error, Qcow2Image, Qcow2Unsupported
+from .formats import VHD_FOOTER, FormatError, FormatUnsupported, Limits, Qcow2Image, parse_vhd_footer
 from .model import Image, Location
 from .reader import SMALL_READ, ChunkFetcher, ImageReader, SequentialRun
 
 log = logging.getLogger(__name__)
 
-FORMATS = ("raw", "qcow2")
+FORMATS = ("raw", "qcow2", "vhd")
 KEPT_OPEN = 64  # decoders kept open: each holds its L1 table (bounded by Limits) and small caches
 OPENING = 8  # decoders opened at once when a listing needs their sizes
 LIST_WAIT = 10.0  # seconds a listing of raw/ waits for sizes; images still unknown then are left out
@@ -47,7 +48,7 @@ class Disk:
     """One version of one image's raw disk."""
 
     image_id: str
-    format: str  # "raw" (the stored bytes) or "qcow2" (decoded)
+    format: str  # "raw" (the stored bytes), "qcow2" (decoded) or "vhd" (the stored bytes before the footer)
     size: int  # the virtual disk's size
     primary: Location  # the copy a read starts with (the stored object decoded)
     decoder: Qcow2Image | None = None
@@ -105,7 +106,7 @@ class DiskBook:
         fmt = self.format_of(image)
         if fmt == "raw":
             return image.primary.size
-        if fmt == "qcow2":
+        if fmt in ("qcow2", "vhd"):
             return self._sizes.get(_key(image))
         return None
 
@@ -117,7 +118,7 @@ class DiskBook:
         return self.format_of(image) is not None and _key(image) not in self._refused
 
     async def learn_sizes(self, images: list[Image]) -> None:
-        """Open the decoders of the qcow2 images whose size is unknown, a few at once, for a listing; any
+        """Open the decoders of the qcow2 and VHD images whose size is unknown, a few at once, for a listing; any
         not open within LIST_WAIT seconds (a slow store) is left out of it, not waited for."""
         todo = [i for i in images if self.offered(i) and self.size(i) is None]
         if not todo:
@@ -137,17 +138,18 @@ class DiskBook:
                     nursery.start_soon(one, image)
 
     async def open(self, image: Image) -> Disk:
-        """The image's raw disk, decoding its header and L1 table the first time (single flight)."""
+        """The image's raw disk, decoding its header and L1 table (a VHD: its footer) the first time
+        (single flight)."""
         fmt = self.format_of(image)
         if fmt is None:
-            raise Qcow2Unsupported(f"image {image.id}: disk_format {image.get('disk_format')!r} has no raw disk here")
+            raise FormatUnsupported(f"image {image.id}: disk_format {image.get('disk_format')!r} has no raw disk here")
         key = _key(image)
         if fmt == "raw":
             return Disk(image.id, "raw", image.primary.size, image.primary)
         while True:
             refused = self._refused.get(key)
             if refused is not None:
-                raise Qcow2Unsupported(refused)
+                raise FormatUnsupported(refused)
             disk = self._open.get(key)
             if disk is not None:
                 self._open.move_to_end(key)
@@ -158,7 +160,7 @@ class DiskBook:
             await flight.wait()
         self._flights[key] = flight = trio.Event()
         try:
-            disk = await self._decode(image, key)
+            disk = await (self._decode(image, key) if fmt == "qcow2" else self._fixed_vhd(image, key))
         finally:
             del self._flights[key]
             flight.set()
@@ -182,13 +184,8 @@ class DiskBook:
 
         try:
             decoder = await Qcow2Image.open(read, image.primary.size, self.limits, self._inflate, self._replies.get)
-        except Qcow2Error as e:
-            # Refused for good (this version): a malformed or unsupported image does not mend itself.
-            # A store failing is not the image's fault, and is not remembered.
-            why = f"image {image.id} (qcow2) is not offered as a raw disk: {e}"
-            self._refused[key] = why
-            log.warning("%s", why)
-            raise type(e)(why) from None
+        except FormatError as e:
+            raise self._refuse(image, key, "qcow2", e) from None
         # every L2 table once (a 10 GiB disk of 64 KiB clusters: 20 small reads), for an honest st_blocks
         allocated = await decoder.allocated_bytes() if self.holes_served else None
         log.info("image %s: qcow2 v%d, %s, %d-byte clusters, a %d-byte raw disk (%s)", image.id, decoder.version,
@@ -196,6 +193,26 @@ class DiskBook:
                  f"{allocated} bytes in data clusters; holes served" if allocated is not None else
                  "holes not served: stock pyfuse3, see patches/pyfuse3")
         return Disk(image.id, "qcow2", decoder.virtual_size, image.primary, decoder, stored, allocated)
+
+    async def _fixed_vhd(self, image: Image, key: tuple) -> Disk:
+        size = image.primary.size
+        stored = ImageReader(self.fetcher, self.fetcher.order(image.locations), prefetch_max=0)
+        footer = bytes(await stored.read(max(0, size - VHD_FOOTER), VHD_FOOTER)) if size >= VHD_FOOTER else b""
+        try:
+            vhd = parse_vhd_footer(footer, size)
+        except FormatError as e:
+            raise self._refuse(image, key, "vhd", e) from None
+        log.info("image %s: fixed VHD made by %r, a %d-byte raw disk (its %s)", image.id, vhd.creator,
+                 vhd.virtual_size, vhd.sized_by)
+        return Disk(image.id, "vhd", vhd.virtual_size, image.primary)
+
+    def _refuse(self, image: Image, key: tuple, fmt: str, e: FormatError) -> FormatError:
+        """Refused for good (this version): a malformed or unsupported image does not mend itself. A
+        store failing is not the image's fault, and is not remembered (it is not a FormatError)."""
+        why = f"image {image.id} ({fmt}) is not offered as a raw disk: {e}"
+        self._refused[key] = why
+        log.warning("%s", why)
+        return type(e)(why)
 
     async def _on_change(self, image_id: str, old: Image | None, new: Image | None) -> None:
         """A new version is a new disk: forget what was known of the old one."""
@@ -235,7 +252,8 @@ class DiskReader:
             self._prefetch(offset, min(offset + size, self.disk.size))
             return await self.disk.decoder.read(offset, size)
         assert self._stored is not None
-        return await self._stored.read(offset, size)
+        size = min(size, self.disk.size - offset)  # a fixed VHD's disk ends where its footer begins
+        return await self._stored.read(offset, size) if size > 0 else b""
 
     def _prefetch(self, offset: int, end: int) -> None:
         if offset >= end:
@@ -287,12 +305,14 @@ def _chunk_spans(ranges: list[tuple[int, int]], chunk_size: int) -> list[tuple[i
 
 def reader_for(book: DiskBook, disk: Disk, image: Image) -> DiskReader:
     """A reader of ``disk`` for one open file: a raw image gets its own reader (sequential prefetch, and
-    the catalog's digest checked on a full read, as images/ does); a qcow2 one shares its decoder and
+    the catalog's digest checked on a full read, as images/ does); a fixed VHD too, with no digest to
+    check (its reader never reads the footer the digest covers); a qcow2 one shares its decoder and
     prefetches the stored ranges under its own reads."""
     fetcher = book.fetcher
     if disk.decoder is not None:
         return DiskReader(disk, None, fetcher, book.prefetch_max)
     locations = fetcher.order(image.locations)
-    verify = fetcher.verifier(locations, image.get("os_hash_algo"), image.get("os_hash_value"), disk.size)
+    verify = None if disk.format == "vhd" else \
+        fetcher.verifier(locations, image.get("os_hash_algo"), image.get("os_hash_value"), disk.size)
     return DiskReader(disk, ImageReader(fetcher, locations, prefetch_max=book.prefetch_max, verify=verify,
                                         on_integrity_error=fetcher.drop_copies))

@@ -292,3 +292,65 @@ async def test_two_sequential_readers_of_one_disk_each_get_their_prefetch(world,
     assert bytes(got_a) == raw[:half] and bytes(got_b) == raw[half:]
     reads = sum(s3.reads.values())
     assert s3.read_bytes <= 1.02 * len(stored) and reads <= 40, f"{reads} reads, {s3.read_bytes} bytes"
+
+
+def vhd_of(tmp_path, raw: bytes, *options: str) -> tuple[bytes, bytes]:
+    """A VHD of ``raw`` made by qemu-img, and the raw disk qemu-img reads back from it (the oracle)."""
+    src, dst, back = tmp_path / "src.raw", tmp_path / "dst.vhd", tmp_path / "back.raw"
+    src.write_bytes(raw)
+    subprocess.run([QEMU_IMG, "convert", "-f", "raw", "-O", "vpc", *options, str(src), str(dst)], check=True)
+    subprocess.run([QEMU_IMG, "convert", "-f", "vpc", "-O", "raw", str(dst), str(back)], check=True)
+    return dst.read_bytes(), back.read_bytes()
+
+
+@pytest.mark.parametrize("options", [("-o", "subformat=fixed"), ("-o", "subformat=fixed,force_size=on")],
+                         ids=["sized-by-geometry", "sized-by-current-size"])
+async def test_a_fixed_vhd_is_the_bytes_before_its_footer_as_qemu_reads_them(world, tmp_path, options):
+    s3, add, ops = world
+    stored, want = vhd_of(tmp_path, raw_disk(5 * MiB + 4096, 7), *options)
+    assert stored[-512:-504] == b"conectix" and len(stored) > len(want)
+    await add("vhd", stored, "vhd")
+    attr = await ops.lookup(RAW, b"vhd")
+    assert attr.st_size == len(want)
+    assert await read_all(ops, attr.st_ino, len(want)) == want  # never a byte of the footer
+    info = await ops.open(attr.st_ino, 0)
+    assert await ops.read(info.fh, len(want) - 10, 4096) == want[-10:]  # short only at the disk's end
+    await ops.release(info.fh)
+    xattr = await ops.getxattr(attr.st_ino, b"user.imgfs.decoded_from")
+    assert xattr == b"vhd"
+
+
+def _resum(footer: bytearray) -> bytes:
+    footer[64:68] = bytes(4)
+    footer[64:68] = ((~sum(footer)) & 0xFFFFFFFF).to_bytes(4, "big")
+    return bytes(footer)
+
+
+@pytest.mark.parametrize("what", ["dynamic", "checksum", "larger than the file", "no footer"])
+async def test_a_vhd_that_is_not_a_sound_fixed_one_is_not_offered(world, tmp_path, what, caplog):
+    s3, add, ops = world
+    raw = raw_disk(3 * MiB, 8)
+    stored, _ = vhd_of(tmp_path, raw, "-o", "subformat=dynamic" if what == "dynamic" else "subformat=fixed,force_size=on")
+    body = bytearray(stored)
+    footer = bytearray(body[-512:])
+    if what == "checksum":
+        footer[48] ^= 1  # the size changed behind the checksum's back
+        body[-512:] = footer
+    elif what == "larger than the file":
+        footer[48:56] = (len(raw) + 1024).to_bytes(8, "big")
+        body[-512:] = _resum(footer)
+    elif what == "no footer":
+        body = body[:-512]
+    await add("bad", bytes(body), "vhd")
+    with caplog.at_level(logging.WARNING):
+        with pytest.raises(pyfuse3.FUSEError) as got:
+            await ops.lookup(RAW, b"bad")
+    assert got.value.errno == errno.ENOENT
+    said = [r.getMessage() for r in caplog.records if "not offered" in r.getMessage()]
+    assert len(said) == 1 and "(vhd)" in said[0], said
+    expect = {"dynamic": "dynamic VHD", "checksum": "checksum", "larger than the file": "the file holds",
+              "no footer": "no footer"}[what]
+    assert expect in said[0], said[0]
+    assert "bad" not in await listing(ops, RAW)
+    images = await ops.lookup(pyfuse3.ROOT_INODE + 1, b"bad")  # the stored bytes stay served as they are
+    assert await read_all(ops, images.st_ino, len(body)) == bytes(body)

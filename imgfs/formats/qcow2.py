@@ -23,7 +23,6 @@ view is still exact), lazy refcounts, bitmaps, snapshots (the active L1 is what 
 
 from __future__ import annotations
 
-import errno
 import logging
 import struct
 from collections.abc import Awaitable, Callable
@@ -33,6 +32,7 @@ from typing import Literal
 import trio
 
 from ..errors import ImgfsError, ShortRead
+from .errors import FormatError, FormatUnsupported
 from .inflate import InflateError, inflate_zlib, inflate_zstd
 from .lru import LoadingCache
 
@@ -47,20 +47,12 @@ AllocFn = Callable[[int], bytearray]
 _ZEROS = memoryview(bytes(1 << 20))  # sliced without a copy
 
 
-class Qcow2Error(ImgfsError):
+class Qcow2Error(FormatError):
     """The image is not a qcow2 we can decode correctly (malformed, or marked corrupt)."""
 
-    errno = errno.EIO
 
-
-class Qcow2Unsupported(Qcow2Error):
-    """A valid qcow2 feature imgfs deliberately does not serve (backing file, encryption, ...).
-
-    EOPNOTSUPP rather than EIO: the image is not damaged, and a reader (or an operator reading the
-    log) should learn that retrying will not help but converting the image would.
-    """
-
-    errno = errno.EOPNOTSUPP
+class Qcow2Unsupported(Qcow2Error, FormatUnsupported):
+    """A valid qcow2 feature imgfs deliberately does not serve (backing file, encryption, ...)."""
 
 
 @dataclass(frozen=True)
