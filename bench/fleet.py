@@ -13,8 +13,9 @@ Modes, side by side at each N:
   (owners' caches in front of the origin directly, the same mutual TLS between nodes, no imgfs): the
   engine's own limit, the row the others are compared with;
 - engine-plain: the same, with plain HTTP between nodes: what TLS costs the engine.
-Workloads, each on a fleet started afresh: all N nodes 'imgfs warm' the image at once; all N read it through the mount (sha256sum); all N
-download it through their node-local Image API endpoint (curl with a user's token | sha256sum).
+Workloads, each on a fleet started afresh: all N nodes 'imgfs warm' the image at once; all N read it
+through the mount (sha256sum); all N download it through their node-local Image API endpoint (curl with
+a user's token | sha256sum).
 The endpoint workload needs the lab (tests/lab/up): the real Glance authorizes every download and gives
 the digest the endpoint checks. The image is uploaded to that Glance and the same bytes put at the
 origin under Glance's image id; each namespace reaches Glance through a socat bridge over a Unix socket
