@@ -39,14 +39,13 @@ class ReceivePool:
         """Let go of the buffers nobody took for ``idle`` seconds; the bytes let go. Called now and
         then by the daemon, so a daemon that stops fetching gives back what it kept."""
         now = time.monotonic()
+        freed = 0
         with self._lock:
-            return sum(self._drop_idle(size, pool, now) for size, pool in self._free.items())
-
-    def _drop_idle(self, size: int, pool: list[list], now: float) -> int:
-        kept = [slot for slot in pool if now - slot[1] < self.idle or sys.getrefcount(slot[0]) > 2]
-        freed = size * (len(pool) - len(kept))
-        self._bytes -= freed
-        pool[:] = kept
+            for size, pool in self._free.items():
+                kept = [slot for slot in pool if now - slot[1] < self.idle or sys.getrefcount(slot[0]) > 2]
+                freed += size * (len(pool) - len(kept))
+                pool[:] = kept
+            self._bytes -= freed
         return freed
 
     def get(self, size: int) -> bytearray:
@@ -62,7 +61,8 @@ class ReceivePool:
                     slot[1] = now
                     self.reused += 1
                     return slot[0]
-            self._drop_idle(size, pool, now)  # nobody took these for a while: let them go
+            # every slot is in use here (a free one was handed out above): nothing idle to let go;
+            # trim() lets go of the idle ones
             buf = bytearray(size)
             if len(pool) < self.kept and self._bytes + size <= self.kept_bytes:
                 pool.append([buf, now])

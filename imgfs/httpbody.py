@@ -16,6 +16,8 @@ Knows nothing of stores or the mesh.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from functools import partial
 from typing import Any
 
 from urllib3.exceptions import IncompleteRead
@@ -30,10 +32,17 @@ def direct_path(r: Any) -> bool:
             and r.headers.get("Content-Encoding", "").strip().lower() in _IDENTITY)
 
 
+def receiver(r: Any) -> Callable[[memoryview], int]:
+    """``r``'s ``readinto``: the path is chosen once per response, not once per piece of its body."""
+    return partial(_direct, r) if direct_path(r) else r.readinto
+
+
 def readinto(r: Any, view: memoryview) -> int:
     """Up to ``len(view)`` bytes of ``r``'s body into ``view``; 0 at its end. Errors as urllib3 raises them."""
-    if not direct_path(r):
-        return r.readinto(view)
+    return receiver(r)(view)
+
+
+def _direct(r: Any, view: memoryview) -> int:
     with r._error_catcher():
         n = r._fp.readinto(view)
         if not n and len(view):

@@ -26,8 +26,10 @@ def test_buffers_kept_are_bounded_and_an_idle_one_is_let_go():
     held = [pool.get(MIN_SIZE) for _ in range(5)]  # all in use: five made, two kept
     assert len(pool._free[MIN_SIZE]) == 2
     del held
-    pool.get(MIN_SIZE)  # reuses one; with idle=0 the others are dropped
+    pool.get(MIN_SIZE)  # reuses one
     assert len(pool._free[MIN_SIZE]) <= 2
+    pool.trim()  # with idle=0, every buffer nobody holds is let go
+    assert pool._free[MIN_SIZE] == [] and pool._bytes == 0
 
 
 def test_the_bytes_kept_are_bounded_whatever_the_sizes():

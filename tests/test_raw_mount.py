@@ -26,15 +26,31 @@ def upload(glance, path, disk_format: str, container_format: str = "bare") -> di
     return glance("GET", f"/v2/images/{img['id']}").json()
 
 
-@pytest.mark.skipif(not (shutil.which("qemu-img") and shutil.which("mkfs.ext4")), reason="needs qemu-utils and e2fsprogs")
-def test_a_qcow2_image_in_glance_is_a_raw_disk_qemu_img_agrees_with_and_loop_mounts(tmp_path, lab, glance, mounter):  # noqa: F811
-    # a raw disk holding an ext4 filesystem with a file of random bytes, then mostly never-written space
+def ext4_disk(tmp_path, size: str, payload_mib: int) -> tuple:
+    """A raw disk holding an ext4 filesystem with one file of random bytes, the rest never written."""
     content, disk = tmp_path / "content", tmp_path / "disk.raw"
     content.mkdir()
-    payload = os.urandom(5 * MiB)
+    payload = os.urandom(payload_mib * MiB)
     (content / "payload").write_bytes(payload)
-    subprocess.run(["truncate", "-s", "48M", str(disk)], check=True)
+    subprocess.run(["truncate", "-s", size, str(disk)], check=True)
     subprocess.run(["mkfs.ext4", "-q", "-F", "-L", "imgfs", "-d", str(content), str(disk)], check=True, capture_output=True)
+    return disk, payload
+
+
+def payload_inside(raw, tmp_path) -> bytes:
+    """The file in the filesystem inside ``raw``, read through a read-only loop device over the FUSE file."""
+    where = tmp_path / "inside"
+    where.mkdir()
+    subprocess.run(["mount", "-o", "loop,ro", str(raw), str(where)], check=True, capture_output=True)
+    try:
+        return (where / "payload").read_bytes()
+    finally:
+        subprocess.run(["umount", str(where)], check=True)
+
+
+@pytest.mark.skipif(not (shutil.which("qemu-img") and shutil.which("mkfs.ext4")), reason="needs qemu-utils and e2fsprogs")
+def test_a_qcow2_image_in_glance_is_a_raw_disk_qemu_img_agrees_with_and_loop_mounts(tmp_path, lab, glance, mounter):  # noqa: F811
+    disk, payload = ext4_disk(tmp_path, "48M", 5)
     image = tmp_path / "disk.qcow2"
     subprocess.run(["qemu-img", "convert", "-c", "-f", "raw", "-O", "qcow2", str(disk), str(image)], check=True)
     img = upload(glance, image, "qcow2")
@@ -71,26 +87,14 @@ def test_a_qcow2_image_in_glance_is_a_raw_disk_qemu_img_agrees_with_and_loop_mou
             assert first_hole == st.st_size and st.st_blocks * 512 >= st.st_size
         # images/<id> is still what Glance stores and serves, digest and all
         assert sha512_file(m.images / img["id"]) == img["os_hash_value"]
-        # the filesystem inside, read-only, through a loop device over the FUSE file
-        where = tmp_path / "inside"
-        where.mkdir()
-        subprocess.run(["mount", "-o", "loop,ro", str(raw), str(where)], check=True, capture_output=True)
-        try:
-            assert (where / "payload").read_bytes() == payload
-        finally:
-            subprocess.run(["umount", str(where)], check=True)
+        assert payload_inside(raw, tmp_path) == payload  # the filesystem inside, through a loop device
     finally:
         glance("DELETE", f"/v2/images/{img['id']}")
 
 
 @pytest.mark.skipif(not (shutil.which("qemu-img") and shutil.which("mkfs.ext4")), reason="needs qemu-utils and e2fsprogs")
 def test_a_fixed_vhd_in_glance_is_its_disk_without_the_footer_and_loop_mounts(tmp_path, lab, glance, mounter):  # noqa: F811
-    content, disk = tmp_path / "content", tmp_path / "disk.raw"
-    content.mkdir()
-    payload = os.urandom(3 * MiB)
-    (content / "payload").write_bytes(payload)
-    subprocess.run(["truncate", "-s", "24M", str(disk)], check=True)
-    subprocess.run(["mkfs.ext4", "-q", "-F", "-d", str(content), str(disk)], check=True, capture_output=True)
+    disk, payload = ext4_disk(tmp_path, "24M", 3)
     image, back = tmp_path / "disk.vhd", tmp_path / "back.raw"
     subprocess.run(["qemu-img", "convert", "-f", "raw", "-O", "vpc", "-o", "subformat=fixed,force_size=on",
                     str(disk), str(image)], check=True)
@@ -107,12 +111,6 @@ def test_a_fixed_vhd_in_glance_is_its_disk_without_the_footer_and_loop_mounts(tm
         assert os.getxattr(raw, "user.imgfs.decoded_from") == b"vhd"
         assert hashlib.sha256(raw.read_bytes()).digest() == hashlib.sha256(back.read_bytes()).digest()
         assert sha512_file(m.images / img["id"]) == img["os_hash_value"]  # images/<id>: footer and all
-        where = tmp_path / "inside"
-        where.mkdir()
-        subprocess.run(["mount", "-o", "loop,ro", str(raw), str(where)], check=True, capture_output=True)
-        try:
-            assert (where / "payload").read_bytes() == payload
-        finally:
-            subprocess.run(["umount", str(where)], check=True)
+        assert payload_inside(raw, tmp_path) == payload
     finally:
         glance("DELETE", f"/v2/images/{img['id']}")

@@ -54,8 +54,9 @@ def _body(raw, length: int) -> bytearray | bytes:
     buf = POOL.get(length)
     view = memoryview(buf)
     got = 0
+    receive = httpbody.receiver(raw)
     while got < length:
-        n = httpbody.readinto(raw, view[got:got + _PIECE])
+        n = receive(view[got:got + _PIECE])
         if not n:
             raise BodyCutShort(f"the body ended after {got} of {length} bytes")
         got += n

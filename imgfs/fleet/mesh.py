@@ -132,9 +132,10 @@ class MeshClient:
         view = memoryview(buf)
         got = 0
         deadline = time.monotonic() + self.timeout
+        receive = httpbody.receiver(r)
         try:
             while got < length:
-                n = httpbody.readinto(r, view[got : got + _PIECE])
+                n = receive(view[got : got + _PIECE])
                 if not n:
                     raise MeshRefused("short_body", f"{got} bytes of {length}")
                 got += n
