@@ -165,12 +165,21 @@ class _Connection:
             if event is h11.NEED_DATA:
                 if not started and self.conn.trailing_data[0]:
                     started, deadline = True, trio.current_time() + self.limits.head_timeout
-                try:
-                    data = await self._recv(deadline, "head" if started else "idle")
-                except _Closed:
-                    if started:
-                        await self._refuse(408)
-                    raise
+                with trio.CancelScope() as idle:
+                    if not started:  # between requests: a stop_accepting() ends the wait
+                        if self.server.closing:
+                            raise _Closed
+                        self.server._idle.add(idle)
+                    try:
+                        data = await self._recv(deadline, "head" if started else "idle")
+                    except _Closed:
+                        if started:
+                            await self._refuse(408)
+                        raise
+                    finally:
+                        self.server._idle.discard(idle)
+                if idle.cancelled_caught:
+                    raise _Closed
                 if data and not started:
                     started, deadline = True, trio.current_time() + self.limits.head_timeout
                 self.conn.receive_data(data)
@@ -310,6 +319,8 @@ class _Connection:
         kind = message["type"]
         if kind == "http.response.start":
             headers = [(k, v) for k, v in message.get("headers", ())]
+            if self.server.closing:  # this connection ends after this answer: say so (RFC 9112 9.6)
+                headers.append((b"connection", b"close"))
             data = self.conn.send(h11.Response(status_code=message["status"], headers=headers,
                                                reason=_reason(message["status"])))
             self.started = True
@@ -348,6 +359,10 @@ class HttpServer:
         self.stats = stats or ServerStats()
         self.warned = RateLimit(60.0)
         self._refusing = 0
+        self._accepting = trio.CancelScope()
+        self.closing = False  # set by stop_accepting: every connection ends after its current answer
+        self._idle: set[trio.CancelScope] = set()  # connections waiting for their next request
+        self._drained = trio.Event()  # set once closing and no connection is left
 
     def count_timeout(self, kind: str) -> None:
         self.stats.timeouts[kind] = self.stats.timeouts.get(kind, 0) + 1
@@ -360,32 +375,52 @@ class HttpServer:
 
     async def serve(self, sock: socket.socket, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
         """Accept on the bound ``sock`` until cancelled (then every connection ends where it is)."""
-        sock.listen(256)
+        sock.listen(256)  # (harmless for one that listens already)
         listener = trio.SocketListener(trio.socket.from_stdlib_socket(sock))
         async with listener, trio.open_nursery() as nursery:
             task_status.started()
-            while True:
-                try:
-                    stream = await listener.accept()
-                except OSError as e:
-                    if e.errno not in _ACCEPT_RETRY:
-                        raise
-                    if self.warned.allow("accept"):
-                        log.warning("image API endpoint: cannot accept connections (%s); retrying", e.strerror)
-                    await trio.sleep(0.1)
-                    continue
-                self.stats.accepted += 1
-                if self.stats.connections >= self.limits.max_connections:
-                    self.stats.refused_busy += 1
-                    if self.warned.allow("busy"):
-                        log.warning("image API endpoint: %d connections open (image_api_max_connections); answering "
-                                    "503 to new ones", self.stats.connections)
-                    if self._refusing < _REFUSING_MAX:
-                        nursery.start_soon(self._busy, stream)
-                    else:
-                        stream.socket.close()
-                    continue
-                nursery.start_soon(self._connection, stream)
+            with self._accepting:
+                await self._accept(listener, nursery)
+
+    def stop_accepting(self) -> None:
+        """Leave new connections to whoever else holds the listening socket (the next imgfs, on a
+        hand-over). A connection waiting for its next request closes now (a client sees the close
+        before it reuses the connection, and opens a new one: to the next holder); one in the middle of
+        an answer finishes it, says ``Connection: close`` if it had not started, and closes."""
+        self._accepting.cancel()
+        self.closing = True
+        for idle in self._idle:
+            idle.cancel()
+        if not self.stats.connections:
+            self._drained.set()
+
+    async def drained(self) -> None:
+        """Return once stop_accepting() was called and every connection has ended."""
+        await self._drained.wait()
+
+    async def _accept(self, listener: trio.SocketListener, nursery: trio.Nursery) -> None:
+        while True:
+            try:
+                stream = await listener.accept()
+            except OSError as e:
+                if e.errno not in _ACCEPT_RETRY:
+                    raise
+                if self.warned.allow("accept"):
+                    log.warning("image API endpoint: cannot accept connections (%s); retrying", e.strerror)
+                await trio.sleep(0.1)
+                continue
+            self.stats.accepted += 1
+            if self.stats.connections >= self.limits.max_connections:
+                self.stats.refused_busy += 1
+                if self.warned.allow("busy"):
+                    log.warning("image API endpoint: %d connections open (image_api_max_connections); answering "
+                                "503 to new ones", self.stats.connections)
+                if self._refusing < _REFUSING_MAX:
+                    nursery.start_soon(self._busy, stream)
+                else:
+                    stream.socket.close()
+                continue
+            nursery.start_soon(self._connection, stream)
 
     async def _connection(self, stream: trio.SocketStream) -> None:
         self.stats.connections += 1
@@ -393,6 +428,8 @@ class HttpServer:
             await _Connection(self, stream).run()
         finally:
             self.stats.connections -= 1
+            if self.closing and not self.stats.connections:
+                self._drained.set()
 
     async def _busy(self, stream: trio.SocketStream) -> None:
         self._refusing += 1

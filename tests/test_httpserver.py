@@ -264,3 +264,43 @@ async def test_pipelined_requests_are_answered_in_order_each_with_its_own_body(s
     assert [r[:2] for r in app.requests] == [("POST", "/one"), ("POST", "/two"), ("GET", "/three")]
     assert app.requests[0][2] == inside and app.requests[1][2] == b"abc"
     assert answer.count(b"HTTP/1.1 200") == 3 and b"POST /one %d" % len(inside) in answer and b"POST /two 3" in answer
+
+
+async def test_stop_accepting_leaves_new_clients_to_the_next_holder_and_ends_each_connection_after_its_answer(nursery):
+    """What a hand-over to the next imgfs does with the endpoint: an idle keep-alive connection is
+    closed at once (its client opens a new one), a download in flight finishes whole and then closes,
+    and a client that connects meanwhile waits in the queue and is answered by the next server on the
+    same listening socket."""
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    successor_sock = socket.socket(fileno=socket.dup(sock.fileno()))  # what systemd's fd store keeps
+    app = App(big=32 * MiB)
+    old = HttpServer(app, Limits(idle_timeout=60), ServerStats())
+    await nursery.start(old.serve, sock)
+
+    idle = await connect(port)
+    await idle.send_all(b"GET /a HTTP/1.1\r\nHost: a\r\n\r\n")
+    first = b""
+    with trio.fail_after(5):
+        while not first.endswith(b"GET /a 0"):
+            first += await idle.receive_some(65536)
+    assert status_of(first) == 200
+    busy = await connect(port)
+    await busy.send_all(b"GET /big HTTP/1.1\r\nHost: a\r\n\r\n")
+    with trio.fail_after(5):
+        head = await busy.receive_some(65536)
+    assert status_of(head) == 200
+    old.stop_accepting()
+    assert await read_all(idle, timeout=5) == b""  # closed now, not after idle_timeout
+    newcomer = await connect(port)  # queued: nobody accepts it yet
+    await newcomer.send_all(b"GET /n HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n")
+    rest = head + await read_all(busy, timeout=20)  # the whole body, then the close
+    assert rest.split(b"\r\n\r\n", 1)[1] == bytes(32 * MiB)
+    with trio.fail_after(5):
+        await old.drained()
+    assert old.stats.connections == 0
+    await nursery.start(HttpServer(App(), Limits(), ServerStats()).serve, successor_sock)
+    answer = await read_all(newcomer, timeout=5)
+    assert status_of(answer) == 200 and answer.endswith(b"GET /n 0")
+    assert app.requests == [("GET", "/a", b""), ("GET", "/big", b"")]  # the newcomer never reached the old one
