@@ -1,5 +1,6 @@
-"""The carried pyfuse3 patch (patches/pyfuse3): which pyfuse3 runs is what the set-up says, and a
-failure to build the patched one leaves stock pyfuse3 and a reason, never a failed set-up."""
+"""The carried pyfuse3 patches (patches/pyfuse3): which pyfuse3 runs is what the set-up says, imgfs
+takes the path that pyfuse3 allows, and a failure to build the patched one leaves stock pyfuse3 and a
+reason, never a failed set-up."""
 
 from __future__ import annotations
 
@@ -8,18 +9,25 @@ import subprocess
 
 import pyfuse3
 
+from imgfs import handover
+from imgfs.fs import SEEKS_SERVED
+
 from .conftest import REPO
 
-PATCH = REPO / "patches" / "pyfuse3" / "lseek.patch"
+PATCHES = [REPO / "patches" / "pyfuse3" / name for name in ("lseek.patch", "replay-init.patch")]
 
 
 def test_the_pyfuse3_installed_is_the_one_the_set_up_reports():
     status = (REPO / ".venv" / "pyfuse3-patch.status").read_text().strip()
     has_lseek = "lseek" in vars(pyfuse3.Operations)
+    has_replay = hasattr(pyfuse3, "replay_init")
     if status.startswith("patched "):
-        assert has_lseek and status == "patched " + hashlib.sha256(PATCH.read_bytes()).hexdigest()
+        both = b"".join(p.read_bytes() for p in PATCHES)
+        assert has_lseek and has_replay and status == "patched " + hashlib.sha256(both).hexdigest()
     else:
-        assert status.startswith("stock: ") and len(status) > len("stock: ") and not has_lseek
+        assert status.startswith("stock: ") and len(status) > len("stock: ") and not has_lseek and not has_replay
+    # what imgfs does follows from it: holes served, restarts handed over (else remounted)
+    assert SEEKS_SERVED == has_lseek and handover.REPLAY == has_replay
 
 
 def test_the_set_up_falls_back_to_stock_pyfuse3_with_a_reason(tmp_path):
