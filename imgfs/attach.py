@@ -16,8 +16,9 @@
   ``attach_timeout``, and so is a volume that is not multiattach and ``in-use`` (its holder, Glance's
   download or another host's imgfs, holds it only while it reads); then the reader falls back to
   another store or gets EBUSY. A multiattach volume ``in-use`` is not waited for.
-- Start-up removes attachments a crashed daemon of this host left behind; shutdown detaches everything,
-  shielded, within ``detach_deadline``.
+- Start-up removes attachments a crashed daemon of this host left behind (before the mount; after a
+  takeover of a mount a predecessor handed over, meanwhile, with attaches waiting for it); shutdown
+  and a hand-over detach everything, shielded, within ``detach_deadline``.
 """
 
 from __future__ import annotations
@@ -93,6 +94,7 @@ class Attachments:
         self._volumes: dict[str, _Volume] = {}
         self._nursery: trio.Nursery | None = None
         self._sweeping = False
+        self._cleared: trio.Event | None = None  # set once clear_stale is done: no attach before
         self.attaches = 0
         self.detaches = 0
         self.detaches_gone = 0  # detached because the image left the catalog
@@ -125,6 +127,24 @@ class Attachments:
                 log.debug("%s; retrying in %gs", e, ORPHAN_RETRY)
                 continue
             log.info("deleted attachment %s of volume %s that a failed attach left", attachment_id, volume_id)
+
+    def hold_attaches(self) -> None:
+        """No attach until clear_stale has run (called before it is started: a fetch may come first)."""
+        self._cleared = trio.Event()
+
+    async def clear_stale(self) -> None:
+        """Start-up: delete what an earlier imgfs of this host left in Cinder, and ready os-brick. A
+        fetch that needs a volume meanwhile waits: a new attachment must not be taken, and then
+        deleted as stale, or refused for a volume a stale one still holds."""
+        try:
+            try:
+                await self.remove_stale()
+            except ImgfsError as e:
+                log.error("%s; stale attachments of this host may remain in Cinder", e)
+            await self.prepare()
+        finally:
+            if self._cleared is not None:
+                self._cleared.set()
 
     async def prepare(self) -> None:
         """Ready os-brick before serving, so the first read does not pay for it."""
@@ -196,6 +216,8 @@ class Attachments:
 
     async def ready(self, loc: Location) -> None:
         """Make the volume readable on this host: attach it unless an attachment is already shared."""
+        if self._cleared is not None and not self._cleared.is_set():
+            await self._cleared.wait()
         v = self._volume(loc.version)
         if v.gone is not None:
             raise BackendError(f"store '{self.ops.name}': image {loc.image_id} is no longer on volume {v.volume_id} "

@@ -8,6 +8,7 @@ cache so shell completion cannot hammer the store.
 
 from __future__ import annotations
 
+import json
 import logging
 import random
 import time
@@ -24,6 +25,8 @@ if TYPE_CHECKING:
     from .glance import GlanceImage, GlanceSource
 
 log = logging.getLogger(__name__)
+
+SNAPSHOT_LAYOUT = 1  # of Catalog.snapshot(): a successor of another layout lists afresh
 
 # (image id, the image before, the image now); None means absent
 ChangeListener = Callable[[str, Image | None, Image | None], Awaitable[None]]
@@ -250,6 +253,44 @@ class Catalog:
         else:
             self._listings[loc.store][loc.image_id] = current
         await self._publish()
+
+    # ---- the last listing, carried across a restart ------------------------------------------------
+
+    def snapshot(self) -> bytes:
+        """Every store's last listing (and Glance's), for the next imgfs process to start from."""
+        stores = {name: [[loc.image_id, loc.size, loc.version, loc.mtime] for loc in locs.values()]
+                  for name, locs in self._listings.items()}
+        glance = [[g.id, g.name, g.size, list(g.stores), [list(kv) for kv in g.meta]] for g in self._glance.values()]
+        return json.dumps({"layout": SNAPSHOT_LAYOUT, "stores": stores,
+                           "glance": glance if self.source is not None else None}).encode()
+
+    async def restore(self, blob: bytes) -> int:
+        """Start from a predecessor's listings, so the mount answers at once with what it showed (the
+        first refresh follows right away). Only stores of the same name, and Glance's listing only if
+        Glance is the catalog both times; the number of images shown. A snapshot that does not parse
+        is ignored (0)."""
+        from .glance import GlanceImage
+
+        try:
+            snap = json.loads(blob)
+            if snap.get("layout") != SNAPSHOT_LAYOUT:
+                raise ValueError(f"layout {snap.get('layout')!r}")
+            listings = {name: {r[0]: Location(name, str(r[0]), int(r[1]), str(r[2]), float(r[3])) for r in rows}
+                        for name, rows in snap["stores"].items() if name in self._listings}
+            glance = None
+            if self.source is not None and snap["glance"] is not None:
+                glance = {r[0]: GlanceImage(str(r[0]), str(r[1]), int(r[2]), tuple(map(str, r[3])),
+                                            tuple((str(k), str(v)) for k, v in r[4])) for r in snap["glance"]}
+        except (ValueError, TypeError, KeyError, IndexError, AttributeError) as e:
+            log.warning("ignoring the listing the last imgfs left (%s); listing the stores afresh", e)
+            return 0
+        if self.source is not None and glance is None:
+            return 0  # no Glance listing to show anything by
+        self._listings.update(listings)
+        if glance is not None:
+            self._glance = glance
+        await self._publish()
+        return len(self._images)
 
     async def run(self, listed: trio.Event) -> None:
         """Refresh forever; ``listed`` is set once the first listing is done."""

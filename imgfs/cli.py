@@ -235,6 +235,10 @@ def main(argv: list[str] | None = None) -> int:
         return _mount(config, args.mountpoint)
     except ConfigError as e:
         log.error("config error: %s", e)
+        if args.command == "mount":
+            from .handover.session import give_up
+
+            give_up(args.mountpoint)  # a mount the last imgfs handed over: nobody else will serve it
         return EXIT_CONFIG
     except ImgfsError as e:
         log.error("%s", e)
@@ -249,7 +253,15 @@ def _mount(config: Config, mountpoint: str) -> int:
     from .daemon import serve
 
     try:
-        trio.run(serve, config, mountpoint)
+        handed_over = trio.run(serve, config, mountpoint)
+        if handed_over:
+            # The next imgfs starts once this process is gone, and readers wait until it answers: skip
+            # the interpreter's teardown (half a second of joining library threads); everything of
+            # ours is closed, the logs are flushed, and systemd reaps the rest of the unit.
+            logging.shutdown()
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(EXIT_OK)
     except ImgfsError:
         raise
     except BaseExceptionGroup as group:  # raised inside the daemon's nursery, so it comes wrapped

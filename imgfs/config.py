@@ -822,7 +822,8 @@ def refuse_own_mount(config: Config, mountpoint: str) -> Config:
     The mount-path route for Cinder (README, "Cinder and Nova read through imgfs") gives images a
     Glance file store whose directory is this very mount; glance-api.conf handed to imgfs then names
     it. Reading it would make imgfs its own source: a read would wait on itself. It is never read."""
-    mount = os.path.realpath(mountpoint)
+    # the mount point itself is not resolved: on a hand-over it is the mount, with nobody answering yet
+    mount = os.path.join(os.path.realpath(os.path.dirname(os.path.abspath(mountpoint))), os.path.basename(mountpoint.rstrip("/")))
     kept: list[StoreConfig] = []
     for store in config.stores:
         if isinstance(store, FileStoreConfig) and (store.datadir == mount or store.datadir.startswith(mount + os.sep)):

@@ -11,6 +11,7 @@ import fcntl
 import logging
 import os
 import signal
+import socket
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -26,6 +27,9 @@ from .catalog import Catalog
 from .config import Config, refuse_own_mount
 from .errors import ConfigError, ImgfsError
 from .fs import SEEKS_SERVED, Operations
+from .handover import connection as fuse_connection
+from .handover import fdstore, parting
+from .handover.session import FUSE_FD, Session, close_session, hand_over_possible, open_session
 from .model import Image
 from .notify import notify
 from .disks import DiskBook
@@ -73,13 +77,21 @@ def control_socket_path(config_path: str, mountpoint: str) -> str:
 def check_mountpoint(path: str) -> str:
     path = os.path.abspath(path)
     try:
-        st = os.stat(path)
+        os.stat(path)
     except FileNotFoundError:
         raise UsageError(f"mountpoint {path} does not exist; create it with: mkdir -p {path}") from None
     except OSError as e:
-        if e.errno == errno.ENOTCONN:
-            raise UsageError(f"mountpoint {path} is a dead FUSE mount (a crashed daemon?); clear it with: fusermount3 -u {path}") from None
-        raise UsageError(f"mountpoint {path}: {os.strerror(e.errno or errno.EIO)}") from None
+        if e.errno != errno.ENOTCONN:
+            raise UsageError(f"mountpoint {path}: {os.strerror(e.errno or errno.EIO)}") from None
+        # What a killed imgfs leaves when nobody kept its connection: nothing can be read there, so
+        # clear it (as fusermount3 -u -z would) and mount again.
+        try:
+            fuse_connection.detach(path)
+        except ImgfsError:
+            raise UsageError(f"mountpoint {path} is a dead FUSE mount (a crashed daemon?); clear it with: "
+                             f"fusermount3 -u {path}") from None
+        log.warning("mountpoint %s was a dead FUSE mount (an imgfs that died); cleared it", path)
+        return check_mountpoint(path)
     if not os.path.isdir(path):
         raise UsageError(f"mountpoint {path} is not a directory")
     if os.path.ismount(path):
@@ -280,21 +292,30 @@ async def serve(
     *,
     task_status=trio.TASK_STATUS_IGNORED,
     handle_signals: bool = True,
-) -> None:
-    mountpoint = check_mountpoint(mountpoint)
+) -> bool:
+    """Mount and serve until a stop or a restart; whether the mount was handed over (left mounted for
+    the next imgfs process)."""
+    # What the last imgfs left in systemd's fd store: its mount is checked when it is taken over.
+    handed = fdstore.inherited()
+    mountpoint = os.path.abspath(mountpoint) if FUSE_FD in handed else check_mountpoint(mountpoint)
     config = refuse_own_mount(config, mountpoint)
     tame_malloc()
     daemon = build(config, mountpoint)
     notify("STATUS=opening the chunk cache")
     await daemon.cache.open()
+    # Before a fresh mount, what an earlier imgfs left in Cinder is cleared first; a takeover does it
+    # while serving (readers are waiting), and only an attach waits for it.
+    taking_over = FUSE_FD in handed
     for attachments in daemon.attachments.values():
-        notify(f"STATUS=removing stale attachments of store {attachments.ops.name}")
-        try:
-            await attachments.remove_stale()
-        except ImgfsError as e:
-            log.error("%s; stale attachments of this host may remain in Cinder", e)
-        await attachments.prepare()
+        attachments.hold_attaches()
+        if not taking_over:
+            notify(f"STATUS=removing stale attachments of store {attachments.ops.name}")
+            await attachments.clear_stale()
+    if not taking_over:
+        await _warm_up(daemon)
     mounted = False
+    session: Session | None = None
+    hand_over = [False]  # set by SIGUSR2 (the unit's RestartKillSignal): leave the mount to the next imgfs
     try:
         async with trio.open_nursery() as nursery:
             daemon.fetcher.attach(nursery)
@@ -302,21 +323,32 @@ async def serve(
             for attachments in daemon.attachments.values():
                 attachments.start(nursery)
             daemon.fetcher.on_stale = lambda loc: nursery.start_soon(daemon.catalog.recheck, loc)
+            # A hand-over leaves its last listing: the mount answers at once with what it showed, and
+            # the first refresh (right away) brings it up to date.
+            last = parting.take(handed, CATALOG_FD)
+            restored = await daemon.catalog.restore(last) if last is not None else 0
+            if restored:
+                log.info("starting from the listing the last imgfs left (%d images); listing the stores again now",
+                         restored)
             notify("STATUS=listing stores")
             listed = trio.Event()
             nursery.start_soon(daemon.catalog.run, listed)
-            with trio.move_on_after(FIRST_LISTING_TIMEOUT) as waited:
+            with trio.move_on_after(0 if restored else FIRST_LISTING_TIMEOUT) as waited:
                 await listed.wait()
-            if waited.cancelled_caught:
+            if waited.cancelled_caught and not restored:
                 log.warning("stores did not answer within %gs; mounting now, images appear as listings arrive", FIRST_LISTING_TIMEOUT)
             try:
-                pyfuse3.init(daemon.ops, mountpoint, _fuse_options(config))
+                session = open_session(daemon.ops, mountpoint, _fuse_options(config), handed=handed,
+                                       allow_other="allow_other" in _fuse_options(config), check_mountpoint=check_mountpoint)
             except RuntimeError as e:
                 raise MountError(f"cannot mount {mountpoint}: {e}; is fuse3 installed and /dev/fuse present?") from None
+            except fuse_connection.FuseConnectionError as e:
+                raise MountError(str(e)) from None
             mounted = True
             nursery.start_soon(_fuse_main, nursery.cancel_scope)
             if handle_signals:
                 nursery.start_soon(_stop_on_signal, daemon.ops)
+                nursery.start_soon(_hand_over_on_signal, daemon, session, hand_over)
                 nursery.start_soon(_explain_hangup)
             # Ready means the mount answers: ask it from a thread (this loop is the one serving it). The
             # kernel readahead can only be raised after the INIT exchange (its reply caps it), and a file
@@ -349,7 +381,10 @@ async def serve(
                     log.error("cannot serve metrics on 127.0.0.1:%d (%s); change [imgfs] metrics_port",
                               config.options.metrics_port, os.strerror(e.errno or errno.EIO))
             if daemon.image_api is not None:
-                await _start_image_api(daemon, nursery)
+                await _start_image_api(daemon, nursery, handed, session)
+            for name, fd in handed.items():  # nothing of ours: a fd store entry of an older imgfs
+                os.close(fd)
+                fdstore.remove(name)
             if daemon.fleet is not None:
                 try:
                     await nursery.start(daemon.fleet.serve)
@@ -359,12 +394,20 @@ async def serve(
                 except OSError as e:
                     log.error("fleet: cannot serve the origin gateway on 127.0.0.1:%d (%s); peers will get this node's "
                               "chunks from other owners", daemon.fleet.config.gateway_port, os.strerror(e.errno or errno.EIO))
+            if taking_over:
+                # Now that the mount and the endpoint answer (their start is what readers waited for),
+                # what a fresh start does before mounting: client set-up, os-brick, stale attachments.
+                nursery.start_soon(_warm_up, daemon)
+                for attachments in daemon.attachments.values():
+                    nursery.start_soon(attachments.clear_stale)
             task_status.started(daemon)
     finally:
-        if mounted:
+        if mounted and session is not None:
             notify("STOPPING=1")
-            pyfuse3.close(unmount=True)
-            log.info("unmounted %s", mountpoint)
+            if not hand_over[0]:
+                fdstore.remove(IMAGE_API_FD)
+            close_session(session, hand_over=hand_over[0])
+            log.info("left the mount at %s to the next imgfs" if hand_over[0] else "unmounted %s", mountpoint)
         # No reader is left once the mount is gone: give every volume back to Cinder.
         for attachments in daemon.attachments.values():
             await attachments.close()
@@ -378,24 +421,64 @@ async def serve(
         if daemon.image_api is not None:
             with trio.CancelScope(shield=True):
                 await daemon.image_api.upstream.aclose()
+    return hand_over[0]
+
+
+async def _warm_up(daemon: Daemon) -> None:
+    """Let each store pay its client libraries' set-up (imports, models) in a worker thread, before
+    the first reader does."""
+    for backend in daemon.backends.values():
+        warm_up = getattr(backend, "warm_up", None)
+        if warm_up is not None:
+            await trio.to_thread.run_sync(warm_up)
 
 
 class EndpointError(ImgfsError):
     """The Image API endpoint cannot listen where it was told to."""
 
 
-async def _start_image_api(daemon: Daemon, nursery: trio.Nursery) -> None:
+IMAGE_API_FD = "image-api"  # the endpoint's listening socket, in systemd's fd store
+CATALOG_FD = "catalog"  # the catalog's last listing, left at a hand-over
+
+
+def _same_address(sock: socket.socket, host: str, port: int) -> bool:
+    import ipaddress
+
+    try:
+        bound = sock.getsockname()
+        same_host = ipaddress.ip_address(bound[0]) == ipaddress.ip_address(host)
+    except (OSError, ValueError):
+        return False  # a name, not an address: bind afresh rather than guess
+    return sock.type == socket.SOCK_STREAM and same_host and bound[1] == port
+
+
+async def _start_image_api(daemon: Daemon, nursery: trio.Nursery, handed: dict[str, int], session: Session) -> None:
     """Listen before READY=1: Cinder and Nova are pointed at the endpoint, so a node that says it is
-    ready must answer there. An address that cannot be bound stops the daemon (exit 1) with one line."""
+    ready must answer there. An address that cannot be bound stops the daemon (exit 1) with one line.
+    The socket the last imgfs listened on, if systemd kept it for us, is used as it is: clients that
+    connected during the restart are in its queue, and none was refused."""
+    from .endpoint import listen_socket
     from .endpoint import serve as serve_endpoint
 
     api, cfg = daemon.image_api, daemon.config.image_api
     assert api is not None and cfg is not None
-    try:
-        await nursery.start(serve_endpoint, api, cfg)
-    except OSError as e:
-        raise EndpointError(f"cannot listen on {daemon.config.options.image_api_listen} for the Image API endpoint "
-                            f"({e.strerror or e}); change [imgfs] image_api_listen or stop what uses it") from None
+    sock = None
+    fd = handed.pop(IMAGE_API_FD, None)
+    if fd is not None:
+        sock = socket.socket(fileno=fd)
+        if not _same_address(sock, cfg.host, cfg.port):  # image_api_listen changed since
+            sock.close()
+            sock = None
+            fdstore.remove(IMAGE_API_FD)
+    if sock is None:
+        try:
+            sock = listen_socket(cfg)
+        except OSError as e:
+            raise EndpointError(f"cannot listen on {daemon.config.options.image_api_listen} for the Image API endpoint "
+                                f"({e.strerror or e}); change [imgfs] image_api_listen or stop what uses it") from None
+        if hand_over_possible(session):
+            fdstore.store(IMAGE_API_FD, sock.fileno())
+    await nursery.start(serve_endpoint, api, cfg, sock)
     log.info("Image API endpoint listening on http://%s, in front of Glance at %s", daemon.config.options.image_api_listen,
              api.upstream.where)
 
@@ -440,6 +523,22 @@ async def _fuse_main(scope: trio.CancelScope) -> None:
         scope.cancel()  # the mount is gone: so is everything that served it
 
 
+async def _finish_downloads(daemon: Daemon) -> None:
+    """Before a hand-over: new connections wait in the listening socket's queue for the next imgfs,
+    and downloads in flight get DRAIN_TIMEOUT seconds to finish here, while the mount is still
+    served (then the rest end short of their Content-Length, as on a stop)."""
+    api = daemon.image_api
+    if api is None or api.server is None:
+        return
+    server = api.server
+    server.stop_accepting()
+    with trio.move_on_after(DRAIN_TIMEOUT):
+        await server.drained()  # each connection closes after the answer it is on
+    if server.stats.connections:
+        log.warning("%d Image API connections still open after %gs (%d downloads in flight): cut short",
+                    server.stats.connections, DRAIN_TIMEOUT, api.stats.active)
+
+
 DRAIN_TIMEOUT = 5.0  # seconds readers get at shutdown to finish their reads and close their files
 
 
@@ -451,6 +550,26 @@ async def _explain_hangup() -> None:
         async for _ in signals:
             log.warning("received SIGHUP: ignored; imgfs reads its configuration only at start, so restart it "
                         "to apply a change (systemctl restart imgfs)")
+
+
+async def _hand_over_on_signal(daemon: Daemon, session: Session, hand_over: list[bool]) -> None:
+    """SIGUSR2 (the unit's RestartKillSignal, sent on a restart): finish the endpoint's downloads, stop
+    reading FUSE requests, answer those read, and leave the mount to the next process, which systemd
+    starts with the connection. Without a connection to hand over (stock pyfuse3, no fd store), the
+    same as a stop."""
+    with trio.open_signal_receiver(signal.SIGUSR2) as signals:
+        async for _ in signals:
+            if not hand_over_possible(session):
+                log.info("received SIGUSR2 (a restart), but this mount cannot be handed over: unmounting")
+                await daemon.ops.drain(DRAIN_TIMEOUT)
+            else:
+                log.info("received SIGUSR2 (a restart): finishing what is in flight, then leaving the mount "
+                         "to the next imgfs")
+                await _finish_downloads(daemon)
+                parting.leave(CATALOG_FD, daemon.catalog.snapshot())
+                hand_over[0] = True
+            pyfuse3.terminate()
+            return
 
 
 async def _stop_on_signal(ops: Operations) -> None:

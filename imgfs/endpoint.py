@@ -152,6 +152,7 @@ class ImageApi:
         self.prefetch_max = prefetch_max
         self.stats = EndpointStats()
         self.http = ServerStats()  # the connections' side: limits hit, timeouts, refusals
+        self.server: HttpServer | None = None  # once serving
         self._failures_logged = RateLimit(60.0)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -348,15 +349,29 @@ def limits_of(cfg: ImageApiConfig) -> Limits:
                   client_timeout=cfg.client_timeout)
 
 
-async def serve(api: ImageApi, cfg: ImageApiConfig, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
-    """Serve ``api`` on cfg.host:cfg.port until the surrounding nursery is cancelled (the daemon's stop:
-    downloads in flight end there, short of their Content-Length, and the socket closes). Raises
+LISTEN_BACKLOG = 256  # connections the kernel queues while nobody accepts (during a hand-over too)
+
+
+def listen_socket(cfg: ImageApiConfig) -> socket.socket:
+    """The endpoint's socket, bound to cfg.host:cfg.port and listening (before it can go to systemd's
+    fd store: systemd drops a stored socket that polls POLLHUP, as one bound but not listening does);
     OSError when the address cannot be bound."""
     sock = socket.socket(socket.AF_INET6 if ":" in cfg.host else socket.AF_INET, socket.SOCK_STREAM)
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.bind((cfg.host, cfg.port))
+        sock.listen(LISTEN_BACKLOG)
     except OSError:
         sock.close()
         raise
-    await HttpServer(api, limits_of(cfg), api.http).serve(sock, task_status=task_status)
+    return sock
+
+
+async def serve(api: ImageApi, cfg: ImageApiConfig, sock: socket.socket | None = None, *,
+                task_status=trio.TASK_STATUS_IGNORED) -> None:
+    """Serve ``api`` on ``sock`` (bound to cfg.host:cfg.port if None: listen_socket) until the surrounding
+    nursery is cancelled (the daemon's stop: downloads in flight end there, short of their
+    Content-Length, and the socket closes). ``api.server.stop_accepting()`` leaves new connections to
+    another holder of the socket (a hand-over to the next imgfs)."""
+    api.server = HttpServer(api, limits_of(cfg), api.http)
+    await api.server.serve(sock if sock is not None else listen_socket(cfg), task_status=task_status)

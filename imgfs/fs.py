@@ -24,10 +24,12 @@ from typing import Any, Awaitable, Callable, Iterator, TypeVar
 
 import pyfuse3
 import trio
+import xxhash
 
 from .catalog import Catalog
 from .disks import DiskBook, DiskReader, reader_for
 from .errors import ImgfsError
+from .handover.state import DIR_TAG, State
 from .model import Image, Location
 from .ratelimit import RateLimit
 from .reader import ChunkFetcher, ImageReader
@@ -104,6 +106,9 @@ class Operations(pyfuse3.Operations):
         self._file_mode, self._dir_mode = (0o440, 0o550) if group_only else (0o444, 0o555)
         self._store_inodes = {name: _FIRST_STORE + i for i, name in enumerate(catalog.store_names)}
         self._inode_stores = {ino: name for name, ino in self._store_inodes.items()}
+        # With a hand-over state (handover/): every inode and handle the kernel learns of is written there
+        # first, so the next imgfs process answers for them as this one would.
+        self.state: State | None = None
         self._file_inodes: dict[_File | _Link, int] = {}
         self._files: dict[int, _File] = {}
         self._links: dict[int, _Link] = {}
@@ -128,13 +133,43 @@ class Operations(pyfuse3.Operations):
     def _file_inode(self, node: _File | _Link) -> int:
         ino = self._file_inodes.get(node)
         if ino is None:
-            ino = self._file_inodes[node] = self._next_inode
-            if isinstance(node, _Link):
-                self._links[ino] = node
-            else:
-                self._files[ino] = node
-            self._next_inode += 1
+            ino = self._next_inode
+            if self.state is not None:  # before the kernel hears of it
+                self.state.add_inode(ino, _key(node))
+            self._remember(ino, node)
         return ino
+
+    def _remember(self, ino: int, node: _File | _Link) -> None:
+        self._file_inodes[node] = ino
+        if isinstance(node, _Link):
+            self._links[ino] = node
+        else:
+            self._files[ino] = node
+        self._next_inode = max(self._next_inode, ino + 1)
+
+    def record_to(self, state: State) -> None:
+        """Write what the kernel will learn of to ``state`` (a first mount): from now on, and the store
+        directories' inodes now."""
+        for name, ino in self._store_inodes.items():
+            state.add_inode(ino, ["s", name])
+        self.state = state
+
+    def adopt(self, state: State) -> int:
+        """Take over the inodes and handles a predecessor recorded in ``state``; how many inodes."""
+        records = state.inodes()
+        stores = {name: ino for ino, (kind, *rest) in records if kind == "s" for name in rest[:1]}
+        for name in self.catalog.store_names:  # a store added since: a number no predecessor gave out
+            if name not in stores:
+                stores[name] = max([_FIRST_STORE - 1, *stores.values()]) + 1
+                state.add_inode(stores[name], ["s", name])
+        self._store_inodes = {name: ino for name, ino in stores.items() if name in self.catalog.store_names}
+        self._inode_stores = {ino: name for name, ino in self._store_inodes.items()}
+        for ino, key in records:
+            node = _node(key)
+            if node is not None:
+                self._remember(ino, node)
+        self.state = state
+        return len(records)
 
     def _link_target(self, node: _Link) -> bytes | None:
         image_id = self.catalog.names().get(node.name)
@@ -316,14 +351,19 @@ class Operations(pyfuse3.Operations):
         # A snapshot per open directory, so paging through it stays consistent while the catalog changes.
         if inode == RAW and self.disks is not None:  # sizes of qcow2 disks come from their headers
             await self.disks.learn_sizes([i for i in map(self.catalog.image, self.catalog.image_ids()) if i is not None])
-        entries = [(name.encode(), ino) for name, ino in self._children(inode)]
-        fh = self._new_fh()
+        entries = self._listing(inode)
+        fh = self._new_fh(inode, DIR_TAG)
         self._dirs[fh] = entries
         return fh
 
+    def _listing(self, inode: int) -> list[tuple[bytes, int]]:
+        return [(name.encode(), ino) for name, ino in self._children(inode)]
+
     @_guarded
     async def readdir(self, fh: int, start_id: int, token) -> None:
-        entries = self._dirs[fh]
+        entries = self._dirs.get(fh)
+        if entries is None:  # opened before a hand-over: list it afresh
+            entries = self._dirs[fh] = self._listing(self._adopted(fh, directory=True)[0])
         for i in range(start_id, len(entries)):
             name, ino = entries[i]
             try:
@@ -336,13 +376,44 @@ class Operations(pyfuse3.Operations):
     @_guarded
     async def releasedir(self, fh: int) -> None:
         self._dirs.pop(fh, None)
+        if self.state is not None:
+            self.state.close(fh)
 
     # ---- files --------------------------------------------------------------------------------------
 
-    def _new_fh(self) -> int:
+    def _new_fh(self, inode: int, tag: int) -> int:
+        if self.state is not None:
+            try:
+                return self.state.open(inode, tag)
+            except ImgfsError as e:
+                raise pyfuse3.FUSEError(errno.ENFILE) from e
         fh = self._next_fh
         self._next_fh += 1
         return fh
+
+    def _adopted(self, fh: int, directory: bool = False) -> tuple[int, int]:
+        """(inode, tag) of a handle a predecessor opened; EBADF if there is none."""
+        found = None if self.state is None else self.state.handle(fh)
+        if found is None or (found[1] == DIR_TAG) != directory:
+            raise pyfuse3.FUSEError(errno.EBADF)
+        return found
+
+    async def _reader_of(self, fh: int) -> ImageReader | DiskReader:
+        """The reader of ``fh``: made again for a file a predecessor opened, if it is the same version."""
+        reader = self._handles.get(fh)
+        if reader is not None:
+            return reader
+        inode, tag = self._adopted(fh)
+        node = self._files.get(inode)
+        loc = None if node is None else self._location(node)
+        if node is None or loc is None or _tag(loc) != tag:
+            raise pyfuse3.FUSEError(errno.ESTALE)  # gone or replaced since it was opened: never two versions
+        reader = await self._reader(node, loc)
+        if fh in self._handles:  # another read of it made one meanwhile
+            reader.close()
+            return self._handles[fh]
+        self._handles[fh] = reader
+        return reader
 
     @_guarded
     async def open(self, inode: int, flags: int, ctx=None) -> pyfuse3.FileInfo:
@@ -356,39 +427,38 @@ class Operations(pyfuse3.Operations):
         loc = self._location(node)
         if loc is None:
             raise pyfuse3.FUSEError(errno.ENOENT)
-        image = self.catalog.image(node.image_id)
-        if node.raw:
-            return await self._open_raw(image)
-        locations = self.fetcher.order(image.locations) if image is not None and node.store is None else [loc]
-        verify = None if image is None else \
-            self.fetcher.verifier(locations, image.get("os_hash_algo"), image.get("os_hash_value"), loc.size)
-        fh = self._new_fh()
-        self._handles[fh] = ImageReader(self.fetcher, locations, prefetch_max=self.prefetch_max, verify=verify,
-                                        on_integrity_error=self.fetcher.drop_copies)
+        reader = await self._reader(node, loc)
+        try:
+            fh = self._new_fh(inode, _tag(loc))
+        except BaseException:
+            reader.close()
+            raise
+        self._handles[fh] = reader
         info = pyfuse3.FileInfo(fh=fh)
         info.keep_cache = True  # an open pins one version; the kernel cache is dropped when it changes
         return info
 
-    async def _open_raw(self, image: Image | None) -> pyfuse3.FileInfo:
-        if image is None or self.disks is None or not self.disks.offered(image):
-            raise pyfuse3.FUSEError(errno.ENOENT)
-        try:
-            disk = await self.disks.open(image)
-        except ImgfsError as e:
-            raise pyfuse3.FUSEError(e.errno) from None
-        fh = self._new_fh()
-        self._handles[fh] = reader_for(self.disks, disk, image)
-        info = pyfuse3.FileInfo(fh=fh)
-        info.keep_cache = True  # one version, as for images/
-        return info
+    async def _reader(self, node: _File, loc: Location) -> ImageReader | DiskReader:
+        image = self.catalog.image(node.image_id)
+        if node.raw:
+            if image is None or self.disks is None or not self.disks.offered(image):
+                raise pyfuse3.FUSEError(errno.ENOENT)
+            try:
+                disk = await self.disks.open(image)
+            except ImgfsError as e:
+                raise pyfuse3.FUSEError(e.errno) from None
+            return reader_for(self.disks, disk, image)
+        locations = self.fetcher.order(image.locations) if image is not None and node.store is None else [loc]
+        verify = None if image is None else \
+            self.fetcher.verifier(locations, image.get("os_hash_algo"), image.get("os_hash_value"), loc.size)
+        return ImageReader(self.fetcher, locations, prefetch_max=self.prefetch_max, verify=verify,
+                           on_integrity_error=self.fetcher.drop_copies)
 
     @_guarded
     async def lseek(self, fh: int, off: int, whence: int) -> int:
         """SEEK_DATA and SEEK_HOLE (the kernel answers the other whences itself). Called only with the
         patched pyfuse3 (patches/pyfuse3); stock pyfuse3 leaves them to the kernel: all data."""
-        reader = self._handles.get(fh)
-        if reader is None:
-            raise pyfuse3.FUSEError(errno.EBADF)
+        reader = await self._reader_of(fh)
         if whence not in (os.SEEK_DATA, os.SEEK_HOLE):
             raise pyfuse3.FUSEError(errno.EINVAL)
         try:
@@ -406,11 +476,11 @@ class Operations(pyfuse3.Operations):
 
     @_guarded
     async def read(self, fh: int, off: int, size: int) -> bytes | memoryview:
-        reader = self._handles.get(fh)
-        if reader is None:
-            raise pyfuse3.FUSEError(errno.EBADF)
         if self._drained is not None:
             raise pyfuse3.FUSEError(errno.EIO)
+        reader = self._handles.get(fh)
+        if reader is None:
+            reader = await self._reader_of(fh)
         self._reading += 1
         try:
             data = await reader.read(off, size)
@@ -449,6 +519,8 @@ class Operations(pyfuse3.Operations):
         reader = self._handles.pop(fh, None)
         if reader is not None:
             reader.close()
+        if self.state is not None:
+            self.state.close(fh)
         self._check_drained()
 
     @_guarded
@@ -553,6 +625,23 @@ class Operations(pyfuse3.Operations):
                         # of an unknown id publishes the catalog's changes): awaiting it here could
                         # deadlock.
                         self.fetcher.spawn(self.forget_name, parent, image_id)
+
+
+def _key(node: _File | _Link) -> list:
+    return ["l", node.name] if isinstance(node, _Link) else ["f", node.store, node.image_id, node.raw]
+
+
+def _node(key: list) -> _File | _Link | None:
+    if key[0] == "l":
+        return _Link(key[1])
+    if key[0] == "f":
+        return _File(key[1], key[2], bool(key[3]))
+    return None
+
+
+def _tag(loc: Location) -> int:
+    """Which version of a file a handle opened (a hand-over state's slot keeps it): 63 bits of a hash."""
+    return xxhash.xxh3_64_intdigest(f"{loc.store}\0{loc.image_id}\0{loc.version}\0{loc.size}".encode()) >> 1
 
 
 async def _invalidate_kernel_entry(parent: int, name: str) -> None:

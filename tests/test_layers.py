@@ -39,7 +39,8 @@ def users_of(prefix: str) -> set[str]:
 @pytest.mark.parametrize(
     "library, allowed",
     [
-        ("pyfuse3", {"fs.py", "daemon.py"}),
+        # the FUSE adapter, the composition root, and the hand-over of the FUSE session
+        ("pyfuse3", {"fs.py", "daemon.py", "handover/__init__.py", "handover/session.py"}),
         ("boto3", {"backends/s3.py", "demo.py"}),
         ("botocore", {"backends/s3.py", "backends/s3_ranged.py"}),
         ("urllib3", {"backends/s3.py", "fleet/mesh.py", "httpbody.py"}),
@@ -59,7 +60,13 @@ def test_third_party_libraries_stay_in_their_module(library, allowed):
 @pytest.mark.parametrize(
     "module, may_import",
     [
-        ("fs.py", {"imgfs.reader", "imgfs.catalog", "imgfs.errors", "imgfs.model", "imgfs.ratelimit", "imgfs.disks"}),
+        ("fs.py", {"imgfs.reader", "imgfs.catalog", "imgfs.errors", "imgfs.model", "imgfs.ratelimit", "imgfs.disks",
+                   "imgfs.handover"}),
+        # the hand-over: the FUSE connection, systemd's fd store and the state; nothing of stores or images
+        ("handover/session.py", {"imgfs.errors", "imgfs.handover"}),
+        ("handover/state.py", {"imgfs.errors"}),
+        ("handover/connection.py", {"imgfs.errors"}),
+        ("handover/fdstore.py", set()),
         # raw disks: the reader and the formats, never FUSE, HTTP or a store
         ("disks.py", {"imgfs.reader", "imgfs.catalog", "imgfs.errors", "imgfs.model", "imgfs.formats",
                       "imgfs.buffers"}),

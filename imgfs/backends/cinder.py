@@ -193,7 +193,6 @@ class CinderBackend:
     kind = "cinder"
 
     def __init__(self, cfg: CinderStoreConfig, options: ImgfsOptions, instance: str = "") -> None:
-        from cinderclient import client as cinder_client
         from keystoneauth1 import session as ks_session
         from keystoneauth1.identity import v3
 
@@ -225,7 +224,6 @@ class CinderBackend:
             service_name=service_name or None, interface=interface.replace("URL", ""), retries=cfg.http_retries,
         )
         self._endpoint_template = cfg.endpoint_template
-        self._client_factory = cinder_client.Client
         self._client: Any = None
         self._keyring = open(cfg.rbd_keyring_file).read() if cfg.rbd_keyring_file else None
         self._attached: dict[str, Attachment] = {}
@@ -240,10 +238,14 @@ class CinderBackend:
     @property
     def client(self) -> Any:
         if self._client is None:
+            # imported at first use (in a worker thread), not at start: it costs half a second of the
+            # time a restarting imgfs keeps its readers waiting
+            from cinderclient import client as cinder_client
+
             args = dict(self._client_args)
             if self._endpoint_template:
                 args["endpoint_override"] = self._endpoint_template % {"project_id": self.session.get_project_id()}
-            self._client = self._client_factory(API_VERSION, **args)
+            self._client = cinder_client.Client(API_VERSION, **args)
         return self._client
 
     def _error(self, e: Exception, what: str) -> BackendError:

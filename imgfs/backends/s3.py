@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import logging
 import random
+import threading
 import time
+from typing import Any
 
-import boto3
 import botocore.config
 import botocore.exceptions
 import urllib3.exceptions
@@ -52,8 +53,37 @@ class S3Backend:
         self.bucket = cfg.bucket
         self.max_attempts = options.s3_max_attempts
         self._where = f"store '{cfg.name}' ({cfg.endpoint_url}, bucket '{cfg.bucket}')"
+        self._cfg, self._options = cfg, options
+        self._client: Any = None
+        self._client_lock = threading.Lock()
+        # The data path: ranged GETs signed and sent without boto3's operation pipeline (s3_ranged.py).
+        self._getter = RangedGetter(endpoint_url=cfg.endpoint_url, region=cfg.region_name or "us-east-1",
+                                    access_key=cfg.access_key, secret_key=cfg.secret_key, cacert=cfg.cacert,
+                                    connect_timeout=options.s3_connect_timeout, read_timeout=options.s3_read_timeout,
+                                    max_connections=options.backend_max_connections * 2)
+        self._urls: dict[str, str] = {}
+
+    def warm_up(self) -> None:
+        """Pay for boto3's lazy imports and set-up now, not in the first reader's time (the daemon calls
+        this before a fresh mount; after taking a mount over, while serving)."""
+        self._getter.warm_up(self._url_of("imgfs-warm-up"))
+
+    @property
+    def client(self) -> Any:
+        """boto3's client (listing, HEAD, sidecars), made at first use: importing boto3 and loading its
+        S3 model take half a second, which a restarting imgfs must not keep its readers waiting for."""
+        if self._client is None:
+            with self._client_lock:
+                if self._client is None:
+                    self._client = self._make_client()
+        return self._client
+
+    def _make_client(self) -> Any:
+        import boto3
+
+        cfg, options = self._cfg, self._options
         session = boto3.session.Session()
-        self.client = session.client(
+        return session.client(
             "s3",
             endpoint_url=cfg.endpoint_url,
             aws_access_key_id=cfg.access_key,
@@ -75,14 +105,6 @@ class S3Backend:
                 request_checksum_calculation="when_required",
             ),
         )
-        # The data path: ranged GETs signed and sent without boto3's operation pipeline (s3_ranged.py).
-        self._getter = RangedGetter(endpoint_url=cfg.endpoint_url, region=cfg.region_name or "us-east-1",
-                                    access_key=cfg.access_key, secret_key=cfg.secret_key, cacert=cfg.cacert,
-                                    connect_timeout=options.s3_connect_timeout, read_timeout=options.s3_read_timeout,
-                                    max_connections=options.backend_max_connections * 2)
-        self._urls: dict[str, str] = {}
-        # First calls pay for lazy imports and set-up; paid here, at start, not by the first reader.
-        self._getter.warm_up(self._url_of("imgfs-warm-up"))
 
     def _error(self, e: Exception, what: str) -> BackendError:
         """One line naming the store and what failed; never a credential or a signed URL."""
@@ -233,4 +255,5 @@ class S3Backend:
 
     def close(self) -> None:
         self._getter.close()
-        self.client.close()
+        if self._client is not None:
+            self._client.close()
