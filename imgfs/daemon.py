@@ -338,8 +338,9 @@ async def serve(
             if waited.cancelled_caught and not restored:
                 log.warning("stores did not answer within %gs; mounting now, images appear as listings arrive", FIRST_LISTING_TIMEOUT)
             try:
-                session = open_session(daemon.ops, mountpoint, _fuse_options(config), handed=handed,
-                                       allow_other="allow_other" in _fuse_options(config), check_mountpoint=check_mountpoint)
+                options = _fuse_options(config)
+                session = open_session(daemon.ops, mountpoint, options, handed=handed, allow_other="allow_other" in options,
+                                       check_mountpoint=check_mountpoint)
             except RuntimeError as e:
                 raise MountError(f"cannot mount {mountpoint}: {e}; is fuse3 installed and /dev/fuse present?") from None
             except fuse_connection.FuseConnectionError as e:

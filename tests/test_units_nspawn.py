@@ -164,7 +164,7 @@ def test_a_killed_imgfs_is_succeeded_and_its_reader_gets_the_right_bytes(contain
         assert "served on a clone" not in c.run("journalctl", "-b", "-u", "imgfs.service", "-o", "cat").stdout
         proxy.inject("delay", "slow", seconds=20)
         readers = [paced_reader(c, "/var/lib/imgfs/mnt/images/slow", 0, direct=direct) for direct in (True, False)]
-        outs = killed_while_reading(c, readers, proxy.clear)  # the origin answers again: the next imgfs fetches afresh
+        outs, _ = killed_while_reading(c, readers, proxy.clear)  # the origin answers again: the next imgfs fetches afresh
         for r, (out, err) in zip(readers, outs):
             assert r.returncode == 0, (out, err, c.journal())
             assert out.split()[1:3] == [str(size), hashlib.sha256(data).hexdigest()], out
@@ -273,14 +273,16 @@ def stalled_origin(c: Container, moto_url: str, size: int, *, resend: bool):
 
 
 def killed_while_reading(c: Container, readers: list[subprocess.Popen], after_kill: Callable[[], None] = lambda: None
-                         ) -> list[tuple[str, str]]:
-    """SIGKILL imgfs.service once ``readers`` have waited on it for 2 s; what each printed."""
+                         ) -> tuple[list[tuple[str, str]], float]:
+    """SIGKILL imgfs.service once ``readers`` have waited on it for 2 s; what each printed, and when
+    (time.monotonic()) the kill was sent."""
     try:
         time.sleep(2.0)
         assert all(r.poll() is None for r in readers)  # waiting on imgfs, which waits on S3
         c.run("systemctl", "kill", "-s", "KILL", "imgfs.service")
+        killed = time.monotonic()
         after_kill()
-        return [r.communicate(timeout=60) for r in readers]
+        return [r.communicate(timeout=60) for r in readers], killed
     finally:
         for r in readers:
             if r.poll() is None:
@@ -304,8 +306,7 @@ def test_a_killed_imgfs_serving_on_a_clone_fails_what_it_had_read_with_econnabor
         assert "served on a clone" in c.run("journalctl", "-b", "-u", "imgfs.service", "-o", "cat").stdout
         proxy.inject("delay", "slow", seconds=20)  # every ranged GET: imgfs's reads wait on the origin
         readers = [paced_reader(c, "/var/lib/imgfs/mnt/images/slow", 0, direct=True) for _ in range(2)]
-        killed = time.monotonic() + 2.0
-        outs = killed_while_reading(c, readers)
+        outs, killed = killed_while_reading(c, readers)
         for r, (out, err) in zip(readers, outs):
             words = out.split()
             assert r.returncode == 3 and words[1:3] == ["error", str(errno.ECONNABORTED)], (out, err, c.journal())
