@@ -143,13 +143,16 @@ def closed_port_url() -> str:
 @pytest.fixture
 def iam_moto(tmp_path):
     """A moto that enforces IAM, so refusals are real 403s: its first 6 requests (unauthenticated) create
-    an 'owner' (s3:*) and a 'lister' (s3:ListBucket only); the owner then uploads the image."""
+    an 'owner' (s3:*) and a 'lister' (may list, not read); the owner then uploads the image."""
     url, proc = start_moto(tmp_path / "moto-iam.log", INITIAL_NO_AUTH_ACTION_COUNT="6")
     try:
         iam = boto3.client("iam", endpoint_url=url, region_name="us-east-1",
                            aws_access_key_id="bootstrap", aws_secret_access_key="bootstrap")
         keys = {}
-        for user, actions in (("owner", ["s3:*"]), ("lister", ["s3:ListBucket"])):
+        # AWS checks a listing against s3:ListBucket; moto from 5.2.6 checks it against the operation's
+        # name instead. The lister gets both spellings of "may list", and nothing that reads.
+        listing = ["s3:ListBucket", "s3:ListObjectsV2", "s3:ListObjects"]
+        for user, actions in (("owner", ["s3:*"]), ("lister", listing)):
             iam.create_user(UserName=user)
             keys[user] = iam.create_access_key(UserName=user)["AccessKey"]
             policy = {"Version": "2012-10-17", "Statement": [{"Effect": "Allow", "Action": actions, "Resource": "*"}]}
