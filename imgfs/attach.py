@@ -18,11 +18,16 @@
   another store or gets EBUSY. A multiattach volume ``in-use`` is not waited for.
 - Start-up removes attachments a crashed daemon of this host left behind (before the mount; after a
   takeover of a mount a predecessor handed over, meanwhile, with attaches waiting for it); shutdown
-  and a hand-over detach everything, shielded, within ``detach_deadline``.
+  detaches everything, shielded, within ``detach_deadline``.
+- A hand-over (a restart) leaves the attachments in Cinder: the old process closes its connections
+  and names them to the next, which adopts them (connects with the connection info Cinder kept, no
+  new attachment) before any attach, and detaches them when idle as its own. One it cannot adopt is
+  deleted; one left for a configuration without its store is named in the log.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from dataclasses import dataclass, field
@@ -31,7 +36,7 @@ from typing import Protocol
 import trio
 
 from .errors import BackendError, Busy, ImgfsError
-from .model import Location
+from .model import HandedAttachment, Location
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +62,14 @@ class VolumeOps(Protocol):
     def orphans(self) -> list[tuple[str, str]]: ...
 
     def prepare(self) -> None: ...
+
+    def hand_over(self, volume_id: str) -> HandedAttachment | None: ...
+
+    def adopt(self, handed: list[HandedAttachment]) -> None: ...
+
+    def take_adopted(self, attachment_id: str) -> object: ...
+
+    def adopted(self) -> list[HandedAttachment]: ...
 
 
 @dataclass
@@ -142,9 +155,36 @@ class Attachments:
             except ImgfsError as e:
                 log.error("%s; stale attachments of this host may remain in Cinder", e)
             await self.prepare()
+            await self._take_adopted()
         finally:
             if self._cleared is not None:
                 self._cleared.set()
+
+    def adopt(self, handed: list[HandedAttachment]) -> None:
+        """The attachments the last imgfs handed over: not stale; connected by clear_stale."""
+        self.ops.adopt(handed)
+
+    async def _take_adopted(self) -> None:
+        for handed in self.ops.adopted():
+            v = self._volume(handed.volume_id)
+            started = trio.current_time()
+            async with v.lock:
+                try:
+                    with trio.CancelScope(shield=True):
+                        await trio.to_thread.run_sync(self.ops.take_adopted, handed.attachment_id, limiter=self._limiter)
+                except ImgfsError as e:
+                    log.warning("%s; attaching volume %s anew when a read needs it", e, handed.volume_id)
+                    self._sweep_later()
+                    if not v.refs:
+                        self._volumes.pop(v.volume_id, None)
+                    continue
+                v.attached, v.attached_at, v.fetches = True, time.monotonic(), 0
+                v.multiattach = handed.multiattach
+            log.info("adopted attachment %s of volume %s (store '%s') from the last imgfs in %.2fs",
+                     handed.attachment_id, handed.volume_id, self.ops.name, trio.current_time() - started)
+            if v.refs == 0 and self._nursery is not None:  # held the usual grace, as after a fetch
+                v.idle_since = time.monotonic()
+                self._nursery.start_soon(self._detach_when_idle, v)
 
     async def prepare(self) -> None:
         """Ready os-brick before serving, so the first read does not pay for it."""
@@ -325,6 +365,40 @@ class Attachments:
             log.error("shutdown: Cinder did not let us delete %d attachments of failed attaches: %s; delete them with "
                       "'cinder attachment-delete'", len(orphans), ", ".join(a for _, a in orphans))
 
+    async def hand_over(self) -> list[HandedAttachment]:
+        """A restart: leave each attached volume's attachment for the next imgfs (after the mount is
+        handed over: no fetch is left), within ``detach_deadline``. A volume whose image left the
+        catalog, or one a hung read still holds, is detached as at a stop."""
+        handed: list[HandedAttachment] = []
+
+        async def leave(v: _Volume) -> None:
+            async with v.lock:
+                if not v.attached:
+                    return
+                if v.gone is None:
+                    kept = await trio.to_thread.run_sync(self.ops.hand_over, v.volume_id, limiter=self._limiter)
+                    if kept is not None:
+                        v.attached = False
+                        self.held_seconds += time.monotonic() - v.attached_at
+                        handed.append(kept)
+                        return
+                await self._detach(v, "hand-over")
+
+        with trio.CancelScope(shield=True):
+            with trio.move_on_after(self.detach_deadline):
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(self._delete_orphans)
+                    for v in [v for v in self._volumes.values() if v.attached]:
+                        nursery.start_soon(leave, v)
+        left = [v.volume_id for v in self._volumes.values() if v.attached]
+        if left:
+            log.error("hand-over: %d volumes still attached after %gs: %s; the next start removes them", len(left),
+                      self.detach_deadline, ", ".join(left))
+        if handed:
+            log.info("leaving %d attachments of store '%s' to the next imgfs: %s", len(handed), self.ops.name,
+                     ", ".join(h.attachment_id for h in handed))
+        return handed
+
     async def _detach_locked(self, v: _Volume) -> None:
         async with v.lock:
             if v.attached:
@@ -355,3 +429,28 @@ class Attachments:
             for v in self._volumes.values()
             if v.attached or v.refs or v.gone is None  # a gone volume let go of is history (see totals())
         ]
+
+
+# ---- what a hand-over leaves: {store: [attachment, ...]} as bytes --------------------------------------
+
+HANDED_FORMAT = 1
+
+
+def encode_handed(handed: dict[str, list[HandedAttachment]]) -> bytes:
+    return json.dumps({"format": HANDED_FORMAT, "stores": {
+        store: [{"volume_id": h.volume_id, "attachment_id": h.attachment_id, "multiattach": h.multiattach} for h in hs]
+        for store, hs in handed.items() if hs}}).encode()
+
+
+def decode_handed(data: bytes) -> dict[str, list[HandedAttachment]]:
+    """What encode_handed wrote; ValueError for anything else (a successor then adopts nothing, and the
+    attachments are removed as stale)."""
+    try:
+        doc = json.loads(data)
+        if doc.get("format") != HANDED_FORMAT:
+            raise ValueError(f"format {doc.get('format')!r}, not {HANDED_FORMAT}")
+        return {str(store): [HandedAttachment(str(a["volume_id"]), str(a["attachment_id"]), bool(a["multiattach"]))
+                             for a in items]
+                for store, items in doc["stores"].items()}
+    except (AttributeError, KeyError, TypeError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"not a list of attachments ({type(e).__name__})") from None

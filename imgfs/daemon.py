@@ -20,7 +20,7 @@ import trio
 
 from . import backends as backend_factory
 from . import buffers
-from .attach import Attachments
+from .attach import Attachments, decode_handed, encode_handed
 from .backends.base import Backend
 from .cache import ChunkCache
 from .catalog import Catalog
@@ -306,6 +306,8 @@ async def serve(
     # Before a fresh mount, what an earlier imgfs left in Cinder is cleared first; a takeover does it
     # while serving (readers are waiting), and only an attach waits for it.
     taking_over = FUSE_FD in handed
+    if taking_over:
+        _adopt_attachments(daemon, parting.take(handed, ATTACHMENTS_FD))
     for attachments in daemon.attachments.values():
         attachments.hold_attaches()
         if not taking_over:
@@ -409,7 +411,12 @@ async def serve(
                 fdstore.remove(IMAGE_API_FD)
             close_session(session, hand_over=hand_over[0])
             log.info("left the mount at %s to the next imgfs" if hand_over[0] else "unmounted %s", mountpoint)
-        # No reader is left once the mount is gone: give every volume back to Cinder.
+        # No reader is left once the mount is gone: give every volume back to Cinder, or, when the next
+        # imgfs takes the mount over, leave it the attachments.
+        if hand_over[0] and daemon.attachments:
+            left = {name: await attachments.hand_over() for name, attachments in daemon.attachments.items()}
+            if any(left.values()) and not parting.leave(ATTACHMENTS_FD, encode_handed(left)):
+                log.error("cannot leave the attachments to the next imgfs; it removes them as stale")
         for attachments in daemon.attachments.values():
             await attachments.close()
         for backend in daemon.backends.values():
@@ -440,6 +447,25 @@ class EndpointError(ImgfsError):
 
 IMAGE_API_FD = "image-api"  # the endpoint's listening socket, in systemd's fd store
 CATALOG_FD = "catalog"  # the catalog's last listing, left at a hand-over
+ATTACHMENTS_FD = "attachments"  # the Cinder attachments left at a hand-over, for the next imgfs to adopt
+
+
+def _adopt_attachments(daemon: Daemon, data: bytes | None) -> None:
+    if data is None:
+        return
+    try:
+        left = decode_handed(data)
+    except ValueError as e:
+        log.warning("ignoring the attachments the last imgfs left (%s); they are removed as stale", e)
+        return
+    for store, handed in left.items():
+        attachments = daemon.attachments.get(store)
+        if attachments is None:
+            log.error("the last imgfs left %d attachments of store '%s', which this configuration does not have: %s; "
+                      "delete them with 'cinder attachment-delete'", len(handed), store,
+                      ", ".join(h.attachment_id for h in handed))
+            continue
+        attachments.adopt(handed)
 
 
 def _same_address(sock: socket.socket, host: str, port: int) -> bool:

@@ -67,3 +67,13 @@ class ChunkKey:
     version: str
     chunk_size: int
     index: int
+
+
+@dataclass(frozen=True, slots=True)
+class HandedAttachment:
+    """A Cinder attachment one imgfs process leaves the next at a hand-over. No connection info: the
+    successor asks Cinder for it, so no keyring ever sits in what is handed over."""
+
+    volume_id: str
+    attachment_id: str
+    multiattach: bool

@@ -9,10 +9,10 @@ import threading
 import pytest
 import trio
 
-from imgfs.attach import Attachments
+from imgfs.attach import Attachments, decode_handed, encode_handed
 from imgfs.backends.cinder import VolumeBusy
 from imgfs.errors import ImgfsError
-from imgfs.model import Location
+from imgfs.model import HandedAttachment, Location
 
 
 class FakeCinder:
@@ -27,6 +27,9 @@ class FakeCinder:
         self.stale: list[tuple[str, str]] = []
         self.left: dict[str, str] = {}  # attachment -> volume: a failed attach could not delete them
         self.deletable = True  # False: Cinder refuses deletes (RabbitMQ down)
+        self.hung: set[str] = set()  # volumes a hung read holds: not handed over
+        self.handed: dict[str, HandedAttachment] = {}
+        self.gone_attachments: set[str] = set()  # deleted in Cinder during a hand-over
 
     def attach(self, volume_id: str) -> object:
         with self.lock:
@@ -57,6 +60,28 @@ class FakeCinder:
 
     def prepare(self) -> None:
         pass
+
+    # a hand-over: the attachment stays in Cinder, named to the next process
+    def hand_over(self, volume_id: str) -> HandedAttachment | None:
+        with self.lock:
+            self.calls.append(("hand over", volume_id))
+            if volume_id in self.hung:
+                return None
+            return HandedAttachment(volume_id, "att-" + volume_id, True)
+
+    def adopt(self, handed: list[HandedAttachment]) -> None:
+        self.handed = {h.attachment_id: h for h in handed}
+
+    def take_adopted(self, attachment_id: str) -> object:
+        with self.lock:
+            self.calls.append(("adopt", attachment_id))
+            handed = self.handed.pop(attachment_id)
+            if attachment_id in self.gone_attachments:
+                raise ImgfsError(f"attachment {attachment_id} is gone")
+        return object()  # the attachment Cinder already counts: none added
+
+    def adopted(self) -> list[HandedAttachment]:
+        return list(self.handed.values())
 
 
 async def until(predicate) -> None:
@@ -292,3 +317,58 @@ def test_cinders_refusal_names_the_status_whole():
     message = ("Invalid volume: Volume 5d1c status must be available or downloading to reserve, but the current "
                "status is in-use. (HTTP 400)")
     assert _IN_USE.search(message).group(1) == "in-use"
+
+
+async def test_a_hand_over_leaves_the_attachments_and_detaches_what_it_cannot_leave(policy):
+    fake, a = policy
+    for v in ("v1", "v2", "v3"):
+        a.hold(loc(v))
+        await a.ready(loc(v))
+        a.release(loc(v))
+    fake.hung.add("v2")  # a read still hangs on it: detached as at a stop
+    a.step_aside(loc("v3"), "deleted in Glance")  # its image is gone: detached, not left
+    await until(lambda: fake.attached.get("v3") == 0)
+    handed = await a.hand_over()
+    assert handed == [HandedAttachment("v1", "att-v1", True)]
+    assert fake.attached == {"v1": 1, "v2": 0, "v3": 0}  # v1's attachment stays in Cinder
+    await a.close()
+    assert ("detach", "v1") not in fake.calls  # close has nothing left to detach
+
+
+async def test_the_next_process_adopts_before_any_attach_and_lets_go_when_idle(policy, autojump_clock):
+    fake, a = policy
+    fake.attached = {"v1": 1}  # what the last process left
+    fake.stale = [("v9", "att-9")]
+    a.adopt([HandedAttachment("v1", "att-v1", True)])
+    a.hold_attaches()
+    a.hold(loc("v1"))
+    async with trio.open_nursery() as n:
+        n.start_soon(a.ready, loc("v1"))  # a reader that came before the adoption waits for it
+        n.start_soon(a.clear_stale)
+    assert ("attach", "v1") not in fake.calls and ("adopt", "att-v1") in fake.calls
+    assert ("delete", "att-9") in fake.calls and ("delete", "att-v1") not in fake.calls
+    assert a.is_ready(loc("v1")) and fake.attached == {"v1": 1}
+    a.release(loc("v1"))
+    await trio.sleep(61)
+    await until(lambda: fake.attached == {"v1": 0})  # then idle, like any of its own
+
+
+async def test_an_attachment_gone_during_the_hand_over_is_attached_anew(policy, autojump_clock):
+    fake, a = policy
+    fake.gone_attachments.add("att-v1")
+    a.adopt([HandedAttachment("v1", "att-v1", True)])
+    a.hold_attaches()
+    await a.clear_stale()
+    assert not a.is_ready(loc("v1"))
+    a.hold(loc("v1"))
+    await a.ready(loc("v1"))
+    assert fake.calls[-1] == ("attach", "v1") and fake.attached == {"v1": 1}
+
+
+def test_what_a_hand_over_leaves_reads_back_and_nothing_else_does():
+    left = {"cinderstore": [HandedAttachment("v1", "a1", True), HandedAttachment("v2", "a2", False)], "empty": []}
+    assert decode_handed(encode_handed(left)) == {"cinderstore": left["cinderstore"]}
+    for bad in (b"", b"\xff", b"[]", b'{"format": 2, "stores": {}}', b'{"format": 1, "stores": {"s": [{}]}}',
+                b'{"format": 1}', b'{"format": 1, "stores": []}'):
+        with pytest.raises(ValueError):
+            decode_handed(bad)

@@ -34,7 +34,7 @@ from typing import Any
 
 from ..config import CinderStoreConfig, ImgfsOptions
 from ..errors import BackendAccessDenied, BackendError, BackendUnavailable, Busy, ShortRead, StaleImage
-from ..model import Location
+from ..model import HandedAttachment, Location
 from .base import valid_image_name
 
 log = logging.getLogger(__name__)
@@ -232,6 +232,8 @@ class CinderBackend:
         self._orphans: dict[str, str] = {}
         self._connector_props: dict | None = None
         self._connectors: dict[str, Any] = {}
+        # attachments the last imgfs handed over, not yet connected: attachment id -> what it left
+        self._adopted: dict[str, HandedAttachment] = {}
 
     # ---- the API client -----------------------------------------------------------------------------
 
@@ -377,15 +379,7 @@ class CinderBackend:
         att = Attachment(volume_id, created["id"], "", multiattach=bool(getattr(volume, "multiattach", False)))
         try:
             info = getattr(self.client.attachments.update(att.attachment_id, self._connector_props), "connection_info", None) or {}
-            protocol = str(info.get("driver_volume_type", "")).upper()
-            data = dict(info.get("data", info))
-            data.pop("driver_volume_type", None)
-            if protocol == "RBD" and self._keyring and not data.get("keyring"):
-                data["keyring"] = self._keyring
-            att.protocol, att.connection_data = protocol, data
-            log.debug("%s: attachment %s of volume %s: %s", self._where, att.attachment_id, volume_id, mask(data))
-            att.device_info = self._brick(protocol).connect_volume(data)
-            att.volume = ReadOnlyVolume(att.device_info["path"])
+            self._connect(att, info)
             self.client.attachments.complete(att.attachment_id)
         except Exception as e:
             self._undo(att)
@@ -394,6 +388,67 @@ class CinderBackend:
             raise self._error(e, f"connecting volume {volume_id}") from None
         self._attached[volume_id] = att
         return att
+
+    def _connect(self, att: Attachment, info: dict) -> None:
+        """Connect this host to the volume as Cinder's connection info says, and open it for reading."""
+        protocol = str(info.get("driver_volume_type", "")).upper()
+        data = dict(info.get("data", info))  # an attachment's show gives the data flat
+        data.pop("driver_volume_type", None)
+        if protocol == "RBD" and self._keyring and not data.get("keyring"):
+            data["keyring"] = self._keyring
+        att.protocol, att.connection_data = protocol, data
+        log.debug("%s: attachment %s of volume %s: %s", self._where, att.attachment_id, att.volume_id, mask(data))
+        att.device_info = self._brick(protocol).connect_volume(data)
+        att.volume = ReadOnlyVolume(att.device_info["path"])
+
+    # ---- a hand-over to the next imgfs --------------------------------------------------------------
+
+    def hand_over(self, volume_id: str) -> HandedAttachment | None:
+        """Let go of this process's hold on an attached volume but leave the attachment in Cinder, for
+        the next imgfs to adopt: reads end, librbd's handle (this process's own) is closed, a device on
+        the host stays connected. None if a read still hangs: then it is detached as at a stop."""
+        att = self._attached.get(volume_id)
+        if att is None:
+            return None
+        if att.volume is not None and not att.volume.close(wait=self.read_timeout):
+            return None
+        self._attached.pop(volume_id)
+        if att.private_connection and att.device_info is not None:
+            try:
+                self._brick(att.protocol).disconnect_volume(att.connection_data, att.device_info)
+            except Exception:  # noqa: BLE001 - the handle ends with this process anyway
+                log.warning("%s: closing the connection to volume %s failed; it ends with this process", self._where, volume_id)
+        return HandedAttachment(volume_id, att.attachment_id, att.multiattach)
+
+    def adopt(self, handed: list[HandedAttachment]) -> None:
+        """Attachments the last imgfs left: ours, not stale (stale_attachments passes them over)."""
+        self._adopted.update({h.attachment_id: h for h in handed})
+
+    def take_adopted(self, attachment_id: str) -> Attachment:
+        """Connect an attachment the last imgfs left, with the connection info Cinder keeps for it (no
+        new attachment, no RPC to cinder-volume). StaleImage if Cinder no longer has it."""
+        from cinderclient import exceptions as cexc
+
+        handed = self._adopted.pop(attachment_id)
+        att = Attachment(handed.volume_id, attachment_id, "", multiattach=handed.multiattach)
+        try:
+            shown = self.client.attachments.show(attachment_id)
+        except cexc.NotFound:
+            raise StaleImage(f"{self._where}: attachment {attachment_id} of volume {handed.volume_id} is gone") from None
+        except Exception as e:
+            self._orphans[attachment_id] = handed.volume_id  # not used: the sweeper deletes it
+            raise self._error(e, f"looking up attachment {attachment_id} of volume {handed.volume_id}") from None
+        info = getattr(shown, "connection_info", None) or {}
+        try:
+            self._connect(att, info)
+        except Exception as e:
+            self._undo(att)
+            raise self._error(e, f"connecting volume {handed.volume_id}") from None
+        self._attached[handed.volume_id] = att
+        return att
+
+    def adopted(self) -> list[HandedAttachment]:
+        return list(self._adopted.values())
 
     def _undo(self, att: Attachment) -> None:
         try:
@@ -448,7 +503,7 @@ class CinderBackend:
             volumes = self._volumes()
         except Exception as e:
             raise self._error(e, "looking for stale attachments") from None
-        known = {a.attachment_id for a in self._attached.values()}
+        known = {a.attachment_id for a in self._attached.values()} | set(self._adopted)
         return [
             (v.id, a.get("attachment_id") or a.get("id"))
             for v in volumes
