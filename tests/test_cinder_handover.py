@@ -21,10 +21,16 @@ MiB = 1 << 20
 
 @pytest.fixture
 def service(tmp_path, lab):
-    """(host name, start(config) -> manager, mount point): one imgfs under the tests' fd store."""
+    """(host name, start(config) -> manager, mount point, reader(path) -> Reader): one imgfs under the
+    tests' fd store."""
     host, mnt = f"imgfs-test-{uuid.uuid4().hex[:8]}", tmp_path / "mnt"
     mnt.mkdir()
     managers: list[FdStoreManager] = []
+    readers: list[Reader] = []
+
+    def reader(path) -> Reader:
+        readers.append(Reader(path))
+        return readers[-1]
 
     def start(**options) -> FdStoreManager:
         cfg = write_cinder_config(tmp_path / "imgfs.conf", lab, cache_dir=tmp_path / "cache", host=host,
@@ -36,9 +42,15 @@ def service(tmp_path, lab):
         manager.start(mnt)
         return manager
 
-    yield host, start, mnt
+    yield host, start, mnt, reader
+    # A reader killed while nobody serves the mount (a failed hand-over) waits in its exit for the
+    # FLUSH of its file until the last fd of the connection is closed: kill, close what is kept, reap.
+    for r in readers:
+        r.kill()
     for manager in managers:
         manager.close()
+    for r in readers:
+        r.proc.wait(60)
     if is_mounted(mnt):
         subprocess.run(["fusermount3", "-uz", str(mnt)], check=False)
         pytest.fail(f"{mnt} still mounted after the test")
@@ -73,10 +85,9 @@ class Reader:
         assert self.proc.wait(60) == 0
         return rest
 
-    def close(self) -> None:
+    def kill(self) -> None:
         if self.proc.poll() is None:
             self.proc.kill()
-            self.proc.wait()
 
 
 def sha(data: bytes) -> str:
@@ -84,53 +95,47 @@ def sha(data: bytes) -> str:
 
 
 def test_a_restart_leaves_the_attachment_to_the_next_imgfs(service, cinder, image_volume):
-    host, start, mnt = service
+    host, start, mnt, open_reader = service
     vol = image_volume(6 * MiB + 123, multiattach=True)
     manager = start()
-    reader = Reader(mnt / "images" / vol.image_id)
-    try:
-        assert reader.first == sha(vol.data[:MiB])
-        [mine] = host_attachments(cinder, vol.volume_id, host)
+    reader = open_reader(mnt / "images" / vol.image_id)
+    assert reader.first == sha(vol.data[:MiB])
+    [mine] = host_attachments(cinder, vol.volume_id, host)
 
-        assert manager.hand_over() == 0
-        assert "attachments" in manager.names() and is_mounted(mnt)
-        # between the two processes the attachment stays in Cinder, and the mount with the kernel
-        assert [a["attachment_id"] for a in host_attachments(cinder, vol.volume_id, host)] == [mine["attachment_id"]]
-        first = manager.log()
-        assert f"leaving 1 attachments of store 'cinderstore' to the next imgfs: {mine['attachment_id']}" in first
+    assert manager.hand_over() == 0
+    assert "attachments" in manager.names() and is_mounted(mnt)
+    # between the two processes the attachment stays in Cinder, and the mount with the kernel
+    assert [a["attachment_id"] for a in host_attachments(cinder, vol.volume_id, host)] == [mine["attachment_id"]]
+    first = manager.log()
+    assert f"leaving 1 attachments of store 'cinderstore' to the next imgfs: {mine['attachment_id']}" in first
 
-        manager.start(mnt)
-        assert reader.rest() == sha(vol.data[MiB:])  # the open file reads on, from the volume
-        assert [a["attachment_id"] for a in host_attachments(cinder, vol.volume_id, host)] == [mine["attachment_id"]]
-        after = manager.log()[len(first):]
-        assert f"adopted attachment {mine['attachment_id']} of volume {vol.volume_id}" in after
-        assert "attached volume" not in after and "removed stale attachment" not in after
-        assert "attachments" not in manager.names()  # taken: a later crash does not adopt it again
-    finally:
-        reader.close()
+    manager.start(mnt)
+    assert reader.rest() == sha(vol.data[MiB:])  # the open file reads on, from the volume
+    assert [a["attachment_id"] for a in host_attachments(cinder, vol.volume_id, host)] == [mine["attachment_id"]]
+    after = manager.log()[len(first):]
+    assert f"adopted attachment {mine['attachment_id']} of volume {vol.volume_id}" in after
+    assert "attached volume" not in after and "removed stale attachment" not in after
+    assert "attachments" not in manager.names()  # taken: a later crash does not adopt it again
     assert manager.stop() == 0
     assert host_attachments(cinder, vol.volume_id, host) == [] and not is_mounted(mnt)
 
 
 def test_an_attachment_deleted_during_the_restart_is_made_anew(service, cinder, image_volume):
-    host, start, mnt = service
+    host, start, mnt, open_reader = service
     vol = image_volume(3 * MiB, multiattach=True)
     manager = start()
-    reader = Reader(mnt / "images" / vol.image_id)
-    try:
-        assert reader.first == sha(vol.data[:MiB])
-        [mine] = host_attachments(cinder, vol.volume_id, host)
-        assert manager.hand_over() == 0
-        cinder.attachments.delete(mine["attachment_id"])  # an operator, or Cinder, between the two
-        first = manager.log()
-        manager.start(mnt)
-        assert reader.rest() == sha(vol.data[MiB:])
-        after = manager.log()[len(first):]
-        assert f"attachment {mine['attachment_id']} of volume {vol.volume_id} is gone" in after
-        assert "attached volume" in after
-        [anew] = host_attachments(cinder, vol.volume_id, host)
-        assert anew["attachment_id"] != mine["attachment_id"]
-    finally:
-        reader.close()
+    reader = open_reader(mnt / "images" / vol.image_id)
+    assert reader.first == sha(vol.data[:MiB])
+    [mine] = host_attachments(cinder, vol.volume_id, host)
+    assert manager.hand_over() == 0
+    cinder.attachments.delete(mine["attachment_id"])  # an operator, or Cinder, between the two
+    first = manager.log()
+    manager.start(mnt)
+    assert reader.rest() == sha(vol.data[MiB:])
+    after = manager.log()[len(first):]
+    assert f"attachment {mine['attachment_id']} of volume {vol.volume_id} is gone" in after
+    assert "attached volume" in after
+    [anew] = host_attachments(cinder, vol.volume_id, host)
+    assert anew["attachment_id"] != mine["attachment_id"]
     assert manager.stop() == 0
     assert host_attachments(cinder, vol.volume_id, host) == []
