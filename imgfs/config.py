@@ -151,7 +151,7 @@ class ImgfsOptions:
     image_api_auth_ttl: float = 30.0  # seconds a caller's "yes, you may read image X" from Glance is reused
     image_api_upstream_timeout: float = 300.0  # seconds to wait for the real Glance's answer
     image_api_cafile: str = ""  # CA bundle for an https upstream (default: the system's)
-    # The endpoint's bounds on clients (imgfs.httpserver.Limits; the README says how they were chosen)
+    # The endpoint's bounds on clients (imgfs.httpserver.Limits; docs/openstack.md says how they were chosen)
     image_api_max_connections: int = 256
     image_api_header_timeout: float = 10.0  # seconds from a request head's first byte to its end
     image_api_idle_timeout: float = 75.0  # seconds a keep-alive connection may wait for its next request
@@ -819,7 +819,7 @@ def _require_extras(config: Config) -> None:
 def refuse_own_mount(config: Config, mountpoint: str) -> Config:
     """Drop every file store whose directory lies inside ``mountpoint``.
 
-    The mount-path route for Cinder (README, "Cinder and Nova read through imgfs") gives images a
+    The mount-path route for Cinder (docs/openstack.md, "Route 2") gives images a
     Glance file store whose directory is this very mount; glance-api.conf handed to imgfs then names
     it. Reading it would make imgfs its own source: a read would wait on itself. It is never read."""
     # the mount point itself is not resolved: on a hand-over it is the mount, with nobody answering yet

@@ -64,7 +64,7 @@ _TEXTS = {400: "malformed request", 408: "the request head did not arrive in tim
 
 @dataclass(frozen=True)
 class Limits:
-    """Defaults measured on the lab (see the README, "The endpoint under hostile clients")."""
+    """Defaults measured on the lab (see docs/openstack.md, "Hostile and broken clients")."""
 
     max_connections: int = 256
     head_timeout: float = 10.0

@@ -448,3 +448,17 @@ def pytest_terminal_summary(terminalreporter):
         names = ",".join(v or "-" for v, _, _ in runs)
         seen = " | ".join(n for _, _, n in runs if n)
         tr.write_line(f"{group:<9} {fault:<44} {outcome:<7} {names:<24} {seen}")
+
+
+@pytest.fixture(scope="session")
+def deb() -> Path:
+    """./.ci/package run as an operator runs it: its last line names the file and its size."""
+    built = subprocess.run([str(REPO / ".ci/package")], capture_output=True, text=True, timeout=1200)
+    assert built.returncode == 0, built.stdout[-3000:] + built.stderr[-3000:]
+    last = built.stdout.strip().splitlines()[-1]
+    m = re.fullmatch(r"imgfs package: built (\S+\.deb) \((\S+), (\d+) KiB installed\); lintian: 0 tags .*", last)
+    assert m, last
+    path = Path(m[1])
+    assert path.is_file() and path.name.startswith("imgfs_")
+    print(last)
+    return path

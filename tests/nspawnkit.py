@@ -2,7 +2,8 @@
 ./.ci/setup --for-tests) booted in systemd-nspawn. imgfs is not installed in it: this checkout, and
 the Python its venv was made from, are bound read-only at the same paths, and /usr/local/bin/imgfs and
 /sbin/mount.imgfs are links into the venv, so the units run exactly as shipped. Used by
-tests/test_units_nspawn.py and bench/restart_gap.py."""
+tests/test_units_nspawn.py, tests/test_package.py (on a fresh copy: fresh_root) and
+bench/restart_gap.py."""
 
 from __future__ import annotations
 
@@ -184,3 +185,26 @@ def endpoint_instance(c: Container, lab: dict, tmp: Path, glance: Any, image_id:
         if time.monotonic() > deadline:
             raise ContainerError(f"the endpoint never served the image:\n{c.journal()}")
         time.sleep(0.5)
+
+
+# What boot() and the unit tests add to the shared root: a package test's node starts without them.
+_TEST_ADDITIONS = ("etc/imgfs", "etc/systemd/system/imgfs.service", "etc/systemd/system/imgfs@.service",
+                   "etc/systemd/system/imgfs@ep.service.d", "usr/local/bin/imgfs", "sbin/mount.imgfs", "srv/images",
+                   "var/lib/imgfs", "var/cache/imgfs", "var/log/imgfs", "opt/imgfs", "var/tmp")
+
+
+def fresh_root(dst: Path) -> None:
+    """A private copy of the container root at ``dst`` as tests/nspawn/build made it: Debian 12 with
+    systemd and python3, and nothing of imgfs."""
+    if shutil.which("systemd-nspawn") is None or not (ROOT / ".imgfs-root").exists():
+        raise ContainerError(f"no container root at {ROOT}: run ./.ci/setup --for-tests (it runs tests/nspawn/build)")
+    subprocess.run(["cp", "-a", "--reflink=auto", str(ROOT), str(dst)], check=True)
+    for rel in _TEST_ADDITIONS:
+        path = dst / rel
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)
+        else:
+            path.unlink(missing_ok=True)
+    (dst / "var/tmp").mkdir(mode=0o1777)
+    os.chmod(dst / "var/tmp", 0o1777)
+    (dst / "etc/fstab").write_text("")

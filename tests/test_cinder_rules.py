@@ -1,5 +1,5 @@
-"""The Cinder multi-attach rules' timing, on the lab's real Cinder (the README's "How imgfs holds
-volumes"): every API call imgfs makes goes through a recording proxy in front of cinder-api
+"""The Cinder multi-attach rules' timing, on the lab's real Cinder (docs/openstack.md, "How imgfs
+holds volumes"): every API call imgfs makes goes through a recording proxy in front of cinder-api
 (``cinder_endpoint_template``), so each rule is checked against when Cinder was actually asked.
 
 - a volume in a passing state is waited out with backoff: 0.5 s, doubling, at most 5 s apart;

@@ -79,10 +79,11 @@ def test_metrics_scrape_and_socket(served):
     served_line = next(line for line in text.splitlines() if line.startswith("imgfs_bytes_served_total"))
     assert float(served_line.split()[1]) >= len(data)
     assert "imgfs_cache_bytes" in imgfs("metrics", "--socket", str(sock)).stdout
-    # every metric the README names outside the endpoint's is exported under that very name
+    # every metric the README and docs/ name outside the endpoint's is exported under that very name
     import re
 
-    named = set(re.findall(r"`(imgfs_\w+?)(?:\{[^`]*)?`", (REPO / "README.md").read_text()))
+    docs = "\n".join(p.read_text() for p in [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))])
+    named = set(re.findall(r"`(imgfs_\w+?)(?:\{[^`]*)?`", docs))
     named = {n for n in named if not n.startswith(("imgfs_image_api", "imgfs_fleet"))}  # theirs: test_endpoint, test_fleet
     exported = set(re.findall(r"^# TYPE (\w+) ", text, re.M))
     exported |= {n + "_total" for n in exported}

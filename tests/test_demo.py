@@ -17,6 +17,7 @@ def test_demo_end_to_end(tmp_path):
                             capture_output=True, text=True, timeout=180)
     assert result.returncode == 0, result.stdout + result.stderr
     assert "MATCHES the source" in result.stdout
+    assert "starting a local S3 server (moto)" in result.stdout  # the S3 path: the test venv has the demo extra
     assert "README.txt" in result.stdout  # debugfs read the ext4 filesystem through the mount
     assert "stopped: imgfs unmounted" in result.stdout
     assert not is_mounted(work / "mnt")

@@ -1,5 +1,5 @@
 """Prefetch and warm run in slots of their own: a boot storm's warm of many images, or a sequential
-reader's read-ahead, never makes a demand read wait behind it (the README's promise for `imgfs warm`)."""
+reader's read-ahead, never makes a demand read wait behind it (docs/operating.md's promise for `imgfs warm`)."""
 
 from __future__ import annotations
 

@@ -154,7 +154,8 @@ def test_every_fleet_metric_the_readme_names_is_exported(fleet):
     from .conftest import REPO
 
     text = run(node_python(), "-m", "imgfs", "metrics", "--socket", str(fleet.nodes[0].dir / "control.sock")).stdout
-    named = set(re.findall(r"`(imgfs_fleet_\w+?)(?:\{[^`]*)?`", (REPO / "README.md").read_text()))
+    docs = "\n".join(p.read_text() for p in [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))])
+    named = set(re.findall(r"`(imgfs_fleet_\w+?)(?:\{[^`]*)?`", docs))
     exported = set(re.findall(r"^# TYPE (\w+) ", text, re.M))
     exported |= {n + "_total" for n in exported}
     assert len(named) >= 5 and named <= exported, named - exported

@@ -158,7 +158,7 @@ async def test_a_peer_that_flips_a_bit_never_yields_a_wrong_full_image(rig):
     """The flipped chunks pass the mesh's own checks (status, range, length, version): the full read's
     digest catches them. That read fails (EIO); the mesh is bypassed for the version, and the next full
     read comes from the origin, right. Partial reads of flipped chunks are not caught: chunk digests a
-    peer cannot forge are the next step (README, "Fleet mode")."""
+    peer cannot forge are the next step (docs/fleet.md)."""
     data, loc, mesh, stats, fetcher, origin = rig
     mesh.mode = "flip"
     with pytest.raises(IntegrityError):

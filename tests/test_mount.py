@@ -195,7 +195,7 @@ def test_writes_are_refused(tmp_path, proxy, s3, store, mounter):
     for flags in (os.O_WRONLY, os.O_RDWR, os.O_RDONLY | os.O_TRUNC):
         with pytest.raises(OSError) as info:
             os.open(path, flags)
-        assert info.value.errno == errno.EROFS, info.value  # the README's promise, for every kind of write
+        assert info.value.errno == errno.EROFS, info.value  # docs/semantics.md's promise, for every kind of write
     checks = [
         lambda: os.truncate(path, 0),
         lambda: os.unlink(path),

@@ -151,7 +151,7 @@ def test_cinder_volume_from_image_through_the_mount(tmp_path, lab, glance_api, r
 
 
 def add_file_location(lab: dict, image_id: str, url: str) -> None:
-    """What the README tells an operator to run against Glance's database (there is no API for it),
+    """What docs/openstack.md (Route 2) tells an operator to run against Glance's database (there is no API for it),
     with the mysql client."""
     meta = json.dumps({"store": lab["glance"]["mount_store"]})
     sql = ("INSERT INTO image_locations (image_id, value, meta_data, status, deleted, created_at, updated_at) "

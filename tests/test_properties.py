@@ -550,7 +550,7 @@ def test_good_configs_load_and_round_trip(drawn):
         assert getattr(cfg.options, name) == expected, name
     untouched = {f.name for f in dataclasses.fields(config.ImgfsOptions)} - set(values)
     assert all(getattr(cfg.options, n) == getattr(config.ImgfsOptions(), n) for n in untouched)
-    # README: highest weight first, then the default backend, then declaration order
+    # docs/openstack.md: highest weight first, then the default backend, then declaration order
     order = sorted(range(len(stores)), key=lambda i: (-(stores[i].weight or 0), stores[i].name != default, i))
     assert [s.name for s in cfg.stores] == [stores[i].name for i in order]
     for got in cfg.stores:

@@ -431,7 +431,7 @@ def test_without_allow_other_only_root_gets_in(public_mount):
 
 
 def test_with_allow_other_everyone_reads_and_nobody_writes(public_mount):
-    """The README promises EROFS for every kind of write, and the kernel gives it before any permission
+    """docs/semantics.md promises EROFS for every kind of write, and the kernel gives it before any permission
     check on an ro mount: so for root and nobody alike."""
     m, data = public_mount(allow_other="true")
     path = m.images / IMAGE

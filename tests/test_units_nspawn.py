@@ -84,7 +84,7 @@ def test_an_fstab_mount_through_mount_imgfs_starts_reads_and_stops(container):
 
 
 def test_the_production_install_from_a_wheelhouse_runs_under_the_unit(container, tmp_path):
-    """README "Installing on nodes": wheels built once (here, from this checkout), then on the node a
+    """docs/deploying.md, "OpenStack-Ansible-style": wheels built once (here, from this checkout), then on the node a
     venv from Debian's python3, installed offline from the wheelhouse with the cinder extra, linked where
     the unit looks. The unit, as shipped, runs that venv's imgfs and its mount reaches another unit."""
     c = container

@@ -63,7 +63,7 @@ VOLUME_TYPES = {'lab-rbd': {}, 'lab-rbd-multiattach': {'multiattach': '<is> True
 # Glance multi-store: store id -> glance_store driver. Image data in RGW (bucket GLANCE_S3_BUCKET,
 # as the lab's S3 user), in Cinder image-volumes (project `service`), and in a directory.
 GLANCE_STORES = {'s3store': 's3', 'cinderstore': 'cinder', 'filestore': 'file', 'cindersingle': 'cinder'}
-# The mount-path route for Cinder (README, "Cinder and Nova read through imgfs"): a Glance file store
+# The mount-path route for Cinder (docs/openstack.md, "Route 2"): a Glance file store
 # that holds nothing itself and only names the store of the file:// locations that point into an imgfs
 # mount, so Glance can show and delete them. Not in GLANCE_STORES: no image is ever imported into it.
 GLANCE_MOUNT_STORE = 'imgfsmount'
