@@ -99,6 +99,13 @@ def test_podman_runs_it_privileged_and_its_mount_reaches_the_host(image, tmp_pat
             return image_path.exists()
 
         wait_for(up, 60, "the container's mount on the host")
+        # the venv sees Debian's Ceph bindings (the RBD path), its own packages first
+        rbd = subprocess.run(["podman", *runtime, "exec", ctr, "/opt/venvs/imgfs/bin/python3", "-c",
+                              "import rados, rbd, pyfuse3; print(rados.__file__, pyfuse3.__file__)"],
+                             capture_output=True, text=True, timeout=60)
+        assert rbd.returncode == 0, rbd.stderr
+        assert rbd.stdout.split()[0].startswith("/usr/lib/python3/dist-packages/"), rbd.stdout
+        assert rbd.stdout.split()[1].startswith("/opt/venvs/imgfs/"), rbd.stdout
         assert sha256_file(image_path) == sha256_file(tmp_path / "images/img")  # read on the host
         assert " fuse.imgfs " in Path("/proc/self/mounts").read_text()
         t = time.monotonic()
