@@ -739,10 +739,18 @@ def read_members_file(path: str) -> tuple[str, ...]:
         raise ConfigError(f"[fleet] members_file {path}: expected one address:port per line (e.g. 198.18.0.1:8443)") from None
 
 
+_FLEET_OPTIONS = frozenset(FleetConfig.__dataclass_fields__) | {"enabled"}
+
+
 def _fleet(merged: _Merged) -> FleetConfig | None:
     if not merged.has_section("fleet"):
         return None
     sec = _Section(merged, "fleet")
+    for option in merged.options_of("fleet"):
+        if option not in _FLEET_OPTIONS:
+            # checked even while fleet mode is off: a misspelt "enabled" must not leave it off unseen
+            raise ConfigError(f"{merged.values[('fleet', option)].path}: [fleet] {option}: unknown option; "
+                              f"known options: {', '.join(sorted(_FLEET_OPTIONS))}")
     if not sec.boolean("enabled", False):
         return None
     listen = sec.get("mesh_listen", "", _parse_listen, "address:port this node's nginx accepts peers on")

@@ -99,6 +99,11 @@ def test_legacy_single_store_layout(tmp_path):
         ("[imgfs]\nallow_other = maybe\n", "[imgfs] allow_other = 'maybe': expected true or false"),
         ("[imgfs]\ncache_dir = relative/dir\n", "[imgfs] cache_dir = 'relative/dir': expected an absolute path"),
         ("[imgfs]\ncache_max_size = 3\n", "[imgfs] cache_max_size: unknown option"),
+        # a misspelt switch is an error even while fleet mode is off (it would stay off unseen)
+        ("[DEFAULT]\nenabled_backends = f:file\n[f]\nfilesystem_store_datadir=/x\n[fleet]\nenable = true\n",
+         "[fleet] enable: unknown option"),
+        ("[DEFAULT]\nenabled_backends = f:file\n[f]\nfilesystem_store_datadir=/x\n[fleet]\nenabled = false\n"
+         "min_image_gb = 1\n", "[fleet] min_image_gb: unknown option"),
         ("[imgfs\nx=1\n", "cannot parse INI"),
         ("[DEFAULT]\nenabled_backends = s3store\n", "is not name:type"),
         ("[DEFAULT]\nenabled_backends = s3store:s3\n", "no [s3store] section exists"),
