@@ -35,7 +35,7 @@ APT = ("env", "DEBIAN_FRONTEND=noninteractive", "apt-get", "-y", "-q", "--no-ins
 # What apt, dpkg, systemd and our own test files leave on any node: not the package's.
 NOISE = ("var/lib/dpkg/", "var/lib/apt/", "var/cache/apt/", "var/cache/debconf/", "var/cache/ldconfig/",
          "var/log/", "var/lib/systemd/", "var/tmp/", "srv/", "etc/ld.so.cache", "etc/machine-id",
-         "var/lib/dbus/", "etc/.pwd.lock", "etc/systemd/system/", "root/")
+         "var/lib/dbus/", "etc/.pwd.lock", "root/")
 
 
 @pytest.fixture(scope="module")
