@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import errno
 import fcntl
+import gc
 import logging
 import os
 import signal
@@ -366,6 +367,10 @@ async def serve(
             stores = ", ".join(f"{b.name} ({b.kind})" for b in daemon.backends.values())
             log.info("mounted %s: %d images from %s", mountpoint, count, stores)
             notify("READY=1", f"STATUS=serving {count} images at {mountpoint}")
+            # What is alive now (the libraries' modules, botocore's service models, the catalog) lives as
+            # long as the process: out of the collector's generations, a full collection no longer walks
+            # it each time the reads' short-lived objects trigger one.
+            gc.freeze()
             watchdog = _watchdog_interval()
             if watchdog:
                 nursery.start_soon(_watchdog, mountpoint, watchdog)
