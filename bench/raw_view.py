@@ -24,7 +24,7 @@ sha256 is checked against the disk's after the clock stops:
   the qcow2 driver, with a copy-on-read qcow2 overlay in tmpfs: what a storage engineer would reach for);
   warm is the same daemon again, its overlay holding every cluster read.
 
-Reports the median of --repeat runs: seconds, MB/s of the virtual disk, the daemon's CPU seconds per GiB
+Each repetition runs the chosen rows in turn. Reports the median of --repeat runs: seconds, MB/s of the virtual disk, the daemon's CPU seconds per GiB
 of the virtual disk, the copying tool's CPU seconds (qemu-img's decoding is there), bytes imgfs fetched
 from the store (÷ the qcow2's size; qsd's are not counted), and how sparse the copy is.
 Run as root: bench/run-raw-view [--repeat N] [--disk-mib M].
@@ -244,6 +244,8 @@ def one(lab: Lab, image_id: str, public: Public, row: str, qcow2: Path, out: Pat
         return {**r, "fetched_x": (fetched() - before) / stored}
 
 
+# The warm target's pair: raw/ read again from imgfs's chunk cache, and qemu-img decoding a local copy.
+WARM_TARGET = ("raw/ + dd warm to null", "local to /dev/null")
 ROWS = ("local floor", "local to /dev/null", "images/ + qemu", "raw/ + qemu", "raw/ + cp", "raw/ + dd",
         "raw/ + dd warm", "raw/ + dd warm to null", "qsd + dd", "qsd + dd warm")
 
@@ -271,18 +273,26 @@ def main() -> int:
         f"{data >> 20} MiB of it data) to Glance as {image_id}, and to {public.url} for qemu-storage-daemon")
     out = Path("/dev/shm") / f"imgfs-raw-bench-{os.getpid()}.raw"
     rows = []
+    order = [r for r in ROWS if r in chosen]
+    samples: dict[str, list[dict | None]] = {row: [] for row in order}
+    failures: dict[str, list[str]] = {row: [] for row in order}
     try:
-        for row in [r for r in ROWS if r in chosen]:
-            runs, failed = [], []
-            for _ in range(args.repeat):
+        # Rows in turn within each repetition, not one row's runs back to back: this VM's speed drifts
+        # by 15-30% over minutes, and a ratio of two rows is only worth something if they ran together.
+        for _ in range(args.repeat):
+            for row in order:
                 try:
-                    runs.append(one(lab, image_id, public, row, qcow2, out, want, virtual))
+                    samples[row].append(one(lab, image_id, public, row, qcow2, out, want, virtual))
                 except BenchError as e:  # a peer hanging or failing is a result too: said, not fatal
-                    failed.append(str(e))
+                    samples[row].append(None)
+                    failures[row].append(str(e))
                     log(f"{row}: a run failed: {e}")
+        for row in order:
+            runs = [r for r in samples[row] if r is not None]
             med = {k: (statistics.median(r[k] for r in runs) if runs[0][k] is not None else None) for k in runs[0]} \
                 if runs else {}
-            rows.append({"row": row, **med, "runs": len(runs), "failed": failed})
+            rows.append({"row": row, **med, "runs": len(runs), "failed": failures[row],
+                         "samples_s": [r and r["seconds"] for r in samples[row]]})
             log(f"{row}: {json.dumps(rows[-1])}")
     finally:
         out.unlink(missing_ok=True)
@@ -300,6 +310,13 @@ def main() -> int:
         fetched = "-" if r["fetched_x"] is None else f"{r['fetched_x']:.3f}"
         print(f"{r['row']:<20} {r['seconds']:>8.2f} {r['mb_s']:>7.0f} {r['daemon_cpu_s_per_gib']:>16.2f} "
               f"{r['tool_cpu_s']:>10.2f} {fetched:>13} {r['copy_allocated_x']:>14.2f}{failed}")
+    pairs = [(a["seconds"], b["seconds"]) for a, b in zip(samples.get(WARM_TARGET[0], []), samples.get(WARM_TARGET[1], []))
+             if a and b]
+    if pairs:
+        ratios = sorted(local / ours for ours, local in pairs)
+        print(f"\nwarm target, {WARM_TARGET[0]!r} against {WARM_TARGET[1]!r} in the same repetition "
+              f"(local seconds / imgfs seconds; target >= 0.8): median {statistics.median(ratios):.2f}, "
+              f"each {', '.join(f'{r:.2f}' for r in ratios)}")
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=1))
     return 0
