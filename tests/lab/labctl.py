@@ -231,7 +231,9 @@ class Lab:
         if path.exists():
             self.secrets = json.loads(path.read_text())
             return
-        pw = lambda: secrets.token_urlsafe(18)  # noqa: E731
+        # never beginning with '-': a password is passed on some command line, and a leading '-' reads
+        # as an option there (keystone-manage bootstrap failed on one)
+        pw = lambda: 'p' + secrets.token_urlsafe(18)  # noqa: E731
         self.secrets = {
             'ceph_fsid': str(uuid.uuid4()),
             'osd_uuid': str(uuid.uuid4()),
@@ -606,7 +608,8 @@ expiration_time = 600
                     fd = os.open(d / repo / key_id, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
                     with os.fdopen(fd, 'wb') as f:
                         f.write(Fernet.generate_key())
-            self.run(manage + ['bootstrap', '--bootstrap-password', self.secrets['keystone']['admin'],
+            # '--opt=value': a token_urlsafe password may begin with '-', which argparse takes for an option
+            self.run(manage + ['bootstrap', f"--bootstrap-password={self.secrets['keystone']['admin']}",
                                '--bootstrap-admin-url', self.keystone_url,
                                '--bootstrap-internal-url', self.keystone_url,
                                '--bootstrap-public-url', self.keystone_url,
