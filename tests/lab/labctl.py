@@ -608,7 +608,7 @@ expiration_time = 600
                     fd = os.open(d / repo / key_id, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
                     with os.fdopen(fd, 'wb') as f:
                         f.write(Fernet.generate_key())
-            # '--opt=value': a token_urlsafe password may begin with '-', which argparse takes for an option
+            # '--opt=value': a lab dir made before passwords began with a letter may still hold one beginning with '-'
             self.run(manage + ['bootstrap', f"--bootstrap-password={self.secrets['keystone']['admin']}",
                                '--bootstrap-admin-url', self.keystone_url,
                                '--bootstrap-internal-url', self.keystone_url,
