@@ -39,7 +39,9 @@ class Fault:
     ``seconds``, then forward),
     ``stall`` (send half the body, then go silent for ``seconds``), ``reset`` (half the body, then a
     TCP RST), ``short`` (half the body, then a clean close: fewer bytes than Content-Length), ``whole``
-    (answer 200 without Content-Range, as a server that ignores Range does)."""
+    (answer 200 without Content-Range, as a server that ignores Range does), ``close`` (answer in full, then
+    close the connection without saying so, as a server does to a connection idle too long), ``presigned``
+    (answer ``status`` to a request signed in its query, as a server that takes no presigned URLs)."""
 
     kind: str
     key: str
@@ -66,11 +68,17 @@ class CountingProxy:
         self.upstream_host, self.upstream_port = parts.hostname, parts.port
         self.requests: list[Request] = []
         self.faults: list[Fault] = []
+        self.connections = 0  # client connections accepted
         self._lock = threading.Lock()
         proxy = self
 
         class Handler(BaseHTTPRequestHandler):
             protocol_version = "HTTP/1.1"
+
+            def setup(self) -> None:  # once per connection
+                with proxy._lock:
+                    proxy.connections += 1
+                super().setup()
 
             def log_message(self, *args):  # quiet
                 pass
@@ -80,6 +88,12 @@ class CountingProxy:
                 length = int(self.headers.get("Content-Length") or 0)
                 body = self.rfile.read(length) if length else None
                 fault = proxy._fault(self.command, self.path, self.headers.get("Range"))
+                if fault is not None and fault.kind == "presigned":  # a server that takes no query signatures
+                    if "X-Amz-Signature=" not in self.path:
+                        fault = None
+                    else:
+                        self._error(fault.status, arrived)
+                        return
                 if fault is not None and fault.kind == "status":
                     self._error(fault.status, arrived)
                     return
@@ -105,7 +119,7 @@ class CountingProxy:
                         self.send_header(k, v)
                 length = resp.getheader("Content-Length", "0") if self.command == "HEAD" else str(len(data))
                 self.send_header("Content-Length", length)
-                broken = fault is not None and not whole
+                broken = fault is not None and not whole and fault.kind != "close"
                 sent = 0 if self.command == "HEAD" else len(data) // 2 if broken else len(data)
                 # Recorded before the body goes out: a client that has its bytes must find its request here.
                 with proxy._lock:
@@ -115,6 +129,8 @@ class CountingProxy:
                     self._break(fault, data)
                 elif self.command != "HEAD":
                     self.wfile.write(data)
+                if fault is not None and fault.kind == "close":  # answered in full, then closed unannounced
+                    self.close_connection = True
 
             def _error(self, status: int, arrived: float) -> None:
                 code = _S3_CODES.get(status, "InternalError")

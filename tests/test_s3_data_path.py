@@ -1,5 +1,6 @@
-"""The S3 store's data path: ranged GETs signed with botocore's SigV4 signer and sent through botocore's
-urllib3 session, not through boto3's get_object (s3_ranged.py says why). Against real S3 servers
+"""The S3 store's data path: ranged GETs presigned with botocore's SigV4 query signer and sent on kept
+http.client connections, or, when an HTTP proxy applies, signed per request and sent through botocore's
+urllib3 session; never through boto3's get_object (s3_ranged.py says why). Against real S3 servers
 (moto, Ceph RGW), through the counting proxy."""
 
 from __future__ import annotations
@@ -62,17 +63,93 @@ def test_ranged_reads_are_exact_and_bypass_boto3s_operation_pipeline(s3, proxy):
     assert all(g.status == 206 for g in gets)
 
 
-def test_bodies_are_received_in_place_not_through_urllib3s_copying_readinto(s3, proxy, monkeypatch):
+def test_without_a_proxy_one_signature_serves_many_gets_on_kept_connections(s3, proxy, monkeypatch):
+    import botocore.auth
+    import urllib3
+
+    signed: list[str] = []
+    real = botocore.auth.S3SigV4QueryAuth.add_auth
+    monkeypatch.setattr(botocore.auth.S3SigV4QueryAuth, "add_auth", lambda self, r: (signed.append(r.url), real(self, r))[1])
+    data = random_bytes(2 * MiB + 9, 4)
+    with stored(s3, proxy, data) as (backend, loc):
+        assert backend._getter.path == "direct"
+        # boto3's PUT and HEAD went through urllib3; no GET of the data path may
+        monkeypatch.setattr(urllib3.connectionpool.HTTPConnectionPool, "urlopen",
+                            lambda *a, **k: pytest.fail("the data path went through urllib3 without a proxy"))
+        signed.clear()  # the warm-up's
+        for offset in range(0, len(data), 64 * 1024):
+            assert backend.read(loc, offset, min(65536, len(data) - offset)) == data[offset:offset + 65536]
+    gets = proxy.gets("img")
+    assert len(gets) == 33 and all(g.status == 206 for g in gets)
+    assert len(signed) == 2  # the object's address (asked of boto3, once) and the one presigned GET for all 33
+    assert len({g.path for g in gets}) == 1 and "X-Amz-Signature=" in gets[0].path
+    assert proxy.connections <= 2  # kept, not one per GET
+
+
+def test_a_kept_connection_the_server_closed_is_redialled_without_a_retry(s3, proxy, caplog):
+    data = random_bytes(MiB, 11)
+    with stored(s3, proxy, data) as (backend, loc):
+        proxy.inject("close", "img")  # every answer, then the connection closed unannounced
+        caplog.set_level("DEBUG", logger="imgfs")
+        for offset in range(0, MiB, 128 * 1024):
+            assert backend.read(loc, offset, 4096) == data[offset:offset + 4096]
+    assert len(proxy.gets("img")) == 8 and proxy.connections >= 8
+    assert "retrying" not in caplog.text  # redialled at once, not a failed attempt waited out
+
+
+@pytest.mark.parametrize("status", [400, 501])
+def test_a_server_that_takes_no_presigned_urls_gets_signed_headers(s3, proxy, status, caplog):
+    data = random_bytes(MiB + 1, 12)
+    with stored(s3, proxy, data, s3_max_attempts=1) as (backend, loc):
+        proxy.inject("presigned", "img", status=status)
+        caplog.set_level("INFO", logger="imgfs")
+        assert backend.read(loc, 0, len(data)) == data
+        assert backend._getter.presigned is False
+        assert backend.read(loc, 5, 100) == data[5:105]
+    assert "refused a presigned GET (HTTP %d) and took a signed one" % status in caplog.text
+    assert s3.server.access_key not in caplog.text
+    statuses = [(g.status, "X-Amz-Signature=" in g.path) for g in proxy.gets("img")]
+    assert statuses == [(status, True), (206, False), (206, False)]
+
+
+def test_a_refusal_after_presigned_gets_worked_is_not_asked_again(s3, proxy):
+    with stored(s3, proxy, random_bytes(MiB, 13), s3_max_attempts=1) as (backend, loc):
+        backend.read(loc, 0, 4096)
+        proxy.inject("status", "img", status=403)
+        with pytest.raises(BackendError, match="access denied"):
+            backend.read(loc, 0, 4096)
+        assert backend._getter.presigned is True
+    assert [g.status for g in proxy.gets("img")] == [206, 403]
+
+
+def test_with_a_proxy_the_session_path_runs_and_receives_in_place(s3, proxy, monkeypatch):
+    """HTTP_PROXY applies to the endpoint: requests go through botocore's session to the proxy (here the
+    counting proxy, forwarding to moto), bodies received in place, not through urllib3's copying readinto."""
     import urllib3
 
     def copying(self, b):
         raise AssertionError("urllib3's copying readinto was used (imgfs.httpbody's direct path not taken)")
 
     monkeypatch.setattr(urllib3.response.HTTPResponse, "readinto", copying)
+    monkeypatch.setenv("HTTP_PROXY", proxy.url)
+    monkeypatch.delenv("NO_PROXY", raising=False)
+    monkeypatch.delenv("no_proxy", raising=False)
     data = random_bytes(5 * MiB + 3, 6)
-    with stored(s3, proxy, data) as (backend, loc):
+    s3.put_object(Bucket=s3.bucket, Key="img", Body=data)
+    cfg = S3StoreConfig(name="s3", endpoint_url=s3.server.url, bucket=s3.bucket, access_key=s3.server.access_key,
+                        secret_key=s3.server.secret_key, addressing_style="path")
+    backend = S3Backend(cfg, ImgfsOptions())
+    try:
+        assert backend._getter.path == "session"
+        loc = backend.stat("img")
+        assert loc is not None
         assert backend.read(loc, 0, len(data)) == data
         assert backend.read(loc, MiB + 1, 2 * MiB) == data[MiB + 1:3 * MiB + 1]
+    finally:
+        backend.close()
+    gets = proxy.gets("img")
+    assert [g.range for g in gets] == [f"bytes=0-{len(data) - 1}", f"bytes={MiB + 1}-{3 * MiB}"]
+    assert all(g.path.startswith("http://") and "X-Amz-Signature" not in g.path for g in gets)  # proxy form, header auth
 
 
 def test_a_replaced_or_deleted_object_is_stale_not_other_bytes(s3, proxy):

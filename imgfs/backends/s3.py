@@ -56,7 +56,7 @@ class S3Backend:
         self._cfg, self._options = cfg, options
         self._client: Any = None
         self._client_lock = threading.Lock()
-        # The data path: ranged GETs signed and sent without boto3's operation pipeline (s3_ranged.py).
+        # The data path: ranged GETs presigned and sent without boto3's operation pipeline (s3_ranged.py).
         self._getter = RangedGetter(endpoint_url=cfg.endpoint_url, region=cfg.region_name or "us-east-1",
                                     access_key=cfg.access_key, secret_key=cfg.secret_key, cacert=cfg.cacert,
                                     connect_timeout=options.s3_connect_timeout, read_timeout=options.s3_read_timeout,
@@ -171,8 +171,10 @@ class S3Backend:
                 error = e
             except ImgfsError:
                 raise
-            except _STREAM_ERRORS as e:  # urllib3's, while the body streams
-                error = BackendError(f"{self._where}: {what} failed mid-body: {type(e).__name__}")
+            except _STREAM_ERRORS as e:  # urllib3's or the socket's, while the body streams
+                # one name for a stalled body whichever path received it (a socket timeout on the direct one)
+                name = "ReadTimeoutError" if isinstance(e, TimeoutError) else type(e).__name__
+                error = BackendError(f"{self._where}: {what} failed mid-body: {name}")
             except botocore.exceptions.SSLError as e:
                 raise self._error(e, what) from None  # a certificate does not fix itself on retry
             except (botocore.exceptions.ConnectionError, botocore.exceptions.HTTPClientError) as e:
@@ -200,7 +202,7 @@ class S3Backend:
 
     def _url(self, key: str) -> str:
         """The object's URL as boto3 addresses it (path or virtual host, per s3_store_bucket_url_format):
-        asked of the boto3 client once per image, without its query (the signature is per request)."""
+        asked of the boto3 client once per image, without its query (the data path signs its own)."""
         url = self._urls.get(key)
         if url is None:
             url = self._url_of(key)
@@ -223,8 +225,9 @@ class S3Backend:
         expected_range = f"bytes {offset}-{offset + length - 1}/"
         if not answer.content_range.startswith(expected_range):
             raise BackendError(f"{self._where}: server answered range {answer.content_range!r}, asked {expected_range}")
-        if len(answer.data) != length:
-            raise ShortRead(f"{self._where}: image {location.image_id}: got {len(answer.data)} bytes at {offset}, expected {length}")
+        got = answer.sent if answer.sent >= 0 else len(answer.data)
+        if got != length:
+            raise ShortRead(f"{self._where}: image {location.image_id}: got {got} bytes at {offset}, expected {length}")
         return answer.data
 
     def get_sidecar(self, kind: str, image_id: str, limit: int) -> bytes | None:
