@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
-"""What one ranged S3 GET costs the client: boto3's get_object against imgfs's data path
-(imgfs/backends/s3_ranged.py: botocore's SigV4 signer, botocore's urllib3 session, no operation
-pipeline), on the bench's s3rver, one client thread, interleaved rounds.
+"""What one ranged S3 GET costs the client: boto3's get_object against imgfs's two data paths
+(imgfs/backends/s3_ranged.py): "imgfs" (presigned once per object, kept http.client connections: the
+path without a proxy) and "session" (signed per request, botocore's urllib3 session: the path through
+a proxy); on the bench's s3rver, one client thread, interleaved rounds.
 
     .venv/bin/python bench/s3_get_cost.py [--gets 400] [--rounds 3]
 
@@ -67,8 +68,9 @@ def main() -> int:
                                                             response_checksum_validation="when_required",
                                                             request_checksum_calculation="when_required"))
         etag = client.head_object(Bucket=BUCKET, Key="img")["ETag"].strip('"')
-        getter = RangedGetter(endpoint_url=srv.endpoint, region="us-east-1", access_key=ACCESS_KEY,
-                              secret_key=SECRET_KEY, cacert=None, connect_timeout=5, read_timeout=30, max_connections=4)
+        getters = {path: RangedGetter(endpoint_url=srv.endpoint, region="us-east-1", access_key=ACCESS_KEY,
+                                      secret_key=SECRET_KEY, cacert=None, connect_timeout=5, read_timeout=30,
+                                      max_connections=4, path=path) for path in ("direct", "session")}
         url = f"{srv.endpoint}/{BUCKET}/img"
 
         def with_boto3(offset: int, length: int) -> bytes:
@@ -77,14 +79,17 @@ def main() -> int:
             return r["Body"].read()
 
         def with_imgfs(offset: int, length: int) -> bytes:
-            return getter.get(url, offset, length, etag).data
+            return getters["direct"].get(url, offset, length, etag).data
+
+        def with_session(offset: int, length: int) -> bytes:
+            return getters["session"].get(url, offset, length, etag).data
 
         rng = random.Random(2)
         small = [rng.randrange(0, SIZE - SMALL, 4096) for _ in range(args.gets)]
         big = [i * BIG for i in range(SIZE // BIG)]
         print(f"{'client':8s} {'round':>5s} {'CPU ms/GET':>11s} {'p50 ms':>7s} {'p99 ms':>7s} {'CPU ms/MiB (8 MiB GETs)':>24s}")
         for rnd in range(1, args.rounds + 1):
-            for name, get in (("boto3", with_boto3), ("imgfs", with_imgfs)):
+            for name, get in (("boto3", with_boto3), ("session", with_session), ("imgfs", with_imgfs)):
                 lat = []
                 c0 = cpu()
                 for off in small:
@@ -101,7 +106,8 @@ def main() -> int:
                 lat.sort()
                 print(f"{name:8s} {rnd:5d} {per_get:11.2f} {lat[len(lat) // 2] * 1e3:7.2f} "
                       f"{lat[int(len(lat) * 0.99)] * 1e3:7.2f} {per_mib:24.2f}", flush=True)
-        getter.close()
+        for getter in getters.values():
+            getter.close()
     finally:
         srv.stop()
         procs.cleanup()

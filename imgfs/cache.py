@@ -55,6 +55,7 @@ import xxhash
 from .buffers import ReceivePool
 from .model import ChunkKey
 from .ratelimit import RateLimit
+from .workers import Workers
 
 log = logging.getLogger(__name__)
 
@@ -111,8 +112,10 @@ class _Entry:
 
 class ChunkCache:
     def __init__(self, root: str, *, max_bytes: int, max_count: int, memory_bytes: int, io_threads: int = 8,
-                 direct_writes: bool = True) -> None:
+                 direct_writes: bool = True, workers: Workers | None = None) -> None:
         self.root = root
+        # the threads a read or fill of a chunk file runs in (the daemon's, shared with the fetches)
+        self.workers = workers if workers is not None else Workers()
         self.chunks_dir = os.path.join(root, "chunks")
         self.tmp_dir = os.path.join(root, "tmp")
         self.max_bytes = max_bytes
@@ -399,11 +402,11 @@ class ChunkCache:
                     return self._served(key, rel, entry, result)
             mine = os.dup(fd)  # the worker's own: an eviction meanwhile closes ours, not its
             async with self._limiter:
-                result = await trio.to_thread.run_sync(_read_dup, mine, head, start, end, length)
+                result = await self.workers.run(_read_dup, mine, head, start, end, length)
             return self._served(key, rel, entry, result)
         path = os.path.join(self.chunks_dir, rel)
         async with self._limiter:
-            result = await trio.to_thread.run_sync(_open_verified, path, _key_bytes(key), start, end, length)
+            result = await self.workers.run(_open_verified, path, _key_bytes(key), start, end, length)
         if isinstance(result, tuple):
             result, head, fd = result
             self._remember_head(rel, head)
@@ -447,10 +450,10 @@ class ChunkCache:
         if fd is not None and rel in self._heads:
             mine = os.dup(fd)
             async with self._limiter:
-                await trio.to_thread.run_sync(_advise_dup, mine)
+                await self.workers.run(_advise_dup, mine)
             return
         async with self._limiter:
-            result = await trio.to_thread.run_sync(_open_ahead, os.path.join(self.chunks_dir, rel), _key_bytes(key), length)
+            result = await self.workers.run(_open_ahead, os.path.join(self.chunks_dir, rel), _key_bytes(key), length)
         if isinstance(result, tuple):
             self._remember_head(rel, result[0])
             self._keep_open(rel, result[1])
@@ -483,7 +486,7 @@ class ChunkCache:
         await self._unlink(victims)
         try:
             async with self._limiter:
-                direct = await trio.to_thread.run_sync(_write_atomic, self.tmp_dir, os.path.join(self.chunks_dir, rel),
+                direct = await self.workers.run(_write_atomic, self.tmp_dir, os.path.join(self.chunks_dir, rel),
                                                        _key_bytes(key), data, self.direct)
         except OSError as e:
             if self._entries.get(rel) is entry:

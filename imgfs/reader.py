@@ -152,6 +152,7 @@ class ChunkFetcher:
         weights: dict[str, int] | None = None,
     ) -> None:
         self.cache = cache
+        self.workers = cache.workers  # one set of threads for the read path: fetches and chunk files
         self.backends = backends
         self.holders = holders or {}
         self.weights = weights or {}
@@ -178,6 +179,7 @@ class ChunkFetcher:
     def attach(self, nursery: trio.Nursery) -> None:
         """Fetch tasks live in the daemon's nursery, not in the request that first wanted the chunk."""
         self._nursery = nursery
+        self.workers.attach(nursery)
 
     def order(self, locations: Sequence[Location]) -> list[Location]:
         """Copies in the order to read them: the store's weight (Glance's semantics, higher first), then
@@ -504,7 +506,7 @@ class ChunkFetcher:
         # A read touches no shared state, so neither a shutdown nor a reader need wait out a hung store:
         # the thread is left to finish (or fail) on its own.
         with trio.move_on_after(backend.read_timeout or math.inf) as waited:
-            data = await trio.to_thread.run_sync(backend.read, loc, offset, length, abandon_on_cancel=True)
+            data = await self.workers.run(backend.read, loc, offset, length, abandon_on_cancel=True)
         if waited.cancelled_caught:
             raise BackendUnavailable(f"store '{loc.store}': reading image {loc.image_id} at {offset}+{length} took over "
                                      f"{backend.read_timeout:g}s (volume_read_timeout); is the storage behind it healthy?")

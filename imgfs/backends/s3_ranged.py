@@ -64,7 +64,7 @@ _PRESIGNED_KEPT = 4096  # URLs kept (one per object read recently)
 # for what it says (the credentials, the bucket policy), which signing again does not change.
 _RESIGN_AFTER = 60.0
 # What a server that takes no query-string signatures answers a presigned GET with.
-_QUERY_REFUSED = {400, 403, 405, 500, 501}
+_QUERY_REFUSED = {400, 403, 405, 501}
 
 
 @dataclass(frozen=True)
@@ -200,15 +200,19 @@ class RangedGetter:
     """Sends ``GET <url>`` with ``Range`` and ``If-Match``, signed; thread-safe (one pool, shared)."""
 
     def __init__(self, *, endpoint_url: str, region: str, access_key: str, secret_key: str,
-                 cacert: str | None, connect_timeout: float, read_timeout: float, max_connections: int) -> None:
+                 cacert: str | None, connect_timeout: float, read_timeout: float, max_connections: int,
+                 path: str | None = None) -> None:
+        """``path``: None chooses from the environment's proxies for the endpoint; "session" takes
+        botocore's session whatever they are (bench/s3_get_cost.py compares the two)."""
         credentials = Credentials(access_key, secret_key)
         self._endpoint_url = endpoint_url
         proxies = get_environ_proxies(endpoint_url)
-        self.path = "session" if proxies else "direct"
+        self.path = path or ("session" if proxies else "direct")
         self._signer = S3SigV4Auth(credentials, "s3", region)
         if self.path == "direct":
             self.presigned = True  # False once the server took a signed header where it refused a presigned URL
             self._presigned_worked = False
+            self._probed = False  # whether a refused presigned GET was asked again with a signed header
             self._presigned = _Presigned(credentials, region)
             # per origin (scheme, host, port): virtual-host addressing puts the bucket in the host name
             self._pools: dict[str, _Connections] = {}
@@ -250,9 +254,11 @@ class RangedGetter:
             elif status == 403 and time.time() - signed_at > _RESIGN_AFTER:
                 # a kept signature the server no longer takes (its clock ahead of ours): one fresh one, once
                 answer = self._get_direct(pool, self._presigned.target(url, fresh=True)[0], headers, length)
-            elif status in _QUERY_REFUSED and not self._presigned_worked:
+            elif not self._presigned_worked and (not self._probed or status == 500) and _query_refused(answer):
                 # Until one presigned GET has worked, a refusal may be the server's, not the credentials':
-                # some S3 servers take no query-string signatures. Ask the same with a signed header.
+                # some S3 servers take no query-string signatures. Ask the same once with a signed header
+                # (a refusal once: refused credentials must not cost every read two requests).
+                self._probed = True
                 answer = self._get_direct(pool, *self._signed(url, headers), length)
                 if not isinstance(answer, ClientError):
                     self.presigned = False
@@ -379,6 +385,14 @@ class RangedGetter:
                 self._close_pools()
         else:
             self._session.close()
+
+
+def _query_refused(answer: ClientError) -> bool:
+    """Whether an error answer to a presigned GET may mean the server takes no presigned URLs: a refusal,
+    or a 500 that is no S3 error document (a server failing on the request itself). S3's own 500
+    (``InternalError``) is a passing fault, retried as such."""
+    status = answer.response["ResponseMetadata"]["HTTPStatusCode"]
+    return status in _QUERY_REFUSED or (status == 500 and answer.response["Error"]["Code"] == "500")
 
 
 def _client_error(status: int, body: bytes) -> ClientError:
