@@ -72,7 +72,8 @@ class Workers:
         """``fn(*args)`` in a worker thread, as ``trio.to_thread.run_sync`` would run it: its result or
         its exception. Cancelled: waits for the call to end, unless ``abandon_on_cancel``."""
         nursery = self._nursery
-        if nursery is None:
+        # stopping: a call queued now could land behind the stop signals of busy threads
+        if nursery is None or nursery.cancel_scope.cancel_called:
             return await trio.to_thread.run_sync(fn, *args, abandon_on_cancel=abandon_on_cancel)
         await trio.lowlevel.checkpoint_if_cancelled()
         call = _Call(fn, args, trio.lowlevel.current_trio_token(), trio.lowlevel.current_task())
