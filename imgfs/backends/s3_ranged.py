@@ -38,6 +38,7 @@ import time
 import xml.etree.ElementTree as ElementTree
 from collections import deque
 from dataclasses import dataclass
+from typing import Callable
 from urllib.parse import urlsplit
 
 from botocore.auth import S3SigV4Auth, S3SigV4QueryAuth
@@ -80,19 +81,24 @@ class BodyCutShort(ConnectionError):
     reads a whole body at once; a read in pieces only sees the end of the stream)."""
 
 
-def _body(raw, length: int) -> bytearray | bytes:
-    """Session path: the body, received into a reused buffer: exactly ``length`` bytes, or, if the
-    server sent more, all of them (the caller's length check refuses those). Raises ``BodyCutShort``
-    if it ends early."""
+def _receive(readinto: Callable[[memoryview], int], length: int) -> bytearray:
+    """Exactly ``length`` bytes of a body, received in place into a reused buffer, in pieces. Raises
+    ``BodyCutShort`` if it ends early."""
     buf = POOL.get(length)
     view = memoryview(buf)
     got = 0
-    receive = httpbody.receiver(raw)
     while got < length:
-        n = receive(view[got:got + _PIECE])
+        n = readinto(view[got:got + _PIECE])
         if not n:
             raise BodyCutShort(f"the body ended after {got} of {length} bytes")
         got += n
+    return buf
+
+
+def _body(raw, length: int) -> bytearray | bytes:
+    """Session path: the body, exactly ``length`` bytes, or, if the server sent more, all of them (the
+    caller's length check refuses those)."""
+    buf = _receive(httpbody.receiver(raw), length)
     extra = raw.read(1)
     return bytes(buf) + extra + raw.read() if extra else buf
 
@@ -132,14 +138,13 @@ class _Connections:
     def __init__(self, endpoint_url: str, *, cacert: str | None, connect_timeout: float, read_timeout: float,
                  kept: int) -> None:
         parts = urlsplit(endpoint_url)
-        self.https = parts.scheme == "https"
         self.host, self.port = parts.hostname or "", parts.port
         self.endpoint_url = endpoint_url
         self._connect_timeout, self._read_timeout, self._kept = connect_timeout, read_timeout, kept
         self._idle: deque[http.client.HTTPConnection] = deque()
         self._lock = threading.Lock()
         self._tls: ssl.SSLContext | None = None
-        if self.https:
+        if parts.scheme == "https":
             # botocore's own TLS settings: its context factory, certificate and host name checked, its CA
             # bundle (certifi's) unless s3_store_cacert names one
             context = create_urllib3_context()
@@ -216,6 +221,7 @@ class RangedGetter:
             self._presigned = _Presigned(credentials, region)
             # per origin (scheme, host, port): virtual-host addressing puts the bucket in the host name
             self._pools: dict[str, _Connections] = {}
+            self._pool_of: dict[str, _Connections] = {}  # object URL -> its origin's pool
             self._pools_lock = threading.Lock()
             self._pool_args = dict(cacert=cacert, connect_timeout=connect_timeout, read_timeout=read_timeout,
                                    kept=max_connections)
@@ -277,6 +283,9 @@ class RangedGetter:
         return f"{parts.path or '/'}{'?' + parts.query if parts.query else ''}", dict(prepared.headers.items())
 
     def _pool(self, url: str) -> _Connections:
+        pool = self._pool_of.get(url)  # asked per GET: a dict lookup, not a URL parse
+        if pool is not None:
+            return pool
         parts = urlsplit(url)
         origin = f"{parts.scheme}://{parts.netloc}"
         pool = self._pools.get(origin)
@@ -287,6 +296,9 @@ class RangedGetter:
                     if len(self._pools) >= _PRESIGNED_KEPT:  # one bucket per store: never, but bounded
                         self._close_pools()
                     pool = self._pools[origin] = _Connections(origin, **self._pool_args)
+        if len(self._pool_of) >= _PRESIGNED_KEPT:
+            self._pool_of.clear()
+        self._pool_of[url] = pool
         return pool
 
     def _get_direct(self, pool: _Connections, target: str, headers: dict[str, str],
@@ -321,7 +333,7 @@ class RangedGetter:
                 announced = response.length  # None: chunked
                 if announced is not None and announced != length:
                     return RangedAnswer(etag, content_range, b"", announced)
-                data = self._receive(response, length)
+                data = self._receive_direct(response, length)
                 reusable = not response.will_close
                 return RangedAnswer(etag, content_range, data)
             if 200 <= status < 300:  # the whole object, Range ignored: never read it
@@ -336,27 +348,21 @@ class RangedGetter:
                 conn.close()  # a body left unread must not come before the next request's answer
 
     @staticmethod
-    def _receive(response: http.client.HTTPResponse, length: int) -> bytearray:
-        """Exactly ``length`` bytes of the body, received in place into a reused buffer."""
-        buf = POOL.get(length)
-        view = memoryview(buf)
-        got = 0
+    def _receive_direct(response: http.client.HTTPResponse, length: int) -> bytearray:
+        """Direct path: exactly ``length`` bytes of the body (see ``_receive``)."""
         try:
-            while got < length:
-                n = response.readinto(view[got:got + _PIECE])
-                if not n:
-                    raise BodyCutShort(f"the body ended after {got} of {length} bytes")
-                got += n
+            buf = _receive(response.readinto, length)
             if response.length is None and response.read(1):  # chunked, and longer than asked
                 raise BodyCutShort(f"the body went on past the {length} bytes asked")
         except http.client.IncompleteRead as e:  # fewer bytes than Content-Length
-            raise BodyCutShort(f"the body ended after {got + len(e.partial)} of {length} bytes") from None
+            raise BodyCutShort(f"the body ended short of the {length} bytes asked") from None
         return buf
 
     def _close_pools(self) -> None:
         for pool in self._pools.values():
             pool.close()
         self._pools.clear()
+        self._pool_of.clear()
 
     def _get_session(self, url: str, headers: dict[str, str], length: int) -> RangedAnswer:
         request = AWSRequest("GET", url, headers=headers, stream_output=True)
